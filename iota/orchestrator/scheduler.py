@@ -1,0 +1,298 @@
+"""Pure scheduling policy over the state store: stage assignment, work routing, leases, requeues, phases.
+
+A *sample* is one micro-batch (its sequences follow from its id through the data plan). It travels forward
+through every stage as a chain of *hops*, then backward; the tail does its forward and backward in one hop. A
+backward hop is bound to the miner that did the sample's forward at that stage (it holds the graph). Every hop is
+leased; an expired lease puts a forward hop back in its stage's queue. When the miner holding a sample's graph is
+gone, the sample restarts at the head with a new attempt: `samples_requeued` counts these, and a sample is
+completed once, when the head reports its backward.
+
+Time is passed in (`now`), never read here, so tests drive the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from iota.orchestrator.state import Hop, Miner, StateStore
+
+FORWARD, BACKWARD = "forward", "backward"
+TRAIN, UPLOAD, MERGE, APPLY, DONE = "train", "upload", "merge", "apply", "done"
+
+
+class SchedulingError(Exception):
+    """A request the scheduler refuses; `status` is the HTTP status the route answers with."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Policy:
+    n_stages: int
+    samples_per_epoch: int
+    epochs: int  # 0: until stopped
+    max_in_flight: int  # forward graphs a miner may hold awaiting their backward
+    lease_s: float
+    miner_timeout_s: float
+    stage_memory_bytes: tuple[int, ...] = ()  # what a miner of each stage needs; () accepts any
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A hop leased to a miner, or a reason to wait."""
+
+    hop: Hop | None
+    wait_reason: str = ""
+
+
+ActivationKey = Callable[[Hop, int], str]  # (hop, lease number) -> object key of the hop's output
+
+
+class Scheduler:
+    def __init__(self, state: StateStore, policy: Policy, output_key: ActivationKey):
+        self.state = state
+        self.policy = policy
+        self.output_key = output_key
+
+    # -- run phase --------------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state.get("epoch", 0))
+
+    @property
+    def phase(self) -> str:
+        return str(self.state.get("phase", TRAIN))
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.state.get("paused", False))
+
+    # -- registration -----------------------------------------------------------------------------------
+
+    def register(self, hotkey: str, uid: int | None, device: str, memory_bytes: int, session: str, now: float) -> int:
+        """Assign (or confirm) the miner's stage; a new session voids the work of the previous one."""
+        with self.state.transaction():
+            known = self.state.miner(hotkey)
+            if known is not None and known.banned:
+                raise SchedulingError(403, f"hotkey {hotkey} is banned from this run: {known.banned}")
+            if known is not None and known.session != session:
+                self._miner_gone(hotkey, now, "re-registered with a new session")
+            stage = known.stage if known is not None else self._choose_stage(memory_bytes)
+            self.state.upsert_miner(
+                Miner(hotkey, uid, stage, session, device, memory_bytes, now, now, True, 0, None)
+            )
+            self.state.log(now, "register", hotkey, stage=stage, device=device, session=session)
+            return stage
+
+    def _choose_stage(self, memory_bytes: int) -> int:
+        need = self.policy.stage_memory_bytes
+        fits = [s for s in range(self.policy.n_stages) if not need or memory_bytes >= need[s]]
+        if not fits:
+            smallest = min(need) / 2**30
+            raise SchedulingError(
+                400, f"not enough memory for any stage: {memory_bytes / 2**30:.1f} GiB, needs {smallest:.1f} GiB"
+            )
+        alive = self.state.miners(alive_only=True)
+        count = {s: 0 for s in fits}
+        work = {s: 0 for s in fits}
+        for m in alive:
+            if m.stage in count:
+                count[m.stage] += 1
+                work[m.stage] += m.hops_done
+        # Empty stages first, then the stage with the least work done per miner (the slowest), then the lowest.
+        return min(fits, key=lambda s: (count[s] > 0, work[s] / max(count[s], 1), count[s], s))
+
+    # -- work -------------------------------------------------------------------------------------------
+
+    def next_work(self, hotkey: str, now: float) -> Assignment:
+        with self.state.transaction():
+            miner = self._live_miner(hotkey, now)
+            if self.phase != TRAIN:
+                return Assignment(None, f"phase is {self.phase}")
+            hop = self.state.next_queued(miner.stage, BACKWARD, hotkey)
+            if hop is None:
+                reason = self._inflow_blocked(miner)
+                if reason:
+                    return Assignment(None, reason)
+                hop = self.state.next_queued(miner.stage, FORWARD, None)
+                if hop is None and miner.stage == 0:
+                    hop = self._new_sample(now)
+                if hop is None:
+                    return Assignment(None, "no work queued for this stage")
+            return Assignment(self._lease(hop, hotkey, now))
+
+    def _inflow_blocked(self, miner: Miner) -> str:
+        if self.paused:
+            return "the run is paused by its operator"
+        staffed = {m.stage for m in self.state.miners(alive_only=True)}
+        empty = [s for s in range(self.policy.n_stages) if s not in staffed]
+        if empty:
+            return f"waiting for miners on stage(s) {', '.join(map(str, empty))}"
+        holding = len(self.state.samples_waiting_on(miner.hotkey))
+        if miner.stage < self.policy.n_stages - 1 and holding >= self.policy.max_in_flight:
+            return f"holding {holding} forward graphs awaiting backward (limit {self.policy.max_in_flight})"
+        return ""
+
+    def _new_sample(self, now: float) -> Hop | None:
+        epoch = self.epoch
+        allocated = int(self.state.get(f"allocated/{epoch}", 0))
+        if allocated >= self.policy.samples_per_epoch:
+            return None
+        self.state.put(f"allocated/{epoch}", allocated + 1)
+        sample_id = int(self.state.get("cursor", 0))
+        self.state.put("cursor", sample_id + 1)
+        self.state.new_sample(sample_id, epoch, now)
+        hop_id = self.state.add_hop(
+            sample_id=sample_id, attempt=0, epoch=epoch, stage=0, direction=FORWARD, status="queued",
+            created_at=now,
+        )
+        return self.state.hop(hop_id)
+
+    def _lease(self, hop: Hop, hotkey: str, now: float) -> Hop:
+        lease_no = hop.lease_no + 1
+        needs_output = not (hop.stage == 0 and hop.direction == BACKWARD)
+        output_key = self.output_key(hop, lease_no) if needs_output else None
+        self.state.set_hop(
+            hop.id, status="leased", miner=hotkey, lease_no=lease_no, lease_expires=now + self.policy.lease_s,
+            output_key=output_key,
+        )
+        leased = self.state.hop(hop.id)
+        assert leased is not None
+        return leased
+
+    def _live_miner(self, hotkey: str, now: float) -> Miner:
+        miner = self.state.miner(hotkey)
+        if miner is None:
+            raise SchedulingError(404, f"hotkey {hotkey} has not registered with this run: POST /miners/register")
+        if miner.banned:
+            raise SchedulingError(403, f"hotkey {hotkey} is banned from this run: {miner.banned}")
+        if not miner.alive:
+            raise SchedulingError(409, "this miner was timed out and its work requeued: register again")
+        self.state.touch_miner(hotkey, now)
+        return miner
+
+    def leased_hop(self, hotkey: str, hop_id: int, epoch: int, now: float) -> Hop:
+        """The hop a report or release names, checked to be this caller's live lease in the current epoch."""
+        self._live_miner(hotkey, now)
+        hop = self.state.hop(hop_id)
+        if hop is None:
+            raise SchedulingError(404, f"no work item {hop_id}")
+        if hop.miner != hotkey or hop.status != "leased":
+            raise SchedulingError(409, f"work item {hop_id} is not leased to you (it is {hop.status})")
+        if epoch != hop.epoch or hop.epoch != self.epoch:
+            self._requeue(hop, now, "report for a closed epoch")
+            raise SchedulingError(409, f"epoch {epoch} is closed (current {self.epoch}); the item was requeued")
+        return hop
+
+    def complete(self, hop: Hop, output_sha: str | None, output_size: int | None, loss: float | None,
+                 tokens: int, now: float) -> None:
+        """Record a verified report and route the sample on."""
+        self.state.set_hop(hop.id, status="done", output_sha=output_sha, output_size=output_size, done_at=now)
+        self.state.credit(hop.miner or "")
+        last = self.policy.n_stages - 1
+        if hop.stage == last and loss is not None:
+            self.state.record_loss(hop.sample_id, hop.epoch, tokens, loss)
+        if hop.direction == FORWARD and hop.stage < last:
+            self.state.add_hop(
+                sample_id=hop.sample_id, attempt=hop.attempt, epoch=hop.epoch, stage=hop.stage + 1,
+                direction=FORWARD, status="queued", input_key=hop.output_key, input_sha=output_sha, created_at=now,
+            )
+        elif hop.stage > 0:
+            # The tail's hop and every backward hop send a gradient to the miner holding the previous stage's graph.
+            holder = self.state.forward_miner(hop.sample_id, hop.attempt, hop.stage - 1)
+            self.state.add_hop(
+                sample_id=hop.sample_id, attempt=hop.attempt, epoch=hop.epoch, stage=hop.stage - 1,
+                direction=BACKWARD, status="queued", miner=holder, input_key=hop.output_key,
+                input_sha=output_sha, created_at=now,
+            )
+        else:
+            self.state.set_sample(hop.sample_id, status="done", done_at=now)
+            self.state.bump("samples_completed")
+            self._maybe_end_train(now)
+
+    def release(self, hop: Hop, now: float) -> None:
+        """A miner hands back a hop it will not finish (it is stopping)."""
+        self._requeue(hop, now, "released by its miner")
+
+    # -- failures ---------------------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Expire leases and time out silent miners; cheap enough to run on every request."""
+        with self.state.transaction():
+            for hop in self.state.expired_leases(now):
+                self._requeue(hop, now, "lease expired")
+            for hotkey in self.state.stale_miners(now - self.policy.miner_timeout_s):
+                self._miner_gone(hotkey, now, f"silent for {self.policy.miner_timeout_s:.0f} s")
+
+    def _requeue(self, hop: Hop, now: float, why: str) -> None:
+        holder_alive = False
+        if hop.direction == BACKWARD and hop.miner:
+            m = self.state.miner(hop.miner)
+            holder_alive = m is not None and m.alive
+        if hop.direction == FORWARD:
+            # Anyone on the stage can redo a forward: its input is still in the bucket.
+            self.state.set_hop(hop.id, status="queued", miner=None, lease_expires=None)
+        elif holder_alive:
+            self.state.set_hop(hop.id, status="queued", lease_expires=None)
+        else:
+            self.restart_sample(hop.sample_id, now, why)
+            return
+        self.state.log(now, "requeue", hop.miner, hop=hop.id, sample=hop.sample_id, why=why)
+
+    def _miner_gone(self, hotkey: str, now: float, why: str) -> None:
+        self.state.set_miner_dead(hotkey)
+        self.state.log(now, "miner_gone", hotkey, why=why)
+        for sample_id in self.state.samples_waiting_on(hotkey):
+            self.restart_sample(sample_id, now, f"miner {hotkey[:8]} {why}")
+        for hop in self.state.open_hops_of_miner(hotkey):
+            if hop.status == "leased" or hop.direction == BACKWARD:
+                self._requeue(hop, now, why)
+
+    def restart_sample(self, sample_id: int, now: float, why: str) -> None:
+        """Drop a sample's open hops and start it again at the head with a new attempt."""
+        info = self.state.sample(sample_id)
+        if info is None or info[2] != "active":
+            return
+        epoch, attempt, _ = info
+        for hop in self.state.hops_of_sample(sample_id, attempt):
+            if hop.status in ("queued", "leased"):
+                self.state.set_hop(hop.id, status="dropped")
+        self.state.set_sample(sample_id, attempt=attempt + 1)
+        self.state.add_hop(
+            sample_id=sample_id, attempt=attempt + 1, epoch=epoch, stage=0, direction=FORWARD, status="queued",
+            created_at=now,
+        )
+        self.state.bump("samples_requeued")
+        self.state.log(now, "restart_sample", None, sample=sample_id, attempt=attempt + 1, why=why)
+
+    # -- phases -----------------------------------------------------------------------------------------
+
+    def _maybe_end_train(self, now: float) -> None:
+        epoch = self.epoch
+        if self.phase != TRAIN or int(self.state.get(f"allocated/{epoch}", 0)) < self.policy.samples_per_epoch:
+            return
+        if self.state.active_samples(epoch):
+            return  # in-flight samples drain first
+        self.state.put("phase", UPLOAD)
+        self.state.log(now, "phase", None, epoch=epoch, phase=UPLOAD)
+
+    def close_epoch(self, now: float) -> None:
+        """Operator: stop handing out new samples this epoch; in-flight ones drain."""
+        with self.state.transaction():
+            epoch = self.epoch
+            allocated = int(self.state.get(f"allocated/{epoch}", 0))
+            self.state.put(f"allocated/{epoch}", max(allocated, self.policy.samples_per_epoch))
+            self.state.log(now, "close_epoch", None, epoch=epoch, allocated=allocated)
+            self._maybe_end_train(now)
+
+    def next_epoch(self, now: float) -> None:
+        epoch = self.epoch + 1
+        done = self.policy.epochs and epoch >= self.policy.epochs
+        self.state.put("epoch", epoch)
+        self.state.put("phase", DONE if done else TRAIN)
+        self.state.log(now, "phase", None, epoch=epoch, phase=DONE if done else TRAIN)

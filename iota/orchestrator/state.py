@@ -1,0 +1,302 @@
+"""The orchestrator's durable state: miners, samples, hops (units of work) and the run's counters, in SQL."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from iota.state.db import Database
+from iota.state.migrations import migrate
+
+# Portable SQL (SQLite and PostgreSQL). Ids are allocated from counters in `kv` inside the writing transaction,
+# so no dialect-specific auto-increment is needed.
+MIGRATIONS = [
+    (
+        1,
+        "initial",
+        [
+            "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            """CREATE TABLE miners (
+                hotkey TEXT PRIMARY KEY, uid BIGINT, stage BIGINT NOT NULL, session TEXT NOT NULL,
+                device TEXT NOT NULL, memory_bytes BIGINT NOT NULL, registered_at DOUBLE PRECISION NOT NULL,
+                last_seen DOUBLE PRECISION NOT NULL, alive BIGINT NOT NULL, hops_done BIGINT NOT NULL,
+                banned TEXT)""",
+            """CREATE TABLE samples (
+                id BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, attempt BIGINT NOT NULL, status TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL, done_at DOUBLE PRECISION, loss DOUBLE PRECISION)""",
+            "CREATE INDEX samples_status ON samples (status, epoch)",
+            """CREATE TABLE hops (
+                id BIGINT PRIMARY KEY, sample_id BIGINT NOT NULL, attempt BIGINT NOT NULL, epoch BIGINT NOT NULL,
+                stage BIGINT NOT NULL, direction TEXT NOT NULL, status TEXT NOT NULL, miner TEXT,
+                lease_no BIGINT NOT NULL, lease_expires DOUBLE PRECISION, input_key TEXT, input_sha TEXT,
+                output_key TEXT, output_sha TEXT, output_size BIGINT, created_at DOUBLE PRECISION NOT NULL,
+                done_at DOUBLE PRECISION)""",
+            "CREATE INDEX hops_queue ON hops (stage, direction, status, miner)",
+            "CREATE INDEX hops_lease ON hops (status, lease_expires)",
+            "CREATE INDEX hops_sample ON hops (sample_id, attempt)",
+            "CREATE INDEX hops_miner ON hops (miner, status)",
+            """CREATE TABLE losses (
+                sample_id BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, tokens BIGINT NOT NULL,
+                loss DOUBLE PRECISION NOT NULL)""",
+            """CREATE TABLE events (
+                id BIGINT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL, hotkey TEXT,
+                detail TEXT NOT NULL)""",
+        ],
+    ),
+]
+
+OPEN = ("queued", "leased")
+
+
+@dataclass(frozen=True)
+class Hop:
+    id: int
+    sample_id: int
+    attempt: int
+    epoch: int
+    stage: int
+    direction: str  # "forward" | "backward"
+    status: str  # "queued" | "leased" | "done" | "dropped"
+    miner: str | None
+    lease_no: int
+    lease_expires: float | None
+    input_key: str | None
+    input_sha: str | None
+    output_key: str | None
+    output_sha: str | None
+    output_size: int | None
+
+
+HOP_COLUMNS = (
+    "id, sample_id, attempt, epoch, stage, direction, status, miner, lease_no, lease_expires, "
+    "input_key, input_sha, output_key, output_sha, output_size"
+)
+
+
+@dataclass(frozen=True)
+class Miner:
+    hotkey: str
+    uid: int | None
+    stage: int
+    session: str
+    device: str
+    memory_bytes: int
+    registered_at: float
+    last_seen: float
+    alive: bool
+    hops_done: int
+    banned: str | None
+
+
+MINER_COLUMNS = (
+    "hotkey, uid, stage, session, device, memory_bytes, registered_at, last_seen, alive, hops_done, banned"
+)
+
+
+def _miner(row: tuple) -> Miner:
+    return Miner(*row[:8], bool(row[8]), row[9], row[10])  # type: ignore[arg-type]
+
+
+class StateStore:
+    """Typed reads and writes of the orchestrator's state; callers group them with `transaction()`."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        migrate(db, MIGRATIONS)
+
+    def transaction(self):
+        return self.db.transaction()
+
+    # -- run-level values -------------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.db.one("SELECT value FROM kv WHERE key = ?", (key,))
+        return default if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    def bump(self, key: str, by: int = 1) -> int:
+        """Add to a counter and return its new value."""
+        value = int(self.get(key, 0)) + by
+        self.put(key, value)
+        return value
+
+    # -- miners -----------------------------------------------------------------------------------------
+
+    def miner(self, hotkey: str) -> Miner | None:
+        row = self.db.one(f"SELECT {MINER_COLUMNS} FROM miners WHERE hotkey = ?", (hotkey,))
+        return None if row is None else _miner(row)
+
+    def miners(self, alive_only: bool = False) -> list[Miner]:
+        where = " WHERE alive = 1" if alive_only else ""
+        rows = self.db.execute(f"SELECT {MINER_COLUMNS} FROM miners{where} ORDER BY stage, hotkey")
+        return [_miner(r) for r in rows]
+
+    def upsert_miner(self, m: Miner) -> None:
+        self.db.execute(
+            f"INSERT INTO miners ({MINER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (hotkey) DO UPDATE SET uid = excluded.uid, stage = excluded.stage, "
+            "session = excluded.session, device = excluded.device, memory_bytes = excluded.memory_bytes, "
+            "registered_at = excluded.registered_at, last_seen = excluded.last_seen, alive = excluded.alive",
+            (m.hotkey, m.uid, m.stage, m.session, m.device, m.memory_bytes, m.registered_at, m.last_seen,
+             int(m.alive), m.hops_done, m.banned),
+        )
+
+    def touch_miner(self, hotkey: str, now: float) -> None:
+        self.db.execute("UPDATE miners SET last_seen = ?, alive = 1 WHERE hotkey = ?", (now, hotkey))
+
+    def set_miner_dead(self, hotkey: str) -> None:
+        self.db.execute("UPDATE miners SET alive = 0 WHERE hotkey = ?", (hotkey,))
+
+    def set_banned(self, hotkey: str, reason: str | None) -> None:
+        self.db.execute("UPDATE miners SET banned = ? WHERE hotkey = ?", (reason, hotkey))
+
+    def stale_miners(self, before: float) -> list[str]:
+        rows = self.db.execute("SELECT hotkey FROM miners WHERE alive = 1 AND last_seen < ?", (before,))
+        return [r[0] for r in rows]
+
+    def credit(self, hotkey: str) -> None:
+        self.db.execute("UPDATE miners SET hops_done = hops_done + 1 WHERE hotkey = ?", (hotkey,))
+
+    # -- samples ----------------------------------------------------------------------------------------
+
+    def new_sample(self, sample_id: int, epoch: int, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO samples (id, epoch, attempt, status, created_at) VALUES (?, ?, 0, 'active', ?)",
+            (sample_id, epoch, now),
+        )
+
+    def sample(self, sample_id: int) -> tuple[int, int, str] | None:
+        """(epoch, attempt, status) of a sample."""
+        row = self.db.one("SELECT epoch, attempt, status FROM samples WHERE id = ?", (sample_id,))
+        return None if row is None else (int(row[0]), int(row[1]), str(row[2]))
+
+    def set_sample(self, sample_id: int, **fields: Any) -> None:
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        self.db.execute(f"UPDATE samples SET {sets} WHERE id = ?", (*fields.values(), sample_id))
+
+    def count_samples(self, epoch: int, status: str) -> int:
+        return int(self.db.scalar("SELECT COUNT(*) FROM samples WHERE epoch = ? AND status = ?", (epoch, status)))
+
+    def active_samples(self, epoch: int | None = None) -> list[int]:
+        if epoch is None:
+            rows = self.db.execute("SELECT id FROM samples WHERE status = 'active' ORDER BY id")
+        else:
+            rows = self.db.execute(
+                "SELECT id FROM samples WHERE status = 'active' AND epoch = ? ORDER BY id", (epoch,)
+            )
+        return [int(r[0]) for r in rows]
+
+    def record_loss(self, sample_id: int, epoch: int, tokens: int, loss: float) -> None:
+        self.db.execute(
+            "INSERT INTO losses (sample_id, epoch, tokens, loss) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (sample_id) DO UPDATE SET epoch = excluded.epoch, tokens = excluded.tokens, "
+            "loss = excluded.loss",
+            (sample_id, epoch, tokens, loss),
+        )
+
+    def loss_curve(self) -> list[tuple[int, float]]:
+        rows = self.db.execute(
+            "SELECT l.sample_id, l.loss FROM losses l JOIN samples s ON s.id = l.sample_id "
+            "WHERE s.status = 'done' ORDER BY s.done_at, l.sample_id"
+        )
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    # -- hops -------------------------------------------------------------------------------------------
+
+    def add_hop(self, **fields: Any) -> int:
+        hop_id = self.bump("next_hop_id")
+        names = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        self.db.execute(
+            f"INSERT INTO hops (id, lease_no, {names}) VALUES (?, 0, {marks})", (hop_id, *fields.values())
+        )
+        return hop_id
+
+    def hop(self, hop_id: int) -> Hop | None:
+        row = self.db.one(f"SELECT {HOP_COLUMNS} FROM hops WHERE id = ?", (hop_id,))
+        return None if row is None else Hop(*row)
+
+    def set_hop(self, hop_id: int, **fields: Any) -> None:
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        self.db.execute(f"UPDATE hops SET {sets} WHERE id = ?", (*fields.values(), hop_id))
+
+    def next_queued(self, stage: int, direction: str, miner: str | None) -> Hop | None:
+        """The oldest queued hop of a stage: backward hops are bound to a miner, forward hops to nobody."""
+        if miner is None:
+            row = self.db.one(
+                f"SELECT {HOP_COLUMNS} FROM hops WHERE stage = ? AND direction = ? AND status = 'queued' "
+                "AND miner IS NULL ORDER BY id LIMIT 1",
+                (stage, direction),
+            )
+        else:
+            row = self.db.one(
+                f"SELECT {HOP_COLUMNS} FROM hops WHERE stage = ? AND direction = ? AND status = 'queued' "
+                "AND miner = ? ORDER BY id LIMIT 1",
+                (stage, direction, miner),
+            )
+        return None if row is None else Hop(*row)
+
+    def hops_of_sample(self, sample_id: int, attempt: int) -> list[Hop]:
+        rows = self.db.execute(
+            f"SELECT {HOP_COLUMNS} FROM hops WHERE sample_id = ? AND attempt = ? ORDER BY id", (sample_id, attempt)
+        )
+        return [Hop(*r) for r in rows]
+
+    def open_hops_of_miner(self, hotkey: str) -> list[Hop]:
+        rows = self.db.execute(
+            f"SELECT {HOP_COLUMNS} FROM hops WHERE miner = ? AND status IN ('queued', 'leased') ORDER BY id",
+            (hotkey,),
+        )
+        return [Hop(*r) for r in rows]
+
+    def samples_waiting_on(self, hotkey: str) -> list[int]:
+        """Active samples whose current attempt needs this miner's cached forward for its backward."""
+        rows = self.db.execute(
+            "SELECT DISTINCT h.sample_id FROM hops h JOIN samples s ON s.id = h.sample_id AND s.attempt = h.attempt "
+            "WHERE h.miner = ? AND h.direction = 'forward' AND h.status = 'done' AND s.status = 'active' "
+            "AND NOT EXISTS (SELECT 1 FROM hops b WHERE b.sample_id = h.sample_id AND b.attempt = h.attempt "
+            "AND b.stage = h.stage AND b.direction = 'backward' AND b.status = 'done')",
+            (hotkey,),
+        )
+        return [int(r[0]) for r in rows]
+
+    def expired_leases(self, now: float) -> list[Hop]:
+        rows = self.db.execute(
+            f"SELECT {HOP_COLUMNS} FROM hops WHERE status = 'leased' AND lease_expires < ? ORDER BY id", (now,)
+        )
+        return [Hop(*r) for r in rows]
+
+    def queue_depths(self) -> dict[tuple[int, str, str], int]:
+        rows = self.db.execute(
+            "SELECT stage, direction, status, COUNT(*) FROM hops WHERE status IN ('queued', 'leased') "
+            "GROUP BY stage, direction, status"
+        )
+        return {(int(r[0]), str(r[1]), str(r[2])): int(r[3]) for r in rows}
+
+    def forward_miner(self, sample_id: int, attempt: int, stage: int) -> str | None:
+        return self.db.scalar(
+            "SELECT miner FROM hops WHERE sample_id = ? AND attempt = ? AND stage = ? AND direction = 'forward' "
+            "AND status = 'done'",
+            (sample_id, attempt, stage),
+        )
+
+    # -- the operator's log -----------------------------------------------------------------------------
+
+    def log(self, now: float, kind: str, hotkey: str | None = None, **detail: Any) -> None:
+        event_id = self.bump("next_event_id")
+        self.db.execute(
+            "INSERT INTO events (id, at, kind, hotkey, detail) VALUES (?, ?, ?, ?, ?)",
+            (event_id, now, kind, hotkey, json.dumps(detail)),
+        )
+
+    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT at, kind, hotkey, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [{"at": r[0], "kind": r[1], "hotkey": r[2], **json.loads(r[3])} for r in rows]

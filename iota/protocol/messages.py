@@ -1,0 +1,146 @@
+"""Every message between roles. Pure pydantic: the miner, validator and orchestrator all import these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from iota.protocol.version import PROTOCOL_VERSION
+
+
+class Message(BaseModel):
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class StageInfo(BaseModel):
+    index: int
+    first_layer: int
+    last_layer: int  # exclusive
+    n_params: int
+
+
+class RunInfo(Message):
+    """What the orchestrator serves so that no client guesses: model, stages, data, schedule and flags."""
+
+    run_id: str
+    orchestrator_hotkey: str
+    model: dict[str, Any]  # ModelConfig.to_dict()
+    stages: list[StageInfo]
+    data: dict[str, Any]  # DataPlan.to_dict()
+    schedule: dict[str, Any]  # LRSchedule.to_dict()
+    micro_batch: int
+    accumulate: int
+    optimizer: Literal["adamw", "sgd"]
+    weight_decay: float
+    clip: float
+    wire_dtype: Literal["bf16", "fp32"]
+    seed: int
+    flags: dict[str, str] = Field(default_factory=dict)
+
+
+class RegisterRequest(Message):
+    device: str  # "cuda", "cpu"
+    memory_bytes: int
+    session: str  # random per process start: a new session means the old one's work is void
+
+
+class Registration(Message):
+    hotkey: str
+    stage: int
+    epoch: int
+    checkpoint_url: str | None  # the stage's weights from the latest checkpoint; None: seeded initialisation
+    checkpoint_sha256: str | None
+    data_urls: dict[str, str]  # shard name -> GET URL (heads and tails rebuild samples from these)
+
+
+class EpochPlan(BaseModel):
+    """Published per epoch so every stage, a validator and the baseline agree on the learning rate."""
+
+    epoch: int
+    tokens_at_start: int
+    replicas: int  # replicas of the stage this plan is sent to
+
+
+WorkKind = Literal["forward", "backward", "wait", "upload", "merge", "apply", "stop"]
+
+
+class Work(Message):
+    kind: WorkKind
+    run_id: str
+    epoch: int
+    stage: int
+    plan: EpochPlan
+    hop_id: int | None = None
+    sample_id: int | None = None
+    input_url: str | None = None
+    input_sha256: str | None = None
+    input_shape: list[int] | None = None
+    output_url: str | None = None
+    output_size: int | None = None
+    lease_expires: float | None = None
+    wait_s: float = 0.0
+    reason: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)  # phase-specific payload (merge plan and its URLs)
+
+
+class WeightSketch(BaseModel):
+    """A cheap commitment to a miner's weights: per-tensor norms and a seeded projection."""
+
+    norms: list[float]
+    projection: list[float]
+
+
+class Report(Message):
+    run_id: str
+    epoch: int
+    hop_id: int
+    inner_step: int
+    input_sha256: str | None
+    output_sha256: str | None
+    output_md5: str | None
+    loss: float | None = None  # the tail's loss on this sample
+    tokens: int = 0
+    sketch: WeightSketch | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Ack(Message):
+    ok: bool = True
+    detail: str = ""
+
+
+class MinerStatus(BaseModel):
+    hotkey: str
+    uid: int | None
+    stage: int | None
+    alive: bool
+    hops_done: int
+    last_seen: float
+    device: str
+
+
+class StageStatus(BaseModel):
+    index: int
+    miners: list[MinerStatus]
+    queued_forward: int
+    queued_backward: int
+    leased: int
+    paused: str = ""  # why inflow is paused, if it is
+
+
+class Status(Message):
+    run_id: str
+    epoch: int
+    phase: str
+    paused: bool
+    stages: list[StageStatus]
+    tokens_trained: int
+    samples_completed: int
+    samples_in_flight: int
+    samples_requeued: int
+    samples_lost: int
+    latest_loss: float | None
+    loss_curve: list[tuple[int, float]]
+    bytes_transferred: int
+    checkpoint: str | None
