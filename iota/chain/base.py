@@ -30,12 +30,18 @@ class Chain(ABC):
         return next((n for n in self.neurons() if n.hotkey == hotkey), None)
 
     @abstractmethod
-    def set_weights(self, keypair: object, uids: Sequence[int], weights: Sequence[float], version_key: int) -> None:
+    def set_weights(
+        self, keypair: object, uids: Sequence[int], weights: Sequence[float], version_key: int
+    ) -> None:
         """Set this validator's weights (normalised by the implementation); raises ChainError on refusal."""
 
     @abstractmethod
     def sync(self) -> None:
         """Refresh the cached registry from the chain."""
+
+    def weights_version(self) -> int:
+        """The lowest version_key the chain accepts with set_weights (0: any)."""
+        return 0
 
 
 class ChainError(RuntimeError):
