@@ -1,0 +1,1 @@
+"""Training pieces every role shares, so miners, validators and the baseline compute the same thing."""
