@@ -1,0 +1,71 @@
+"""Merge of one stage's replicas at the end of an epoch: partition plan, butterfly reduce, outer optimizer.
+
+Pure: it takes a transport (a BlobStore) and a MergePlan as arguments and never imports the orchestrator,
+the miner or any HTTP code.
+"""
+
+from iota.merge.butterfly import (
+    NORM_RTOL,
+    BlobStore,
+    CallerView,
+    DictStore,
+    OwnerRun,
+    PartitionResult,
+    apply_merged,
+    check_claimed_norms,
+    decode_f32,
+    encode_f32,
+    merge_partition,
+    pseudo_gradient,
+    read_slice,
+    run_owner,
+    sha256_hex,
+    squared_norm,
+)
+from iota.merge.outer import OuterConfig, outer_lr, outer_step
+from iota.merge.plan import (
+    DEFAULT_OUTPUT_TEMPLATE,
+    FlatRef,
+    MergePlan,
+    Partition,
+    Submitter,
+    assign_owners,
+    flatten,
+    make_plan,
+    partition_bounds,
+    plan_seed,
+    unflatten_into,
+)
+
+__all__ = [
+    "DEFAULT_OUTPUT_TEMPLATE",
+    "NORM_RTOL",
+    "BlobStore",
+    "CallerView",
+    "DictStore",
+    "FlatRef",
+    "MergePlan",
+    "OuterConfig",
+    "OwnerRun",
+    "Partition",
+    "PartitionResult",
+    "Submitter",
+    "apply_merged",
+    "assign_owners",
+    "check_claimed_norms",
+    "decode_f32",
+    "encode_f32",
+    "flatten",
+    "make_plan",
+    "merge_partition",
+    "outer_lr",
+    "outer_step",
+    "partition_bounds",
+    "plan_seed",
+    "pseudo_gradient",
+    "read_slice",
+    "run_owner",
+    "sha256_hex",
+    "squared_norm",
+    "unflatten_into",
+]

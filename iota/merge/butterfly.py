@@ -1,0 +1,447 @@
+"""Butterfly reduce over an object store: each owner merges its partitions from every upload, bit-reproducibly.
+
+Bytes: every vector in the bucket (pseudo-gradients, merged slices, momentum) is raw little-endian fp32, so
+elements [a, b) of a vector are the byte range [4a, 4b) and an owner reads only its slices.
+
+Reproducibility: two honest owners must produce the same bits, so that the orchestrator can compare digests.
+Everything runs in fp32 on the CPU, uploads in plan order (sorted by hotkey), and every arithmetic step is a
+single elementwise torch op (`acc = acc + w * x` as two ops): elementwise IEEE ops round the same on every
+machine and thread count, unlike reductions (torch.mean, sum) whose order depends on vector width and threads.
+The only reductions (squared norms for clipping and reporting) run in float64, and only a clip factor rounded to
+fp32 enters the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from loguru import logger
+
+from iota.merge.outer import outer_lr, outer_step
+from iota.merge.plan import FlatRef, MergePlan, Partition, Submitter
+
+NORM_RTOL = 1e-3
+"""How far (relative) a claimed pseudo-gradient norm may be from the norm of what was uploaded."""
+
+# What a failed read looks like: KeyError for an absent key (iota.storage's ObjectNotFound is one), RuntimeError
+# for a store's refusal (its StoreError, e.g. a range past the end of a truncated object), OSError for the network.
+_READ_ERRORS = (KeyError, RuntimeError, OSError)
+
+
+class BlobStore(Protocol):
+    """The transport the merge needs: whole-object and byte-range reads, and writes. Keys are chosen by the plan."""
+
+    def get(self, key: str) -> bytes:
+        """The whole object; KeyError if absent."""
+        ...
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object, END EXCLUSIVE; fewer if the object is shorter; KeyError if absent."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store `data` under `key`, replacing any previous object."""
+        ...
+
+
+class DictStore:
+    """An in-memory BlobStore that counts the bytes it serves to and receives from each caller.
+
+    `for_caller(name)` gives a view whose traffic is counted under `name`; direct calls count under "-".
+    """
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.served: defaultdict[str, int] = defaultdict(int)  # bytes sent to the caller (its download)
+        self.received: defaultdict[str, int] = defaultdict(int)  # bytes the caller stored (its upload)
+        self.requests: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()  # owners may fetch from several threads
+
+    def for_caller(self, caller: str) -> CallerView:
+        return CallerView(self, caller)
+
+    def get(self, key: str, caller: str = "-") -> bytes:
+        data = self.objects[key]
+        self._count(caller, served=len(data))
+        return data
+
+    def get_range(self, key: str, start: int, end: int, caller: str = "-") -> bytes:
+        if start < 0 or end < start:
+            raise ValueError(f"byte range [{start}, {end}) is not valid")
+        data = self.objects[key][start:end]
+        self._count(caller, served=len(data))
+        return data
+
+    def put(self, key: str, data: bytes, caller: str = "-") -> None:
+        self.objects[key] = bytes(data)
+        self._count(caller, received=len(data))
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.served.clear()
+            self.received.clear()
+            self.requests.clear()
+
+    def _count(self, caller: str, served: int = 0, received: int = 0) -> None:
+        with self._lock:
+            if served:
+                self.served[caller] += served
+            if received:
+                self.received[caller] += received
+            self.requests[caller] += 1
+
+
+@dataclass(frozen=True)
+class CallerView:
+    """One caller's BlobStore view of a DictStore."""
+
+    store: DictStore
+    caller: str
+
+    def get(self, key: str) -> bytes:
+        return self.store.get(key, self.caller)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self.store.get_range(key, start, end, self.caller)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.store.put(key, data, self.caller)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp32 vectors as bytes.
+
+
+def encode_f32(vector: torch.Tensor) -> bytes:
+    """A 1-D fp32 tensor as raw little-endian float32 bytes."""
+    if vector.dim() != 1 or vector.dtype != torch.float32:
+        raise ValueError(f"expected a 1-D fp32 tensor, got {vector.dtype} of shape {tuple(vector.shape)}")
+    return vector.detach().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes()
+
+
+def decode_f32(data: bytes) -> torch.Tensor:
+    """Raw little-endian float32 bytes as a 1-D fp32 tensor (a copy, writable)."""
+    if len(data) % 4:
+        raise ValueError(f"{len(data)} bytes is not a whole number of float32 values")
+    return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pseudo_gradient(theta_start: torch.Tensor, theta_end: torch.Tensor) -> torch.Tensor:
+    """What a replica uploads: theta_start - theta_end in fp32 (DiLoCo's outer gradient)."""
+    return theta_start.to(torch.float32) - theta_end.to(torch.float32)
+
+
+def squared_norm(vector: torch.Tensor) -> float:
+    """Sum of squares in float64: accurate enough that summing it over slices matches the whole vector's."""
+    as64 = vector.to(torch.float64)
+    # Not torch.dot: on CPU it goes through BLAS, ~1000x slower than this for slices this size.
+    return float((as64 * as64).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Merging one partition.
+
+
+@dataclass
+class PartitionResult:
+    """One owner's merge of one partition: the new slices, what went in, and the digests of the outputs."""
+
+    index: int
+    weights: torch.Tensor  # new theta for the slice, fp32
+    momentum: torch.Tensor  # new outer momentum for the slice, fp32
+    slice_sq_norms: dict[str, float]  # squared L2 norm of each readable upload's slice, before clipping
+    used: list[str]  # hotkeys aggregated, in plan order
+    skipped: dict[str, str] = field(default_factory=dict)  # hotkey -> why its upload was left out
+    clipped: list[str] = field(default_factory=list)
+    weights_digest: str = ""  # sha256 of encode_f32(weights): what the owner uploads
+    momentum_digest: str = ""
+
+    @property
+    def digest(self) -> str:
+        """One digest for both outputs: what the orchestrator compares between the two owners."""
+        return sha256_hex(f"{self.weights_digest}:{self.momentum_digest}".encode())
+
+
+def _read_upload_slice(
+    store: BlobStore, submitter: Submitter, partition: Partition, n_params: int
+) -> tuple[torch.Tensor | None, str | None]:
+    """The upload's slice, or None and the reason it cannot be used."""
+    key = submitter.upload_key
+    try:
+        data = store.get_range(key, partition.start * 4, partition.end * 4)
+        # Probe the object's last value and one byte past it: a truncated or over-long upload is then refused by
+        # every owner, not only by the owner of the last partition.
+        tail = store.get_range(key, n_params * 4 - 4, n_params * 4 + 1)
+    except KeyError as error:
+        return None, f"missing: {error}"
+    except _READ_ERRORS as error:
+        return None, f"unreadable: {type(error).__name__}: {error}"
+    if len(tail) != 4 or len(data) != partition.size * 4:
+        return None, f"wrong size: expected {n_params * 4} bytes"
+    values = decode_f32(data)
+    if not bool(torch.isfinite(values).all()):
+        return None, "non-finite values in this slice"
+    return values, None
+
+
+def _weighted_mean(slices: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i x_i with w normalised to 1, accumulated in the given order, one elementwise op per step."""
+    total = 0.0
+    for w in weights:
+        total += w  # float64, fixed order
+    acc = torch.zeros_like(slices[0])
+    for w, x in zip(weights, slices, strict=True):
+        term = x * torch.tensor(w / total, dtype=torch.float32)
+        acc = acc + term
+    return acc
+
+
+def _trimmed_mean(slices: Sequence[torch.Tensor], weights: Sequence[float], trim: int) -> torch.Tensor:
+    """Per coordinate: drop the `trim` lowest and highest values, weighted mean of the rest."""
+    stacked = torch.stack(list(slices))  # (R, n)
+    # A stable sort of the same input yields the same permutation everywhere, so ties keep plan order.
+    ordered, order = torch.sort(stacked, dim=0, stable=True)
+    weight_of = torch.tensor(list(weights), dtype=torch.float32)[
+        order
+    ]  # (R, n): the weight of each sorted value
+    acc = torch.zeros_like(slices[0])
+    weight_sum = torch.zeros_like(slices[0])
+    for rank in range(trim, len(slices) - trim):
+        term = ordered[rank] * weight_of[rank]
+        acc = acc + term
+        weight_sum = weight_sum + weight_of[rank]
+    return acc / weight_sum
+
+
+def _clip(values: torch.Tensor, sq_norm: float, max_norm: float) -> torch.Tensor | None:
+    """values scaled to norm max_norm if larger, else None."""
+    norm = math.sqrt(sq_norm)
+    if norm <= max_norm:
+        return None
+    return values * torch.tensor(max_norm / norm, dtype=torch.float32)
+
+
+def merge_partition(
+    store: BlobStore,
+    plan: MergePlan,
+    partition_index: int,
+    prev_weights_slice: torch.Tensor,
+    prev_momentum_slice: torch.Tensor | None,
+    *,
+    fetch_workers: int = 1,
+) -> PartitionResult:
+    """Aggregate partition `partition_index` of every upload and take the outer step; uploads nothing.
+
+    Unusable uploads (missing, wrong size, non-finite in this slice) are skipped and recorded; the rest are
+    optionally clipped to C * sqrt(slice/n_params), then combined by weighted mean (weights renormalised over the
+    used uploads) or by coordinate-wise trimmed mean. With no usable upload the slice keeps its previous weights
+    and momentum. `fetch_workers` > 1 reads uploads concurrently (the aggregation order does not change).
+    """
+    partition = plan.partitions[partition_index]
+    for name, t in (("prev_weights_slice", prev_weights_slice), ("prev_momentum_slice", prev_momentum_slice)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (partition.size,)):
+            raise ValueError(
+                f"{name} must be fp32 of shape ({partition.size},), got {t.dtype} {tuple(t.shape)}"
+            )
+
+    def read(submitter: Submitter) -> tuple[torch.Tensor | None, str | None]:
+        return _read_upload_slice(store, submitter, partition, plan.n_params)
+
+    if fetch_workers > 1:
+        with ThreadPoolExecutor(max_workers=fetch_workers) as pool:
+            reads = list(pool.map(read, plan.submitters))
+    else:
+        reads = [read(s) for s in plan.submitters]
+
+    used: list[str] = []
+    slices: list[torch.Tensor] = []
+    weights: list[float] = []
+    sq_norms: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    clipped: list[str] = []
+    max_norm = plan.clip * math.sqrt(partition.size / plan.n_params) if plan.clip is not None else None
+    for submitter, (values, reason) in zip(plan.submitters, reads, strict=True):
+        if values is None:
+            skipped[submitter.hotkey] = reason or "unusable"
+            logger.warning(f"merge p{partition.index}: skipping {submitter.hotkey}: {reason}")
+            continue
+        sq_norms[submitter.hotkey] = squared_norm(values)
+        if max_norm is not None:
+            scaled = _clip(values, sq_norms[submitter.hotkey], max_norm)
+            if scaled is not None:
+                values = scaled
+                clipped.append(submitter.hotkey)
+        used.append(submitter.hotkey)
+        slices.append(values)
+        weights.append(submitter.weight)
+
+    if not slices:
+        new_weights = prev_weights_slice.clone()
+        new_momentum = (
+            prev_momentum_slice.clone()
+            if prev_momentum_slice is not None
+            else torch.zeros_like(prev_weights_slice)
+        )
+    else:
+        trim = math.floor(plan.trim_fraction * len(slices))
+        grad = _trimmed_mean(slices, weights, trim) if trim >= 1 else _weighted_mean(slices, weights)
+        new_weights, new_momentum = outer_step(
+            prev_weights_slice,
+            prev_momentum_slice,
+            grad,
+            lr=outer_lr(plan.outer, plan.epoch),
+            mu=plan.outer.momentum,
+            nesterov=plan.outer.nesterov,
+        )
+    return PartitionResult(
+        index=partition.index,
+        weights=new_weights,
+        momentum=new_momentum,
+        slice_sq_norms=sq_norms,
+        used=used,
+        skipped=skipped,
+        clipped=clipped,
+        weights_digest=sha256_hex(encode_f32(new_weights)),
+        momentum_digest=sha256_hex(encode_f32(new_momentum)),
+    )
+
+
+def read_slice(store: BlobStore, ref: FlatRef, start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of the flat vector held by `ref`; ValueError if the object is too short."""
+    lo, hi = ref.byte_range(start, end)
+    data = store.get_range(ref.key, lo, hi)
+    if len(data) != hi - lo:
+        raise ValueError(f"{ref.key} holds {len(data)} of the {hi - lo} bytes for elements [{start}, {end})")
+    return decode_f32(data)
+
+
+@dataclass
+class OwnerRun:
+    """What one owner did: a result per merged partition, and the partitions it could not merge, with why."""
+
+    hotkey: str
+    results: dict[int, PartitionResult] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def run_owner(
+    store: BlobStore,
+    plan: MergePlan,
+    hotkey: str,
+    *,
+    partitions: Sequence[int] | None = None,
+    fetch_workers: int = 1,
+) -> OwnerRun:
+    """Merge every partition `hotkey` owns (or the given ones, for a tie-breaker) and upload the outputs.
+
+    Each merged slice goes to plan.output_key(index, hotkey, "weights"/"momentum"). A partition whose previous
+    weights or momentum cannot be read is recorded in `failed` and nothing is uploaded for it.
+    """
+    run = OwnerRun(hotkey=hotkey)
+    for index in partitions if partitions is not None else plan.partitions_of(hotkey):
+        partition = plan.partitions[index]
+        try:
+            prev_weights = read_slice(store, partition.prev_weights, partition.start, partition.end)
+            prev_momentum = (
+                read_slice(store, partition.prev_momentum, partition.start, partition.end)
+                if partition.prev_momentum is not None
+                else None
+            )
+        except (*_READ_ERRORS, ValueError) as error:
+            run.failed[index] = f"previous state unreadable: {type(error).__name__}: {error}"
+            logger.warning(f"merge p{index}: {hotkey} cannot merge: {run.failed[index]}")
+            continue
+        result = merge_partition(store, plan, index, prev_weights, prev_momentum, fetch_workers=fetch_workers)
+        store.put(plan.output_key(index, hotkey, "weights"), encode_f32(result.weights))
+        store.put(plan.output_key(index, hotkey, "momentum"), encode_f32(result.momentum))
+        run.results[index] = result
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# After the merge: checking claimed norms, applying the merged slices.
+
+
+def check_claimed_norms(
+    plan: MergePlan, slice_sq_norms_by_partition: Mapping[int, Mapping[str, float]]
+) -> list[str]:
+    """Hotkeys whose upload does not match its claim, sorted.
+
+    A hotkey is flagged when it is absent from any reported partition (its upload was missing or unusable
+    there), or, when every partition is reported, when its claimed norm differs from sqrt(sum of its squared
+    slice norms) by more than NORM_RTOL relative. Pass one accepted owner's `slice_sq_norms` per partition.
+    """
+    complete = set(slice_sq_norms_by_partition) == {p.index for p in plan.partitions}
+    flagged: list[str] = []
+    for submitter in plan.submitters:
+        reports = [norms.get(submitter.hotkey) for norms in slice_sq_norms_by_partition.values()]
+        if any(sq is None for sq in reports):
+            flagged.append(submitter.hotkey)
+            continue
+        if not complete:
+            continue
+        actual = math.sqrt(sum(sq for sq in reports if sq is not None))
+        claimed = submitter.claimed_norm
+        if not math.isfinite(claimed) or abs(claimed - actual) > NORM_RTOL * actual:
+            flagged.append(submitter.hotkey)
+    return flagged
+
+
+def apply_merged(
+    store: BlobStore,
+    plan: MergePlan,
+    merged_keys: Mapping[int, str],
+    previous: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The stage's new flat weights: each partition from its accepted merged slice (`merged_keys[index]`).
+
+    A partition nobody merged (absent from merged_keys, or its object missing, the wrong size or non-finite)
+    keeps last epoch's values: from `previous` (the replica's own start-of-epoch vector, no download) when given,
+    else from the plan's prev_weights reference (whose read errors propagate: without it there is nothing to apply).
+    """
+    if previous is not None and (
+        previous.dtype != torch.float32 or tuple(previous.shape) != (plan.n_params,)
+    ):
+        raise ValueError(f"previous must be fp32 of shape ({plan.n_params},)")
+    flat = torch.empty(plan.n_params, dtype=torch.float32)
+    for partition in plan.partitions:
+        values = _read_merged(store, merged_keys.get(partition.index), partition)
+        if values is None:
+            logger.warning(f"apply: partition {partition.index} was not merged; keeping last epoch's values")
+            if previous is not None:
+                values = previous[partition.start : partition.end]
+            else:
+                values = read_slice(store, partition.prev_weights, partition.start, partition.end)
+        flat[partition.start : partition.end] = values
+    return flat
+
+
+def _read_merged(store: BlobStore, key: str | None, partition: Partition) -> torch.Tensor | None:
+    if key is None:
+        return None
+    try:
+        data = store.get(key)
+    except _READ_ERRORS as error:
+        logger.warning(f"apply: merged slice {key} unreadable: {type(error).__name__}: {error}")
+        return None
+    if len(data) != partition.size * 4:
+        logger.warning(f"apply: merged slice {key} has {len(data)} bytes, expected {partition.size * 4}")
+        return None
+    values = decode_f32(data)
+    if not bool(torch.isfinite(values).all()):
+        logger.warning(f"apply: merged slice {key} has non-finite values")
+        return None
+    return values
