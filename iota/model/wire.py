@@ -80,6 +80,11 @@ def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
     return safetensors.torch.save({SINGLE_KEY: flat})
 
 
+def encoded_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Exact byte count `encode` produces for this shape and dtype: what a presigned PUT is signed for."""
+    return len(encode(torch.zeros(shape, dtype=dtype)))
+
+
 def decode(data: bytes, *, dtype: torch.dtype, shape: tuple[int, ...] | None, max_bytes: int) -> torch.Tensor:
     """The tensor `encode` wrote, if it has exactly this dtype and shape (None: any shape) and is finite."""
     shapes = {SINGLE_KEY: None if shape is None else tuple(shape)}

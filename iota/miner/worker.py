@@ -1,0 +1,161 @@
+"""One stage's compute on a miner: forward, backward, inner optimizer steps, and commitments to its weights.
+
+Bytes in, bytes out: the worker decodes what it downloaded (checked against the shape and dtype it expects) and
+encodes what it uploads, so the daemon around it only moves bytes and talks to the orchestrator.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from iota.model import wire
+from iota.model.config import ModelConfig
+from iota.model.llama import Llama, autocast, loss_fn
+from iota.model.stages import StageSpec, build_stage
+from iota.protocol import WeightSketch
+from iota.train import optim
+
+Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # sample id -> (tokens (B, T), targets (B, T))
+SKETCH_SIZE = 8  # seeded projections in a weight sketch
+
+
+@dataclass(frozen=True)
+class TrainFlags:
+    micro_batch: int
+    accumulate: int  # micro-batches per inner step (k)
+    optimizer: str
+    weight_decay: float
+    clip: float
+    wire_dtype: torch.dtype
+
+
+@dataclass
+class Cached:
+    input: torch.Tensor | None  # None on the head (token ids need no gradient)
+    output: torch.Tensor
+
+
+class StageWorker:
+    def __init__(self, config: ModelConfig, spec: StageSpec, seed: int, flags: TrainFlags, batch: Batch,
+                 device: torch.device, use_autocast: bool, cache_size: int):
+        self.config, self.spec, self.flags, self.batch = config, spec, flags, batch
+        self.device = device
+        self.use_autocast = use_autocast and device.type == "cuda"
+        self.model: Llama = build_stage(config, spec, seed, device=device)
+        self.optimizer = optim.make_optimizer(self.model.parameters(), flags.optimizer, flags.weight_decay)
+        self.cache: OrderedDict[int, Cached] = OrderedDict()
+        self.cache_size = cache_size
+        self.micro_batches = 0  # backward passes accumulated since the last inner step
+        self.inner_step = 0  # inner steps this epoch
+        self.epoch_start = self.flat_weights()
+        width = config.wire_width
+        self.act_shape = (flags.micro_batch, config.seq_len, width)
+
+    # -- compute ----------------------------------------------------------------------------------------
+
+    @property
+    def max_bytes(self) -> int:
+        return wire.encoded_size(self.act_shape, self.flags.wire_dtype)
+
+    def forward(self, sample_id: int, data: bytes | None) -> tuple[bytes, float | None]:
+        """Run the stage on a sample. Returns what to upload and, on the tail, the loss.
+
+        The tail runs its backward at once and returns the gradient for its input; other stages keep the graph
+        until the sample's backward arrives.
+        """
+        tokens, targets = self.batch(sample_id) if (self.spec.is_head or self.spec.is_tail) else (None, None)
+        if self.spec.is_head:
+            assert tokens is not None
+            x: torch.Tensor | None = None
+            inputs = tokens.to(self.device)
+        else:
+            x = self._decode(data).to(self.device).float().requires_grad_(True)
+            inputs = x
+        with autocast(self.device.type, self.use_autocast):
+            out = self.model(inputs)
+        if self.spec.is_tail:
+            assert targets is not None and x is not None
+            loss = loss_fn(out, targets.to(self.device))
+            (loss / self.flags.accumulate).backward()
+            self._after_backward()
+            return wire.encode(x.grad.detach().cpu(), self.flags.wire_dtype), float(loss.detach())  # type: ignore[union-attr]
+        self.cache[sample_id] = Cached(x, out)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)  # its backward will fail and the sample restarts at the head
+        return wire.encode(out.detach().cpu(), self.flags.wire_dtype), None
+
+    def backward(self, sample_id: int, data: bytes) -> bytes | None:
+        """Backpropagate the gradient of this stage's output; returns the gradient of its input (None on the head)."""
+        cached = self.cache.pop(sample_id, None)
+        if cached is None:
+            raise KeyError(f"no cached forward for sample {sample_id}")
+        grad = self._decode(data).to(self.device, dtype=cached.output.dtype)
+        cached.output.backward(grad)
+        self._after_backward()
+        if cached.input is None:
+            return None
+        return wire.encode(cached.input.grad.detach().cpu(), self.flags.wire_dtype)  # type: ignore[union-attr]
+
+    def _decode(self, data: bytes | None) -> torch.Tensor:
+        if data is None:
+            raise ValueError("this stage needs an input tensor")
+        return wire.decode(data, dtype=self.flags.wire_dtype, shape=self.act_shape, max_bytes=self.max_bytes)
+
+    def _after_backward(self) -> None:
+        self.micro_batches += 1
+
+    def step_due(self) -> bool:
+        return self.micro_batches >= self.flags.accumulate
+
+    def step(self, lr: float) -> float:
+        """One inner step over the accumulated micro-batches (the tail already divided its loss by k)."""
+        norm = optim.step(self.optimizer, lr, self.flags.clip)
+        self.micro_batches = 0
+        self.inner_step += 1
+        return norm
+
+    # -- weights ----------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().float().cpu() for name, p in self.model.named_parameters()}
+
+    def expected_state(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {name: (tuple(p.shape), torch.float32) for name, p in self.model.named_parameters()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """New epoch weights: load them, forget the inner optimizer, drop cached graphs."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(tensors[name].to(p.device))
+        optim.reset(self.optimizer)
+        self.cache.clear()
+        self.micro_batches = 0
+        self.inner_step = 0
+        self.epoch_start = self.flat_weights()
+
+    def flat_weights(self) -> torch.Tensor:
+        """fp32 weights flattened in name order: the layout the merge partitions."""
+        params = sorted(self.model.named_parameters())
+        return torch.cat([p.detach().float().cpu().reshape(-1) for _, p in params])
+
+    def pseudo_gradient(self) -> torch.Tensor:
+        """The change of the stage over the epoch, start minus end (the outer optimizer's gradient)."""
+        return self.epoch_start - self.flat_weights()
+
+    @torch.no_grad()
+    def sketch(self, seed: int) -> WeightSketch:
+        """Per-tensor norms and a seeded projection of a strided sample: cheap, and hard to fake without the weights."""
+        gen = torch.Generator().manual_seed(seed)
+        norms, projection = [], [0.0] * SKETCH_SIZE
+        for _, p in sorted(self.model.named_parameters()):
+            flat = p.detach().float().cpu().reshape(-1)
+            norms.append(float(flat.norm()))
+            picked = flat[torch.randint(0, flat.numel(), (64,), generator=gen)]
+            signs = torch.randn(SKETCH_SIZE, 64, generator=gen)
+            for i, v in enumerate((signs @ picked).tolist()):
+                projection[i] += v
+        return WeightSketch(norms=norms, projection=projection)
