@@ -81,8 +81,12 @@ def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
 
 
 def encoded_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Exact byte count `encode` produces for this shape and dtype: what a presigned PUT is signed for."""
-    return len(encode(torch.zeros(shape, dtype=dtype)))
+    """Exact length of `encode` for a tensor of this shape and dtype: the `max_bytes` a receiver should allow."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    entry = {"dtype": _safetensors_name(dtype), "shape": list(shape), "data_offsets": [0, nbytes]}
+    # safetensors writes compact JSON and pads the header with spaces to a multiple of 8 bytes.
+    header = len(json.dumps({SINGLE_KEY: entry}, separators=(",", ":")).encode())
+    return 8 + header + (-header % 8) + nbytes
 
 
 def decode(data: bytes, *, dtype: torch.dtype, shape: tuple[int, ...] | None, max_bytes: int) -> torch.Tensor:

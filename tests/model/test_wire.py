@@ -11,7 +11,16 @@ import safetensors.torch
 import torch
 
 from iota.model import wire
-from iota.model.wire import WIRE_DTYPES, WireError, decode, decode_state, encode, encode_state, wire_dtype
+from iota.model.wire import (
+    WIRE_DTYPES,
+    WireError,
+    decode,
+    decode_state,
+    encode,
+    encode_state,
+    encoded_size,
+    wire_dtype,
+)
 
 MB = 1024 * 1024
 
@@ -176,3 +185,13 @@ def test_digests_match_hashlib_and_s3_forms():
     assert wire.sha256(data) == hashlib.sha256(data).hexdigest()
     assert wire.md5_hex(data) == hashlib.md5(data).hexdigest()
     assert base64.b64decode(wire.md5_b64(data)) == hashlib.md5(data).digest()
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (3, 5), (1, 800, 80), (2, 7, 9, 11)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_encoded_size_is_exact(shape, dtype):
+    data = encode(torch.zeros(shape), dtype)
+    assert encoded_size(shape, dtype) == len(data)
+    decode(data, dtype=dtype, shape=shape, max_bytes=encoded_size(shape, dtype))
+    with pytest.raises(WireError, match="more than"):
+        decode(data, dtype=dtype, shape=shape, max_bytes=encoded_size(shape, dtype) - 1)
