@@ -1,0 +1,223 @@
+"""The checkpoint manifest and the flat layout of a stage: tensors in sorted-name order, concatenated as fp32.
+
+A bucket checkpoint (written by the orchestrator) and a local checkpoint directory share one manifest; a bucket
+stage entry names its flat object ("key"), a local one its safetensors file ("file").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from iota.data.plan import DataPlan
+from iota.model.config import ModelConfig
+from iota.model.llama import Llama
+from iota.model.stages import StageSpec
+from iota.train.schedule import LRSchedule
+
+FORMAT = "iota-checkpoint/1"
+MANIFEST_FILE = "manifest.json"
+
+TensorList = list[list[Any]]  # [[name, [dim, ...]], ...] sorted by name: JSON-able
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupted, or not what the caller asked for."""
+
+
+def tensor_list(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> TensorList:
+    """[[name, shape], ...] of a model's parameters (or a state dict's tensors), sorted by name."""
+    if isinstance(model_or_state, nn.Module):
+        items: Iterable[tuple[str, torch.Tensor]] = model_or_state.named_parameters()
+    else:
+        items = model_or_state.items()
+    return [[name, list(tensor.shape)] for name, tensor in sorted(items, key=lambda item: item[0])]
+
+
+def n_params(tensors: Sequence[Sequence[Any]]) -> int:
+    return sum(math.prod(shape) for _, shape in tensors)
+
+
+def state_to_flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """fp32 tensors flattened and concatenated in sorted-name order (the layout the merge partitions)."""
+    parts = [state[name].detach().to(device="cpu", dtype=torch.float32).reshape(-1) for name in sorted(state)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def flat_to_state(flat: torch.Tensor, tensors: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+    """The named tensors of a flat vector laid out as `tensors` says; each is its own copy (not a view)."""
+    expected = n_params(tensors)
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise CheckpointError(
+            f"flat vector of shape {tuple(flat.shape)} does not hold the {expected} values its tensor list names"
+        )
+    state = {}
+    offset = 0
+    for name, shape in sorted(tensors, key=lambda item: item[0]):
+        size = math.prod(shape)
+        state[name] = flat[offset : offset + size].reshape(shape).to(torch.float32).clone()
+        offset += size
+    return state
+
+
+def flat_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """The bytes of `state_to_flat(state)`: raw little-endian float32."""
+    return state_to_flat(state).numpy().astype("<f4", copy=False).tobytes()
+
+
+def flat_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the flat bytes, computed tensor by tensor so a large stage is never copied whole."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        values = state[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(values.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def decode_flat(data: bytes) -> torch.Tensor:
+    """Raw little-endian float32 bytes as a 1-D fp32 tensor."""
+    if len(data) % 4:
+        raise CheckpointError(f"{len(data)} bytes is not a whole number of float32 values")
+    return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
+
+
+def expected_tensors(model: ModelConfig, spec: StageSpec) -> TensorList:
+    """The tensor list a stage of this model has, from a model built without memory."""
+    with torch.device("meta"):
+        return tensor_list(Llama(model, spec))
+
+
+def stage_tensor_lists(model: ModelConfig, stages: Sequence[StageSpec]) -> list[TensorList]:
+    """`expected_tensors` of every stage: the `tensors_per_stage` argument of `bucket_manifest`."""
+    return [expected_tensors(model, spec) for spec in stages]
+
+
+def base_manifest(
+    run_id: str,
+    epoch: int,
+    model: ModelConfig,
+    stages: Sequence[StageSpec],
+    tokens_trained: int,
+    data_plan: DataPlan | Mapping[str, Any],
+    schedule: LRSchedule | Mapping[str, Any],
+    data_cursor: int,
+    tokenizer_kind: str,
+    tokenizer_digest: str,
+    momentum: Mapping[Any, Mapping[Any, str]] | None = None,
+    preset: str | None = None,
+) -> dict[str, Any]:
+    """Every manifest field, with stage entries holding only their layers: what `write_local_checkpoint` needs
+    to save models directly (it fills in each stage's tensors, size and sha256 from the weights)."""
+    _check_stages(stages)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "run_id": run_id,
+        "epoch": int(epoch),
+        "model": model.to_dict(),
+        "stages": [
+            {"index": s.index, "first_layer": s.first_layer, "last_layer": s.last_layer} for s in stages
+        ],
+        # JSON object keys are strings; normalise here so a manifest reads the same before and after a round trip.
+        "momentum": {
+            str(stage): {str(part): key for part, key in parts.items()}
+            for stage, parts in (momentum or {}).items()
+        },
+        "tokens_trained": int(tokens_trained),
+        "data": data_plan.to_dict() if isinstance(data_plan, DataPlan) else dict(data_plan),
+        "schedule": schedule.to_dict() if isinstance(schedule, LRSchedule) else dict(schedule),
+        "data_cursor": int(data_cursor),
+        "tokenizer": {"kind": tokenizer_kind, "digest": tokenizer_digest},
+    }
+    if preset is not None:
+        manifest["preset"] = preset
+    return manifest
+
+
+def bucket_manifest(
+    run_id: str,
+    epoch: int,
+    model: ModelConfig,
+    stages: Sequence[StageSpec],
+    stage_keys: Sequence[str],
+    stage_shas: Sequence[str],
+    tensors_per_stage: Sequence[Sequence[Sequence[Any]]],
+    momentum: Mapping[Any, Mapping[Any, str]] | None,
+    tokens_trained: int,
+    data_plan: DataPlan | Mapping[str, Any],
+    schedule: LRSchedule | Mapping[str, Any],
+    data_cursor: int,
+    tokenizer_kind: str,
+    tokenizer_digest: str,
+    preset: str | None = None,
+) -> dict[str, Any]:
+    """The manifest the orchestrator writes (last) at `keys.checkpoint_manifest(run_id, epoch)`.
+
+    `stage_keys[s]` holds stage s's flat fp32 vector, whose bytes hash to `stage_shas[s]`; `tensors_per_stage[s]`
+    is its `tensor_list` (see `stage_tensor_lists`). `momentum` maps stage -> partition -> key of the outer
+    momentum slice (empty at epoch 0).
+    """
+    counts = {len(stage_keys), len(stage_shas), len(tensors_per_stage)}
+    if counts != {len(stages)}:
+        raise CheckpointError(
+            f"{len(stages)} stages need as many keys, sha256s and tensor lists; got {len(stage_keys)}, "
+            f"{len(stage_shas)} and {len(tensors_per_stage)}"
+        )
+    manifest = base_manifest(
+        run_id, epoch, model, stages, tokens_trained, data_plan, schedule, data_cursor,
+        tokenizer_kind, tokenizer_digest, momentum, preset,
+    )  # fmt: skip
+    for entry, key, sha, tensors in zip(
+        manifest["stages"], stage_keys, stage_shas, tensors_per_stage, strict=True
+    ):
+        entry.update(stage_entry_fields(tensors, sha))
+        entry["key"] = key
+    return manifest
+
+
+def stage_entry_fields(tensors: Sequence[Sequence[Any]], sha256: str) -> dict[str, Any]:
+    """The per-stage fields both formats share besides the layers: sha256, n_params and the tensor list."""
+    listed = sorted(
+        ([str(name), [int(d) for d in shape]] for name, shape in tensors), key=lambda item: str(item[0])
+    )
+    return {"sha256": sha256, "n_params": n_params(listed), "tensors": listed}
+
+
+def parse_manifest(manifest: Mapping[str, Any], where: str) -> tuple[ModelConfig, list[StageSpec]]:
+    """The model config and stage specs a manifest describes, after checking its format and stage plan."""
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    missing = [f for f in ("run_id", "epoch", "model", "stages", "tokenizer") if f not in manifest]
+    if missing:
+        raise CheckpointError(f"{where}: manifest lacks {missing}")
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+        entries = manifest["stages"]
+        stages = [
+            StageSpec(index=int(e["index"]), n_stages=len(entries), first_layer=int(e["first_layer"]),
+                      last_layer=int(e["last_layer"]))
+            for e in entries
+        ]  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: malformed manifest: {e}") from e
+    _check_stages(stages, config)
+    return config, stages
+
+
+def _check_stages(stages: Sequence[StageSpec], config: ModelConfig | None = None) -> None:
+    if not stages:
+        raise CheckpointError("a checkpoint needs at least one stage")
+    next_layer = 0
+    for position, spec in enumerate(stages):
+        if spec.index != position or spec.n_stages != len(stages) or spec.first_layer != next_layer:
+            raise CheckpointError(
+                f"stages must be listed in order and cover the layers contiguously; stage {position} is {spec}"
+            )
+        next_layer = spec.last_layer
+    if config is not None and next_layer != config.n_layers:
+        raise CheckpointError(f"the stages cover {next_layer} layers, the model has {config.n_layers}")
