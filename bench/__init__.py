@@ -1,0 +1,1 @@
+"""Benchmarks and sizing scripts, each run as `python -m bench.<name>`."""
