@@ -21,7 +21,9 @@ class WalletSettings(_Base):
 
 
 class ChainSettings(_Base):
-    chain: Literal["local", "bittensor"] = Field("local", description="local: a file-backed chain for one machine")
+    chain: Literal["local", "bittensor"] = Field(
+        "local", description="local: a file-backed chain for one machine"
+    )
     chain_path: Path = Field(Path("runs/chain.json"), description="File of the local chain")
     network: str = Field("finney", description="Bittensor network (finney, test, or a ws:// endpoint)")
     netuid: int = Field(9, description="Subnet uid")
@@ -33,11 +35,17 @@ class RunSettings(_Base):
 
     preset: str = Field("tiny", description="Model preset: test, tiny, 100m, 1b, 15b")
     stages: int = Field(3, description="Pipeline stages the model is cut into")
-    layers_per_stage: str = Field("", description="Comma-separated layer counts per stage; empty splits evenly")
+    layers_per_stage: str = Field(
+        "", description="Comma-separated layer counts per stage; empty splits evenly"
+    )
     bottleneck: int = Field(0, description="Bottleneck width between stages; 0 turns it off")
-    tokenizer: Literal["bpe", "llama3"] = Field("bpe", description="bpe: trained on the corpus; llama3: splintr's")
+    tokenizer: Literal["bpe", "llama3"] = Field(
+        "bpe", description="bpe: trained on the corpus; llama3: splintr's"
+    )
     vocab_size: int = Field(0, description="BPE vocabulary size; 0 takes the preset's")
-    corpus: str = Field("", description="Comma-separated .txt/.jsonl files or folders; empty uses the KJV Bible")
+    corpus: str = Field(
+        "", description="Comma-separated .txt/.jsonl files or folders; empty uses the KJV Bible"
+    )
     seq_len: int = Field(0, description="Tokens per sequence; 0 takes the preset's")
     micro_batch: int = Field(8, description="Sequences per sample (one unit of work)")
     accumulate: int = Field(1, description="Micro-batches per inner optimizer step (k)")
@@ -50,10 +58,14 @@ class RunSettings(_Base):
     total_tokens: int = Field(1_000_000, description="Tokens the learning-rate schedule spans")
     samples_per_epoch: int = Field(64, description="Samples completed per epoch before the merge")
     epochs: int = Field(1, description="Epochs the run trains; 0 trains until stopped")
-    outer_lr: float = Field(0.7, description="Outer (merge) learning rate; 1 with momentum 0 is plain averaging")
+    outer_lr: float = Field(
+        0.7, description="Outer (merge) learning rate; 1 with momentum 0 is plain averaging"
+    )
     outer_momentum: float = Field(0.9, description="Outer Nesterov momentum")
     partitions: int = Field(16, description="Partitions of each stage in the butterfly merge")
-    wire_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of activations and their gradients")
+    wire_dtype: Literal["bf16", "fp32"] = Field(
+        "bf16", description="Dtype of activations and their gradients"
+    )
     heldout_samples: int = Field(16, description="Held-out samples for eval_loss")
     seed: int = Field(0, description="Seed of initialisation and data order")
     data_dir: Path = Field(Path("runs/data"), description="Where tokenizers and prepared shards are cached")
@@ -62,7 +74,9 @@ class RunSettings(_Base):
 class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     host: str = Field("127.0.0.1", description="Address the orchestrator listens on")
     port: int = Field(8000, description="Port the orchestrator listens on")
-    public_url: str = Field("", description="URL miners use to reach this orchestrator; empty: http://host:port")
+    public_url: str = Field(
+        "", description="URL miners use to reach this orchestrator; empty: http://host:port"
+    )
     run_id: str = Field("run", description="Name of the run; keys in the bucket are under it")
     run_dir: Path = Field(Path("runs/run"), description="Run directory: state database, logs, local store")
     state_url: str = Field("", description="sqlite:///path or postgresql://...; empty: sqlite in run_dir")
@@ -74,6 +88,12 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     s3_secret_key: str = Field("", description="S3 secret key")
     url_secret: str = Field("", description="HMAC secret of local-store URLs; empty: random per start")
     url_ttl_s: int = Field(900, description="Lifetime of presigned URLs")
+    phase_timeout_s: float = Field(
+        600.0, description="An end-of-epoch phase moves on without miners silent this long"
+    )
+    min_upload_bytes_per_s: float = Field(
+        1e6, description="Bandwidth assumed for an upload's grace past a deadline"
+    )
     lease_s: float = Field(60.0, description="Seconds a miner has to report a work item")
     miner_timeout_s: float = Field(30.0, description="A miner silent this long is gone; its work is requeued")
     max_in_flight: int = Field(8, description="Samples in flight per head miner (backpressure)")

@@ -35,13 +35,24 @@ class TrainFlags:
 
 @dataclass
 class Cached:
-    input: torch.Tensor | None  # None on the head (token ids need no gradient)
-    output: torch.Tensor
+    input: torch.Tensor  # token ids on the head, else the activation received
+    output: torch.Tensor | None  # the graph's output; None when graphs are not kept
+    step: int  # inner step the forward ran at: a later step changed the weights, so the graph is recomputed
 
 
 class StageWorker:
-    def __init__(self, config: ModelConfig, spec: StageSpec, seed: int, flags: TrainFlags, batch: Batch,
-                 device: torch.device, use_autocast: bool, cache_size: int):
+    def __init__(
+        self,
+        config: ModelConfig,
+        spec: StageSpec,
+        seed: int,
+        flags: TrainFlags,
+        batch: Batch,
+        device: torch.device,
+        use_autocast: bool,
+        cache_size: int,
+        keep_graphs: bool = True,
+    ):
         self.config, self.spec, self.flags, self.batch = config, spec, flags, batch
         self.device = device
         self.use_autocast = use_autocast and device.type == "cuda"
@@ -49,6 +60,7 @@ class StageWorker:
         self.optimizer = optim.make_optimizer(self.model.parameters(), flags.optimizer, flags.weight_decay)
         self.cache: OrderedDict[int, Cached] = OrderedDict()
         self.cache_size = cache_size
+        self.keep_graphs = keep_graphs
         self.micro_batches = 0  # backward passes accumulated since the last inner step
         self.inner_step = 0  # inner steps this epoch
         self.epoch_start = self.flat_weights()
@@ -70,43 +82,50 @@ class StageWorker:
         tokens, targets = self.batch(sample_id) if (self.spec.is_head or self.spec.is_tail) else (None, None)
         if self.spec.is_head:
             assert tokens is not None
-            x: torch.Tensor | None = None
-            inputs = tokens.to(self.device)
+            x = tokens.to(self.device)
         else:
-            x = self._decode(data).to(self.device).float().requires_grad_(True)
-            inputs = x
-        with autocast(self.device.type, self.use_autocast):
-            out = self.model(inputs)
+            x = self._decode(data).to(self.device).float()
         if self.spec.is_tail:
-            assert targets is not None and x is not None
-            loss = loss_fn(out, targets.to(self.device))
+            assert targets is not None
+            x.requires_grad_(True)
+            with autocast(self.device.type, self.use_autocast):
+                loss = loss_fn(self.model(x), targets.to(self.device))
             (loss / self.flags.accumulate).backward()
-            self._after_backward()
+            self.micro_batches += 1
             return wire.encode(x.grad.detach().cpu(), self.flags.wire_dtype), float(loss.detach())  # type: ignore[union-attr]
-        self.cache[sample_id] = Cached(x, out)
+        with torch.set_grad_enabled(self.keep_graphs), autocast(self.device.type, self.use_autocast):
+            out = self.model(x.requires_grad_(True) if self.keep_graphs and x.is_floating_point() else x)
+        self.cache[sample_id] = Cached(x, out if self.keep_graphs else None, self.inner_step)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)  # its backward will fail and the sample restarts at the head
         return wire.encode(out.detach().cpu(), self.flags.wire_dtype), None
 
     def backward(self, sample_id: int, data: bytes) -> bytes | None:
-        """Backpropagate the gradient of this stage's output; returns the gradient of its input (None on the head)."""
+        """Backpropagate the gradient of this stage's output; returns the gradient of its input (None on the head).
+
+        The graph kept from the forward is used while the weights are those it was built with; once an inner step
+        has changed them (several samples in flight), the forward is recomputed from the cached input with the
+        current weights, so backward never reads weights modified in place.
+        """
         cached = self.cache.pop(sample_id, None)
         if cached is None:
             raise KeyError(f"no cached forward for sample {sample_id}")
-        grad = self._decode(data).to(self.device, dtype=cached.output.dtype)
-        cached.output.backward(grad)
-        self._after_backward()
-        if cached.input is None:
+        x, out = cached.input, cached.output
+        if out is None or cached.step != self.inner_step:
+            x = x.detach().requires_grad_(True) if x.is_floating_point() else x
+            with autocast(self.device.type, self.use_autocast):
+                out = self.model(x)
+        grad = self._decode(data).to(self.device, dtype=out.dtype)
+        out.backward(grad)
+        self.micro_batches += 1
+        if not x.is_floating_point():
             return None
-        return wire.encode(cached.input.grad.detach().cpu(), self.flags.wire_dtype)  # type: ignore[union-attr]
+        return wire.encode(x.grad.detach().cpu(), self.flags.wire_dtype)  # type: ignore[union-attr]
 
     def _decode(self, data: bytes | None) -> torch.Tensor:
         if data is None:
             raise ValueError("this stage needs an input tensor")
         return wire.decode(data, dtype=self.flags.wire_dtype, shape=self.act_shape, max_bytes=self.max_bytes)
-
-    def _after_backward(self) -> None:
-        self.micro_batches += 1
 
     def step_due(self) -> bool:
         return self.micro_batches >= self.flags.accumulate
@@ -123,15 +142,18 @@ class StageWorker:
     def state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().float().cpu() for name, p in self.model.named_parameters()}
 
-    def expected_state(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {name: (tuple(p.shape), torch.float32) for name, p in self.model.named_parameters()}
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """New epoch weights: load them, forget the inner optimizer, drop cached graphs."""
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(tensors[name].to(p.device))
+    @torch.no_grad()
+    def load_flat(self, flat: torch.Tensor) -> None:
+        """New epoch weights (flat fp32, sorted-name order): load them, forget the inner optimizer and graphs."""
+        offset = 0
+        for _, p in sorted(self.model.named_parameters()):
+            n = p.numel()
+            p.copy_(flat[offset : offset + n].view_as(p).to(p.device))
+            offset += n
+        if offset != flat.numel():
+            raise ValueError(f"flat weights hold {flat.numel()} values, the stage has {offset}")
         optim.reset(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
         self.cache.clear()
         self.micro_batches = 0
         self.inner_step = 0

@@ -74,14 +74,16 @@ class Scheduler:
 
     # -- registration -----------------------------------------------------------------------------------
 
-    def register(self, hotkey: str, uid: int | None, device: str, memory_bytes: int, session: str, now: float) -> int:
+    def register(
+        self, hotkey: str, uid: int | None, device: str, memory_bytes: int, session: str, now: float
+    ) -> int:
         """Assign (or confirm) the miner's stage; a new session voids the work of the previous one."""
         with self.state.transaction():
             known = self.state.miner(hotkey)
             if known is not None and known.banned:
                 raise SchedulingError(403, f"hotkey {hotkey} is banned from this run: {known.banned}")
             if known is not None and known.session != session:
-                self._miner_gone(hotkey, now, "re-registered with a new session")
+                self.miner_gone(hotkey, now, "re-registered with a new session")
             stage = known.stage if known is not None else self._choose_stage(memory_bytes)
             self.state.upsert_miner(
                 Miner(hotkey, uid, stage, session, device, memory_bytes, now, now, True, 0, None)
@@ -95,7 +97,8 @@ class Scheduler:
         if not fits:
             smallest = min(need) / 2**30
             raise SchedulingError(
-                400, f"not enough memory for any stage: {memory_bytes / 2**30:.1f} GiB, needs {smallest:.1f} GiB"
+                400,
+                f"not enough memory for any stage: {memory_bytes / 2**30:.1f} GiB, needs {smallest:.1f} GiB",
             )
         alive = self.state.miners(alive_only=True)
         count = {s: 0 for s in fits}
@@ -111,7 +114,7 @@ class Scheduler:
 
     def next_work(self, hotkey: str, now: float) -> Assignment:
         with self.state.transaction():
-            miner = self._live_miner(hotkey, now)
+            miner = self.live_miner(hotkey, now)
             if self.phase != TRAIN:
                 return Assignment(None, f"phase is {self.phase}")
             hop = self.state.next_queued(miner.stage, BACKWARD, hotkey)
@@ -148,7 +151,12 @@ class Scheduler:
         self.state.put("cursor", sample_id + 1)
         self.state.new_sample(sample_id, epoch, now)
         hop_id = self.state.add_hop(
-            sample_id=sample_id, attempt=0, epoch=epoch, stage=0, direction=FORWARD, status="queued",
+            sample_id=sample_id,
+            attempt=0,
+            epoch=epoch,
+            stage=0,
+            direction=FORWARD,
+            status="queued",
             created_at=now,
         )
         return self.state.hop(hop_id)
@@ -158,17 +166,23 @@ class Scheduler:
         needs_output = not (hop.stage == 0 and hop.direction == BACKWARD)
         output_key = self.output_key(hop, lease_no) if needs_output else None
         self.state.set_hop(
-            hop.id, status="leased", miner=hotkey, lease_no=lease_no, lease_expires=now + self.policy.lease_s,
+            hop.id,
+            status="leased",
+            miner=hotkey,
+            lease_no=lease_no,
+            lease_expires=now + self.policy.lease_s,
             output_key=output_key,
         )
         leased = self.state.hop(hop.id)
         assert leased is not None
         return leased
 
-    def _live_miner(self, hotkey: str, now: float) -> Miner:
+    def live_miner(self, hotkey: str, now: float) -> Miner:
         miner = self.state.miner(hotkey)
         if miner is None:
-            raise SchedulingError(404, f"hotkey {hotkey} has not registered with this run: POST /miners/register")
+            raise SchedulingError(
+                404, f"hotkey {hotkey} has not registered with this run: POST /miners/register"
+            )
         if miner.banned:
             raise SchedulingError(403, f"hotkey {hotkey} is banned from this run: {miner.banned}")
         if not miner.alive:
@@ -178,7 +192,7 @@ class Scheduler:
 
     def leased_hop(self, hotkey: str, hop_id: int, epoch: int, now: float) -> Hop:
         """The hop a report or release names, checked to be this caller's live lease in the current epoch."""
-        self._live_miner(hotkey, now)
+        self.live_miner(hotkey, now)
         hop = self.state.hop(hop_id)
         if hop is None:
             raise SchedulingError(404, f"no work item {hop_id}")
@@ -186,11 +200,20 @@ class Scheduler:
             raise SchedulingError(409, f"work item {hop_id} is not leased to you (it is {hop.status})")
         if epoch != hop.epoch or hop.epoch != self.epoch:
             self._requeue(hop, now, "report for a closed epoch")
-            raise SchedulingError(409, f"epoch {epoch} is closed (current {self.epoch}); the item was requeued")
+            raise SchedulingError(
+                409, f"epoch {epoch} is closed (current {self.epoch}); the item was requeued"
+            )
         return hop
 
-    def complete(self, hop: Hop, output_sha: str | None, output_size: int | None, loss: float | None,
-                 tokens: int, now: float) -> None:
+    def complete(
+        self,
+        hop: Hop,
+        output_sha: str | None,
+        output_size: int | None,
+        loss: float | None,
+        tokens: int,
+        now: float,
+    ) -> None:
         """Record a verified report and route the sample on."""
         self.state.set_hop(hop.id, status="done", output_sha=output_sha, output_size=output_size, done_at=now)
         self.state.credit(hop.miner or "")
@@ -199,16 +222,30 @@ class Scheduler:
             self.state.record_loss(hop.sample_id, hop.epoch, tokens, loss)
         if hop.direction == FORWARD and hop.stage < last:
             self.state.add_hop(
-                sample_id=hop.sample_id, attempt=hop.attempt, epoch=hop.epoch, stage=hop.stage + 1,
-                direction=FORWARD, status="queued", input_key=hop.output_key, input_sha=output_sha, created_at=now,
+                sample_id=hop.sample_id,
+                attempt=hop.attempt,
+                epoch=hop.epoch,
+                stage=hop.stage + 1,
+                direction=FORWARD,
+                status="queued",
+                input_key=hop.output_key,
+                input_sha=output_sha,
+                created_at=now,
             )
         elif hop.stage > 0:
             # The tail's hop and every backward hop send a gradient to the miner holding the previous stage's graph.
             holder = self.state.forward_miner(hop.sample_id, hop.attempt, hop.stage - 1)
             self.state.add_hop(
-                sample_id=hop.sample_id, attempt=hop.attempt, epoch=hop.epoch, stage=hop.stage - 1,
-                direction=BACKWARD, status="queued", miner=holder, input_key=hop.output_key,
-                input_sha=output_sha, created_at=now,
+                sample_id=hop.sample_id,
+                attempt=hop.attempt,
+                epoch=hop.epoch,
+                stage=hop.stage - 1,
+                direction=BACKWARD,
+                status="queued",
+                miner=holder,
+                input_key=hop.output_key,
+                input_sha=output_sha,
+                created_at=now,
             )
         else:
             self.state.set_sample(hop.sample_id, status="done", done_at=now)
@@ -227,7 +264,7 @@ class Scheduler:
             for hop in self.state.expired_leases(now):
                 self._requeue(hop, now, "lease expired")
             for hotkey in self.state.stale_miners(now - self.policy.miner_timeout_s):
-                self._miner_gone(hotkey, now, f"silent for {self.policy.miner_timeout_s:.0f} s")
+                self.miner_gone(hotkey, now, f"silent for {self.policy.miner_timeout_s:.0f} s")
 
     def _requeue(self, hop: Hop, now: float, why: str) -> None:
         holder_alive = False
@@ -244,7 +281,7 @@ class Scheduler:
             return
         self.state.log(now, "requeue", hop.miner, hop=hop.id, sample=hop.sample_id, why=why)
 
-    def _miner_gone(self, hotkey: str, now: float, why: str) -> None:
+    def miner_gone(self, hotkey: str, now: float, why: str) -> None:
         self.state.set_miner_dead(hotkey)
         self.state.log(now, "miner_gone", hotkey, why=why)
         for sample_id in self.state.samples_waiting_on(hotkey):
@@ -264,7 +301,12 @@ class Scheduler:
                 self.state.set_hop(hop.id, status="dropped")
         self.state.set_sample(sample_id, attempt=attempt + 1)
         self.state.add_hop(
-            sample_id=sample_id, attempt=attempt + 1, epoch=epoch, stage=0, direction=FORWARD, status="queued",
+            sample_id=sample_id,
+            attempt=attempt + 1,
+            epoch=epoch,
+            stage=0,
+            direction=FORWARD,
+            status="queued",
             created_at=now,
         )
         self.state.bump("samples_requeued")
@@ -274,7 +316,10 @@ class Scheduler:
 
     def _maybe_end_train(self, now: float) -> None:
         epoch = self.epoch
-        if self.phase != TRAIN or int(self.state.get(f"allocated/{epoch}", 0)) < self.policy.samples_per_epoch:
+        if (
+            self.phase != TRAIN
+            or int(self.state.get(f"allocated/{epoch}", 0)) < self.policy.samples_per_epoch
+        ):
             return
         if self.state.active_samples(epoch):
             return  # in-flight samples drain first

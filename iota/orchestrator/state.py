@@ -95,7 +95,7 @@ MINER_COLUMNS = (
 
 
 def _miner(row: tuple) -> Miner:
-    return Miner(*row[:8], bool(row[8]), row[9], row[10])  # type: ignore[arg-type]
+    return Miner(*row[:8], bool(row[8]), row[9], row[10])  # type: ignore[arg-type,call-arg]
 
 
 class StateStore:
@@ -143,8 +143,19 @@ class StateStore:
             "ON CONFLICT (hotkey) DO UPDATE SET uid = excluded.uid, stage = excluded.stage, "
             "session = excluded.session, device = excluded.device, memory_bytes = excluded.memory_bytes, "
             "registered_at = excluded.registered_at, last_seen = excluded.last_seen, alive = excluded.alive",
-            (m.hotkey, m.uid, m.stage, m.session, m.device, m.memory_bytes, m.registered_at, m.last_seen,
-             int(m.alive), m.hops_done, m.banned),
+            (
+                m.hotkey,
+                m.uid,
+                m.stage,
+                m.session,
+                m.device,
+                m.memory_bytes,
+                m.registered_at,
+                m.last_seen,
+                int(m.alive),
+                m.hops_done,
+                m.banned,
+            ),
         )
 
     def touch_miner(self, hotkey: str, now: float) -> None:
@@ -181,7 +192,9 @@ class StateStore:
         self.db.execute(f"UPDATE samples SET {sets} WHERE id = ?", (*fields.values(), sample_id))
 
     def count_samples(self, epoch: int, status: str) -> int:
-        return int(self.db.scalar("SELECT COUNT(*) FROM samples WHERE epoch = ? AND status = ?", (epoch, status)))
+        return int(
+            self.db.scalar("SELECT COUNT(*) FROM samples WHERE epoch = ? AND status = ?", (epoch, status))
+        )
 
     def active_samples(self, epoch: int | None = None) -> list[int]:
         if epoch is None:
@@ -244,7 +257,8 @@ class StateStore:
 
     def hops_of_sample(self, sample_id: int, attempt: int) -> list[Hop]:
         rows = self.db.execute(
-            f"SELECT {HOP_COLUMNS} FROM hops WHERE sample_id = ? AND attempt = ? ORDER BY id", (sample_id, attempt)
+            f"SELECT {HOP_COLUMNS} FROM hops WHERE sample_id = ? AND attempt = ? ORDER BY id",
+            (sample_id, attempt),
         )
         return [Hop(*r) for r in rows]
 
@@ -268,7 +282,8 @@ class StateStore:
 
     def expired_leases(self, now: float) -> list[Hop]:
         rows = self.db.execute(
-            f"SELECT {HOP_COLUMNS} FROM hops WHERE status = 'leased' AND lease_expires < ? ORDER BY id", (now,)
+            f"SELECT {HOP_COLUMNS} FROM hops WHERE status = 'leased' AND lease_expires < ? ORDER BY id",
+            (now,),
         )
         return [Hop(*r) for r in rows]
 

@@ -5,14 +5,15 @@ Layout (all under `runs/{run}/`):
     config.json                                                       run_config
     data/{name}                                                       data_shard
     activations/{epoch}/{sample_id}/{stage}-{direction}-{attempt}.safetensors   activation
-    epochs/{epoch}/pseudo_grads/{stage}/{hotkey}.safetensors          pseudo_grad
-    epochs/{epoch}/merged/{stage}/{partition}/{owner}.safetensors     merged_slice
-    epochs/{epoch}/momentum/{stage}/{partition}.safetensors           outer_momentum
+    epochs/{epoch}/pseudo_grads/{stage}/{hotkey}.f32                  pseudo_grad
+    epochs/{epoch}/merged/{stage}/{partition}/{owner}-{kind}.f32      merged_slice (kind: weights, momentum)
     epochs/{epoch}/snapshots/{stage}/{hotkey}/{step}.safetensors      snapshot
-    checkpoints/{epoch}/stage-{stage}.safetensors                     checkpoint_stage
+    checkpoints/{epoch}/stage-{stage}.f32                             checkpoint_stage
     checkpoints/{epoch}/manifest.json                                 checkpoint_manifest
     scores/{epoch}.json                                               scores
 
+Flat vectors (`.f32`) are raw little-endian float32 in parameter-name order, so that a merge partition is a byte
+range. Checkpoint N holds the weights every replica starts epoch N from (0: the seeded initialisation).
 Activations live apart from the per-epoch objects so that lifecycle can list and expire them on their own.
 Integers are written in plain decimal (no padding): parse with the functions here, never by sorting strings.
 """
@@ -123,7 +124,7 @@ def _epoch_dir(run: str, epoch: int) -> str:
 
 def pseudo_grad(run: str, epoch: int, stage: int, hotkey: str) -> str:
     """One replica's fp32 change of its stage's weights over the epoch."""
-    return f"{_epoch_dir(run, epoch)}/pseudo_grads/{_index(stage, 'stage')}/{_name(hotkey, 'hotkey')}.safetensors"
+    return f"{_epoch_dir(run, epoch)}/pseudo_grads/{_index(stage, 'stage')}/{_name(hotkey, 'hotkey')}.f32"
 
 
 def pseudo_grads_prefix(run: str, epoch: int, stage: int) -> str:
@@ -131,17 +132,22 @@ def pseudo_grads_prefix(run: str, epoch: int, stage: int) -> str:
     return f"{_epoch_dir(run, epoch)}/pseudo_grads/{_index(stage, 'stage')}/"
 
 
-def merged_slice(run: str, epoch: int, stage: int, partition: int, owner_hotkey: str) -> str:
-    """One owner's merged weights for one partition; each owner writes its own so the two can be compared."""
+def merged_slice(
+    run: str, epoch: int, stage: int, partition: int, owner_hotkey: str, kind: str = "weights"
+) -> str:
+    """One owner's merged weights (or outer momentum) for one partition; each owner writes its own so the two can
+    be compared."""
+    if kind not in ("weights", "momentum"):
+        raise InvalidKey(f"merged slice kind must be weights or momentum, got {kind!r}")
     return (
         f"{_epoch_dir(run, epoch)}/merged/{_index(stage, 'stage')}/{_index(partition, 'partition')}/"
-        f"{_name(owner_hotkey, 'owner hotkey')}.safetensors"
+        f"{_name(owner_hotkey, 'owner hotkey')}-{kind}.f32"
     )
 
 
-def outer_momentum(run: str, epoch: int, stage: int, partition: int) -> str:
-    """The outer optimizer's momentum for one partition after the merge of `epoch`."""
-    return f"{_epoch_dir(run, epoch)}/momentum/{_index(stage, 'stage')}/{_index(partition, 'partition')}.safetensors"
+def merged_template(run: str, epoch: int, stage: int) -> str:
+    """`merged_slice` as the merge plan's output template ({partition}, {hotkey}, {kind} filled in by the plan)."""
+    return f"{_epoch_dir(run, epoch)}/merged/{_index(stage, 'stage')}/{{partition}}/{{hotkey}}-{{kind}}.f32"
 
 
 def snapshot(run: str, epoch: int, stage: int, hotkey: str, step: int) -> str:
@@ -163,8 +169,8 @@ def checkpoint_prefix(run: str, epoch: int) -> str:
 
 
 def checkpoint_stage(run: str, epoch: int, stage: int) -> str:
-    """The global weights of one stage after `epoch`."""
-    return f"{checkpoint_prefix(run, epoch)}stage-{_index(stage, 'stage')}.safetensors"
+    """The global weights of one stage at the start of `epoch`, flat fp32."""
+    return f"{checkpoint_prefix(run, epoch)}stage-{_index(stage, 'stage')}.f32"
 
 
 def checkpoint_manifest(run: str, epoch: int) -> str:

@@ -16,8 +16,16 @@ from iota.train.run import Run, heldout_loss
 from iota.train.schedule import inner_step_lr
 
 
-def train_baseline(run: Run, tokens: int, *, replicas: int = 1, device: str = "cpu", bf16: bool = False,
-                   threads: int = 0, progress: bool = True) -> dict[str, Any]:
+def train_baseline(
+    run: Run,
+    tokens: int,
+    *,
+    replicas: int = 1,
+    device: str = "cpu",
+    bf16: bool = False,
+    threads: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train on samples 0, 1, 2, ... and return the report of DESIGN.md.
 
     `replicas` > 1 reproduces the global batch of a stage with that many replicas: every inner step then

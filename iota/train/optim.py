@@ -7,7 +7,9 @@ from collections.abc import Iterable
 import torch
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], kind: str, weight_decay: float
+) -> torch.optim.Optimizer:
     """lr is set before every step from the published schedule, so it starts at 0 here."""
     params = list(params)
     if kind == "adamw":

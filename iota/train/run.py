@@ -70,7 +70,9 @@ def load_data(settings: RunSettings) -> Prepared:
 def build_run(settings: RunSettings) -> Run:
     prepared = load_data(settings)
     overrides = {"seq_len": settings.seq_len} if settings.seq_len else {}
-    model = preset(settings.preset, prepared.manifest.vocab_size, bottleneck=settings.bottleneck or None, **overrides)
+    model = preset(
+        settings.preset, prepared.manifest.vocab_size, bottleneck=settings.bottleneck or None, **overrides
+    )
     split = [int(n) for n in settings.layers_per_stage.split(",") if n] or None
     stages = plan_stages(model.n_layers, settings.stages, split)
     plan = prepared.plan(model.seq_len, settings.seed, HELDOUT_FRACTION)

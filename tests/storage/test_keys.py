@@ -21,11 +21,17 @@ def test_formats_are_stable() -> None:
         keys.activation("r1", 3, 1042, 2, "backward", 1)
         == "runs/r1/activations/3/1042/2-backward-1.safetensors"
     )
-    assert keys.pseudo_grad("r1", 3, 0, HOTKEY) == f"runs/r1/epochs/3/pseudo_grads/0/{HOTKEY}.safetensors"
-    assert keys.merged_slice("r1", 3, 0, 7, HOTKEY) == f"runs/r1/epochs/3/merged/0/7/{HOTKEY}.safetensors"
-    assert keys.outer_momentum("r1", 3, 0, 7) == "runs/r1/epochs/3/momentum/0/7.safetensors"
+    assert keys.pseudo_grad("r1", 3, 0, HOTKEY) == f"runs/r1/epochs/3/pseudo_grads/0/{HOTKEY}.f32"
+    assert keys.merged_slice("r1", 3, 0, 7, HOTKEY) == f"runs/r1/epochs/3/merged/0/7/{HOTKEY}-weights.f32"
+    assert (
+        keys.merged_slice("r1", 3, 0, 7, HOTKEY, "momentum")
+        == f"runs/r1/epochs/3/merged/0/7/{HOTKEY}-momentum.f32"
+    )
+    assert keys.merged_template("r1", 3, 0).format(
+        partition=7, hotkey=HOTKEY, kind="weights"
+    ) == keys.merged_slice("r1", 3, 0, 7, HOTKEY)
     assert keys.snapshot("r1", 3, 0, HOTKEY, 12) == f"runs/r1/epochs/3/snapshots/0/{HOTKEY}/12.safetensors"
-    assert keys.checkpoint_stage("r1", 3, 2) == "runs/r1/checkpoints/3/stage-2.safetensors"
+    assert keys.checkpoint_stage("r1", 3, 2) == "runs/r1/checkpoints/3/stage-2.f32"
     assert keys.checkpoint_manifest("r1", 3) == "runs/r1/checkpoints/3/manifest.json"
     assert keys.scores("r1", 3) == "runs/r1/scores/3.json"
 
@@ -37,7 +43,7 @@ def test_every_key_is_a_valid_object_key_under_its_prefixes() -> None:
         keys.activation("r1", 0, 0, 0, "forward", 0),
         keys.pseudo_grad("r1", 0, 0, HOTKEY),
         keys.merged_slice("r1", 0, 0, 0, HOTKEY),
-        keys.outer_momentum("r1", 0, 0, 0),
+        keys.merged_slice("r1", 0, 0, 0, HOTKEY, "momentum"),
         keys.snapshot("r1", 0, 0, HOTKEY, 0),
         keys.checkpoint_stage("r1", 0, 0),
         keys.checkpoint_manifest("r1", 0),

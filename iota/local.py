@@ -1,0 +1,360 @@
+"""`iota local`: the whole network on one machine, each role an `iota <role>` subprocess.
+
+Wallets are created and registered on a file-backed LocalChain in the run directory; the orchestrator serves a
+local object store (or uses an S3 endpoint); every process logs to run_dir/logs. Progress is printed while it
+trains; at the end the latest checkpoint is pulled, evaluated on held-out data, and a JSON report written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from loguru import logger
+
+from iota.auth import create_wallet
+from iota.chain.local import LocalChain
+from iota.config import RunSettings
+from iota.protocol import Status
+
+LOCAL_DEFAULTS: dict[str, Any] = {
+    # About five minutes on two CPU cores: 3 stages x 2 miners, 2 epochs of the `tiny` preset.
+    "preset": "tiny",
+    "stages": 3,
+    "epochs": 2,
+    "samples_per_epoch": 48,
+    "micro_batch": 4,
+    "accumulate": 2,
+    "lr": 3e-3,
+    "warmup_tokens": 10_000,
+    "total_tokens": 60_000,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
+}
+
+
+@dataclass
+class LocalOptions:
+    miners_per_stage: int = 2
+    validators: int = 0
+    run_dir: Path | None = None
+    s3_endpoint: str | None = None
+    baseline: bool = True
+    port: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    miner_timeout_s: float = 20.0
+    progress: bool = True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Network:
+    """The processes of one local run; stops them all on exit, Ctrl-C included."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, role: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the child)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iota", role],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=os.getcwd(),
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, names: list[str] | None = None, timeout_s: float = 20.0) -> None:
+        chosen = [n for n in (names or list(self.procs)) if self.procs[n].poll() is None]
+        for name in chosen:
+            self.procs[name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name in chosen:
+            try:
+                self.procs[name].wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.procs[name].kill()
+                self.procs[name].wait()
+
+
+def run_local(options: LocalOptions) -> dict[str, Any]:
+    run_dir = options.run_dir or Path("runs") / time.strftime("local-%Y%m%d-%H%M%S")
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    values = {**LOCAL_DEFAULTS, **options.overrides}
+    values.setdefault("data_dir", str(Path("runs/data").resolve()))
+    settings = RunSettings(**values)
+    n_stages = settings.stages
+    port = options.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    wallets = run_dir / "wallets"
+    chain = LocalChain(run_dir / "chain.json")
+    orch_key = create_wallet(wallets, "orchestrator", "default", exist_ok=True).hotkey
+    operator = create_wallet(wallets, "operator", "default", exist_ok=True)
+    miner_names = [f"miner{i}" for i in range(n_stages * options.miners_per_stage)]
+    for name in miner_names:
+        w = create_wallet(wallets, name, "default", exist_ok=True)
+        chain.register(w.hotkey.ss58_address, w.coldkeypub.ss58_address)
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_")}
+    common = {
+        "IOTA_CHAIN": "local",
+        "IOTA_CHAIN_PATH": str(run_dir / "chain.json"),
+        "IOTA_WALLET_PATH": str(wallets),
+        "IOTA_WALLET_HOTKEY": "default",
+    }
+    run_env = {f"IOTA_{k.upper()}": str(v) for k, v in settings.model_dump().items()}
+    orch_env = {
+        **base,
+        **common,
+        **run_env,
+        "IOTA_WALLET_NAME": "orchestrator",
+        "IOTA_PORT": str(port),
+        "IOTA_RUN_ID": "local",
+        "IOTA_RUN_DIR": str(run_dir / "orchestrator"),
+        "IOTA_OPERATOR_HOTKEY": operator.hotkey.ss58_address,
+        "IOTA_MINER_TIMEOUT_S": str(options.miner_timeout_s),
+        "IOTA_LEASE_S": "60",
+        "IOTA_PHASE_TIMEOUT_S": "120",
+    }
+    if options.s3_endpoint:
+        orch_env.update(
+            {
+                "IOTA_STORE": "s3",
+                "IOTA_S3_ENDPOINT": options.s3_endpoint,
+                "IOTA_S3_BUCKET": "iota",
+                "IOTA_S3_ACCESS_KEY": os.environ.get("IOTA_S3_ACCESS_KEY", "test"),
+                "IOTA_S3_SECRET_KEY": os.environ.get("IOTA_S3_SECRET_KEY", "test"),
+            }
+        )
+        _ensure_bucket(options.s3_endpoint, "iota", orch_env)
+    threads = max(1, (os.cpu_count() or 2) // max(len(miner_names), 1))
+
+    net = Network(run_dir)
+    started = time.time()
+    try:
+        net.start("orchestrator", "orchestrator", orch_env)
+        _wait_ready(url, net, timeout_s=300)
+        for name in miner_names:
+            net.start(
+                name,
+                "miner",
+                {
+                    **base,
+                    **common,
+                    "IOTA_WALLET_NAME": name,
+                    "IOTA_ORCHESTRATOR_URL": url,
+                    "IOTA_ORCHESTRATOR_HOTKEY": orch_key.ss58_address,
+                    "IOTA_DEVICE": "cpu",
+                    "IOTA_THREADS": str(threads),
+                    "IOTA_MINER_DIR": str(run_dir / name),
+                },
+            )
+        train_start = time.time()
+        status = _follow(url, net, miner_names, options.progress)
+        wall = time.time() - train_start
+        net.stop(miner_names, timeout_s=30)
+        status = _status(url) or status
+    finally:
+        net.stop()
+    report = _report(settings, status, run_dir, wall, started, orch_env, options)
+    if options.baseline:
+        report["baseline"] = _baseline(settings, report["tokens_trained"], options.miners_per_stage)
+    _summary(report, run_dir)
+    return report
+
+
+def _ensure_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=env["IOTA_S3_ACCESS_KEY"],
+        aws_secret_access_key=env["IOTA_S3_SECRET_KEY"],
+    )
+    if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+        s3.create_bucket(Bucket=bucket)
+
+
+def _status(url: str) -> Status | None:
+    try:
+        return Status.model_validate_json(httpx.get(f"{url}/status", timeout=10).content)
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _wait_ready(url: str, net: Network, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if net.procs["orchestrator"].poll() is not None:
+            raise RuntimeError(f"the orchestrator exited; see {net.run_dir / 'logs' / 'orchestrator.log'}")
+        if _status(url) is not None:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the orchestrator did not answer within {timeout_s:.0f} s")
+
+
+def _follow(url: str, net: Network, miners: list[str], progress: bool) -> Status:
+    """Print progress until the run is done (or every miner has exited)."""
+    last_print, status = 0.0, None
+    while True:
+        time.sleep(1.0)
+        status = _status(url) or status
+        if net.procs["orchestrator"].poll() is not None:
+            raise RuntimeError(f"the orchestrator exited; see {net.run_dir / 'logs' / 'orchestrator.log'}")
+        if status is None:
+            continue
+        if progress and time.monotonic() - last_print >= (1.0 if sys.stdout.isatty() else 10.0):
+            last_print = time.monotonic()
+            loss = "-" if status.latest_loss is None else f"{status.latest_loss:.3f}"
+            line = (
+                f"epoch {status.epoch} {status.phase:<6} tokens {status.tokens_trained:>8} loss {loss} "
+                f"samples {status.samples_completed} (in flight {status.samples_in_flight}, "
+                f"requeued {status.samples_requeued})"
+            )
+            print(
+                ("\r" + line) if sys.stdout.isatty() else line,
+                end="" if sys.stdout.isatty() else "\n",
+                flush=True,
+            )
+        if status.phase == "done":
+            break
+        if all(net.procs[m].poll() is not None for m in miners):
+            logger.error("every miner has exited before the run finished; see {}", net.run_dir / "logs")
+            break
+    if progress and sys.stdout.isatty():
+        print()
+    return status
+
+
+def _report(
+    settings: RunSettings,
+    status: Status | None,
+    run_dir: Path,
+    wall: float,
+    started: float,
+    orch_env: dict[str, str],
+    options: LocalOptions,
+) -> dict[str, Any]:
+    if status is None:
+        raise RuntimeError(f"no status from the orchestrator; see {run_dir / 'logs'}")
+    checkpoint, eval_loss = _pull_and_eval(settings, run_dir, orch_env)
+    curve = [list(p) for p in status.loss_curve]
+    tail = [loss for _, loss in status.loss_curve[-8:]]
+    miners = [m.model_dump() for st in status.stages for m in st.miners]
+    return {
+        "preset": settings.preset,
+        "tokens_trained": status.tokens_trained,
+        "wall_seconds": wall,
+        "tokens_per_second": status.tokens_trained / wall if wall > 0 else 0.0,
+        "loss_curve": curve,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "eval_loss": eval_loss,
+        "epochs_completed": status.epoch,
+        "stages": [
+            {"index": st.index, "miners": len(st.miners), "hops_done": sum(m.hops_done for m in st.miners)}
+            for st in status.stages
+        ],
+        "miners": miners,
+        "bytes_transferred": status.bytes_transferred,
+        "samples_completed": status.samples_completed,
+        "samples_lost": status.samples_lost,
+        "samples_requeued": status.samples_requeued,
+        "scores": {},
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "run_dir": str(run_dir),
+        "settings": settings.model_dump(mode="json"),
+        "miners_per_stage": options.miners_per_stage,
+        "total_seconds": time.time() - started,
+    }
+
+
+def _pull_and_eval(
+    settings: RunSettings, run_dir: Path, env: dict[str, str]
+) -> tuple[Path | None, float | None]:
+    """The latest checkpoint into run_dir/checkpoint, and its held-out loss (the orchestrator never trains)."""
+    from iota.checkpoint import eval_command, find_prepared, latest_epoch, pull_checkpoint
+    from iota.storage import LocalStore, S3Store
+
+    if env.get("IOTA_STORE") == "s3":
+        store: Any = S3Store(
+            "iota",
+            endpoint_url=env["IOTA_S3_ENDPOINT"],
+            access_key=env["IOTA_S3_ACCESS_KEY"],
+            secret_key=env["IOTA_S3_SECRET_KEY"],
+        )
+    else:
+        store = LocalStore(run_dir / "orchestrator" / "store", "http://unused", b"local-read-only-secret")
+    epoch = latest_epoch(store, "local")
+    if epoch is None:
+        return None, None
+    manifest = json.loads(store.get(f"runs/local/checkpoints/{epoch}/manifest.json"))
+    prepared = find_prepared(settings.data_dir, manifest["data"])
+    out = pull_checkpoint(store, "local", epoch, run_dir / "checkpoint", tokenizer_dir=prepared)
+    report = eval_command(out, settings.data_dir, settings.heldout_samples, out / "eval.json")
+    return out, float(report["eval_loss"])
+
+
+def _baseline(settings: RunSettings, tokens: int, replicas: int) -> dict[str, Any]:
+    from iota.train.baseline import train_baseline
+    from iota.train.run import build_run
+
+    if tokens <= 0:
+        return {}
+    report = train_baseline(build_run(settings), tokens, replicas=replicas, progress=False)
+    return {
+        k: report[k]
+        for k in (
+            "tokens_trained",
+            "wall_seconds",
+            "tokens_per_second",
+            "final_loss",
+            "eval_loss",
+            "unigram_entropy",
+        )
+    }
+
+
+def _summary(report: dict[str, Any], run_dir: Path) -> None:
+    curve = report["loss_curve"]
+    first = curve[0][1] if curve else float("nan")
+    lines = [
+        "",
+        f"iota local: {report['tokens_trained']} tokens trained in {report['wall_seconds']:.0f} s "
+        f"({report['tokens_per_second']:.0f} tok/s) over {report['epochs_completed']} epochs",
+        f"  loss: {first:.3f} at the start -> {report['final_loss'] or float('nan'):.3f} at the end; "
+        f"held-out {report['eval_loss'] if report['eval_loss'] is not None else float('nan'):.3f}",
+    ]
+    if report.get("baseline"):
+        b = report["baseline"]
+        lines.append(
+            f"  baseline (one process, same tokens): held-out {b['eval_loss']:.3f}; "
+            f"unigram entropy of the corpus {b['unigram_entropy']:.3f}"
+        )
+    lines += [
+        f"  samples: {report['samples_completed']} completed, {report['samples_requeued']} requeued, "
+        f"{report['samples_lost']} lost",
+        f"  checkpoint: {report['checkpoint']}",
+        f"  logs: {run_dir / 'logs'}",
+    ]
+    print("\n".join(lines))

@@ -1,0 +1,106 @@
+"""The orchestrator as a miner or validator sees it: signed JSON calls, retried with backoff through restarts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+import httpx
+from loguru import logger
+from pydantic import BaseModel
+
+from iota.auth import HotkeyAuth
+from iota.protocol import Ack, RegisterRequest, Registration, Report, RunInfo, Status, Work
+
+M = TypeVar("M", bound=BaseModel)
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class Refused(Exception):
+    """The orchestrator answered 4xx: the request itself is wrong and repeating it will not help."""
+
+    def __init__(self, status: int, detail: Any):
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class OrchestratorClient:
+    def __init__(
+        self,
+        url: str,
+        keypair: Any,
+        orchestrator_hotkey: str,
+        *,
+        timeout_s: float = 30.0,
+        max_backoff_s: float = 10.0,
+        give_up_s: float = 3600.0,
+    ):
+        self.auth = HotkeyAuth(keypair, orchestrator_hotkey)
+        self.http = httpx.Client(base_url=url.rstrip("/"), auth=self.auth, timeout=timeout_s)
+        self.max_backoff_s = max_backoff_s
+        self.give_up_s = give_up_s
+
+    @property
+    def hotkey(self) -> str:
+        return self.auth.hotkey
+
+    def close(self) -> None:
+        self.http.close()
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        out: type[M],
+        body: BaseModel | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> M:
+        """One request, retried while the orchestrator is unreachable or overloaded (it may be restarting)."""
+        start, delay = time.monotonic(), 0.2
+        content = body.model_dump_json().encode() if body is not None else b""
+        headers = {"content-type": "application/json"}
+        while True:
+            try:
+                response = self.http.request(method, path, content=content, headers=headers, params=params)
+                if response.status_code not in RETRY_STATUS:
+                    break
+                why = f"{response.status_code} {response.text[:200]}"
+            except httpx.TransportError as error:
+                why = f"{type(error).__name__}: {error}"
+            if time.monotonic() - start > self.give_up_s:
+                raise ConnectionError(f"orchestrator unreachable for {self.give_up_s:.0f} s: {why}")
+            logger.warning("{} {}: {}; retrying in {:.1f} s", method, path, why, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, self.max_backoff_s)
+        if response.is_error:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise Refused(response.status_code, detail)
+        return out.model_validate_json(response.content)
+
+    def run_info(self) -> RunInfo:
+        return self.call("GET", "/run", RunInfo)
+
+    def status(self) -> Status:
+        return self.call("GET", "/status", Status)
+
+    def register(self, request: RegisterRequest) -> Registration:
+        return self.call("POST", "/miners/register", Registration, request)
+
+    def work(self) -> Work:
+        return self.call("POST", "/work", Work)
+
+    def report(self, report: Report) -> Ack:
+        return self.call("POST", f"/work/{report.hop_id}/report", Ack, report)
+
+    def release(self, hop_id: int, epoch: int) -> Ack:
+        return self.call("POST", f"/work/{hop_id}/release", Ack, params={"epoch": epoch})
+
+    def leave(self) -> Ack:
+        return self.call("POST", "/miners/leave", Ack)
+
+    def phase_report(self, report: Report) -> Ack:
+        return self.call("POST", "/phase/report", Ack, report)

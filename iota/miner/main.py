@@ -1,0 +1,335 @@
+"""The miner daemon: register, load the stage, then loop over work items until told to stop.
+
+Work kinds: forward / backward (a hop of a sample), upload (the epoch's pseudo-gradient), merge (this miner's
+partitions of the butterfly merge), apply (the next epoch's weights), wait, stop. Failures of one item are
+logged and the item released; SIGTERM/SIGINT finish the current step, release what is leased, and exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from loguru import logger
+
+from iota.data import DataPlan, TokenData
+from iota.merge import MergePlan, decode_f32, encode_f32, run_owner
+from iota.miner.client import OrchestratorClient, Refused
+from iota.miner.worker import StageWorker, TrainFlags
+from iota.model import wire
+from iota.model.config import ModelConfig
+from iota.model.stages import StageSpec
+from iota.protocol import RegisterRequest, Report, RunInfo, Work
+from iota.storage.transfer import download, upload
+from iota.train.run import batch_fn
+from iota.train.schedule import LRSchedule, inner_step_lr
+
+
+class UrlStore:
+    """The merge's BlobStore over presigned URLs: a miner reads and writes only the keys its work item names."""
+
+    def __init__(self, gets: dict[str, str], puts: dict[str, str], http: httpx.Client, max_bytes: int):
+        self.gets, self.puts, self.http, self.max_bytes = gets, puts, http, max_bytes
+
+    def get(self, key: str) -> bytes:
+        return download(self._url(self.gets, key), None, self.max_bytes, self.http)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return download(self._url(self.gets, key), None, self.max_bytes, self.http, byte_range=(start, end))
+
+    def put(self, key: str, data: bytes) -> None:
+        upload(self._url(self.puts, key), data, self.http)
+
+    @staticmethod
+    def _url(urls: dict[str, str], key: str) -> str:
+        if key not in urls:
+            raise KeyError(f"the work item gives no URL for {key}")
+        return urls[key]
+
+
+@dataclass
+class MinerState:
+    stopping: bool = False
+    leased: Work | None = None
+    hops_done: int = 0
+    last_loss: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Miner:
+    def __init__(
+        self,
+        client: OrchestratorClient,
+        device: torch.device,
+        use_autocast: bool,
+        cache_size: int,
+        memory_bytes: int,
+        cache_dir: Path,
+        status_file: Path | None = None,
+    ):
+        self.client, self.device, self.use_autocast = client, device, use_autocast
+        self.cache_size, self.memory_bytes = cache_size, memory_bytes
+        self.cache_dir = cache_dir
+        self.status_file = status_file
+        self.http = httpx.Client(timeout=120.0)
+        self.state = MinerState()
+        self.session = uuid.uuid4().hex
+        self.worker: StageWorker | None = None
+
+    # -- start-up ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.run: RunInfo = self.client.run_info()
+        registration = self.client.register(
+            RegisterRequest(device=self.device.type, memory_bytes=self.memory_bytes, session=self.session)
+        )
+        self.stage = registration.stage
+        config = ModelConfig.from_dict(self.run.model)
+        info = self.run.stages[self.stage]
+        spec = StageSpec(info.index, len(self.run.stages), info.first_layer, info.last_layer)
+        plan = DataPlan.from_dict(self.run.data)
+        batch = None
+        if spec.is_head or spec.is_tail:
+            data = self._load_data(plan, registration.data_urls)
+            batch = batch_fn(data, self.run.micro_batch)
+        flags = TrainFlags(
+            self.run.micro_batch,
+            self.run.accumulate,
+            self.run.optimizer,
+            self.run.weight_decay,
+            self.run.clip,
+            wire.wire_dtype(self.run.wire_dtype),
+        )
+        self.schedule = LRSchedule.from_dict(self.run.schedule)
+        self.worker = StageWorker(
+            config,
+            spec,
+            self.run.seed,
+            flags,
+            batch or _no_data,
+            self.device,
+            self.use_autocast,
+            self.cache_size,
+        )
+        if registration.checkpoint_url:
+            self._load_flat(registration.checkpoint_url, registration.checkpoint_sha256)
+        logger.info(
+            "miner {} on stage {} of run {} (epoch {})",
+            self.client.hotkey[:10],
+            self.stage,
+            self.run.run_id,
+            registration.epoch,
+        )
+
+    def _load_data(self, plan: DataPlan, urls: dict[str, str]) -> TokenData:
+        """Shards are fetched once by URL, checked against the plan's sha256, and cached on disk."""
+        directory = self.cache_dir / "data" / plan.digest[:16]
+        directory.mkdir(parents=True, exist_ok=True)
+        for shard in plan.shards:
+            path = directory / shard.file
+            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
+                data = download(urls[shard.file], shard.sha256, 1 << 34, self.http)
+                path.write_bytes(data)
+        return TokenData.open(directory, plan)
+
+    def _load_flat(self, url: str, sha: str | None) -> None:
+        assert self.worker is not None
+        n = self.worker.flat_weights().numel()
+        flat = decode_f32(download(url, sha, 4 * n, self.http))
+        if flat.numel() != n:
+            raise ValueError(f"stage weights hold {flat.numel()} values, the stage has {n}")
+        self.worker.load_flat(flat)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self.start()
+        while not self.state.stopping:
+            try:
+                work = self.client.work()
+            except Refused as error:
+                if error.status == 409 and "register again" in str(error.detail):
+                    logger.warning("the orchestrator timed this miner out; registering again")
+                    self.session = uuid.uuid4().hex
+                    self.start()
+                    continue
+                raise
+            if work.kind == "stop":
+                logger.info("run complete: {}", work.reason)
+                break
+            if work.kind == "wait":
+                time.sleep(work.wait_s)
+                continue
+            self.do(work)
+            self._write_status()
+        self._leave()
+        self.http.close()
+        self.client.close()
+
+    def _leave(self) -> None:
+        """Tell the orchestrator at once, so the samples waiting on this miner's graphs restart now."""
+        try:
+            self.client.leave()
+        except (Refused, ConnectionError) as error:
+            logger.warning("could not say goodbye: {}", error)
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        logger.info("signal {}: finishing the current step, then releasing leased work", signum)
+        self.state.stopping = True
+
+    def do(self, work: Work) -> None:
+        self.state.leased = work
+        try:
+            handler = getattr(self, f"_{work.kind}")
+            handler(work)
+        except Refused as error:
+            logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
+        except (KeyError, ValueError, OSError, wire.WireError) as error:
+            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
+            self._release(work)
+        finally:
+            self.state.leased = None
+
+    def _release(self, work: Work) -> None:
+        if work.hop_id is not None:
+            try:
+                self.client.release(work.hop_id, work.epoch)
+            except Refused as error:
+                logger.warning("release of item {} refused: {}", work.hop_id, error)
+
+    def _forward(self, work: Work) -> None:
+        assert self.worker is not None and work.sample_id is not None
+        data = None
+        if work.input_url:
+            data = download(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
+        if self.state.stopping:
+            self._release(work)
+            return
+        out, loss = self.worker.forward(work.sample_id, data)
+        self._finish(work, data, out, loss)
+
+    def _backward(self, work: Work) -> None:
+        assert self.worker is not None and work.sample_id is not None and work.input_url
+        data = download(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
+        out = self.worker.backward(work.sample_id, data)
+        self._finish(work, data, out, None)
+
+    def _finish(self, work: Work, data: bytes | None, out: bytes | None, loss: float | None) -> None:
+        assert self.worker is not None and work.hop_id is not None
+        if out is not None:
+            assert work.output_url
+            upload(work.output_url, out, self.http)
+        if self.worker.step_due():
+            plan = work.plan
+            lr = inner_step_lr(
+                self.schedule,
+                plan.tokens_at_start,
+                self.worker.inner_step,
+                self.run.accumulate,
+                self.run.micro_batch * int(self.run.model["seq_len"]),
+                plan.replicas,
+            )
+            self.worker.step(lr)
+        self.client.report(
+            Report(
+                run_id=work.run_id,
+                epoch=work.epoch,
+                hop_id=work.hop_id,
+                inner_step=self.worker.inner_step,
+                input_sha256=wire.sha256(data) if data is not None else None,
+                output_sha256=wire.sha256(out) if out is not None else None,
+                output_md5=wire.md5_hex(out) if out is not None else None,
+                loss=loss,
+                tokens=self.run.micro_batch * int(self.run.model["seq_len"]),
+            )
+        )
+        self.state.hops_done += 1
+        if loss is not None:
+            self.state.last_loss = loss
+
+    def _upload(self, work: Work) -> None:
+        assert self.worker is not None and work.output_url
+        pseudo = self.worker.pseudo_gradient()
+        data = encode_f32(pseudo)
+        upload(work.output_url, data, self.http)
+        self.client.phase_report(
+            Report(
+                run_id=work.run_id,
+                epoch=work.epoch,
+                hop_id=-1,
+                inner_step=self.worker.inner_step,
+                input_sha256=None,
+                output_sha256=wire.sha256(data),
+                output_md5=wire.md5_hex(data),
+                extra={"kind": "upload", "norm": float(pseudo.double().norm())},
+            )
+        )
+
+    def _merge(self, work: Work) -> None:
+        plan = MergePlan.model_validate(work.extra["plan"])
+        store = UrlStore(work.extra["get"], work.extra["put"], self.http, 4 * plan.n_params)
+        result = run_owner(store, plan, self.client.hotkey)
+        partitions = {
+            str(i): {"digest": r.digest, "sq_norms": r.slice_sq_norms} for i, r in result.results.items()
+        }
+        assert self.worker is not None
+        self.client.phase_report(
+            Report(
+                run_id=work.run_id,
+                epoch=work.epoch,
+                hop_id=-1,
+                inner_step=self.worker.inner_step,
+                input_sha256=None,
+                output_sha256=None,
+                output_md5=None,
+                extra={"kind": "merge", "partitions": partitions, "failed": result.failed},
+            )
+        )
+
+    def _apply(self, work: Work) -> None:
+        assert self.worker is not None and work.input_url
+        self._load_flat(work.input_url, work.input_sha256)
+        digest = wire.sha256(encode_f32(self.worker.flat_weights()))
+        self.client.phase_report(
+            Report(
+                run_id=work.run_id,
+                epoch=work.epoch,
+                hop_id=-1,
+                inner_step=0,
+                input_sha256=work.input_sha256,
+                output_sha256=digest,
+                output_md5=None,
+                extra={"kind": "apply"},
+            )
+        )
+        logger.info("epoch {} applied: stage {} weights {}", work.epoch, self.stage, digest[:12])
+
+    def _write_status(self) -> None:
+        if self.status_file is None:
+            return
+        status = {
+            "hotkey": self.client.hotkey,
+            "stage": self.stage,
+            "hops_done": self.state.hops_done,
+            "last_loss": self.state.last_loss,
+            "pid": os.getpid(),
+            "at": time.time(),
+        }
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status))
+        tmp.replace(self.status_file)
+
+
+def _no_data(sample_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("a body stage has no data plan")

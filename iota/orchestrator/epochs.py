@@ -1,0 +1,402 @@
+"""The end of an epoch: UPLOAD pseudo-gradients, MERGE partitions (two owners each, compared), APPLY the result.
+
+Checkpoint N (flat fp32 per stage, and a manifest written last) holds the weights every replica starts epoch N
+from; checkpoint 0 is the seeded initialisation, written here before anyone trains. The orchestrator never
+trains: it only plans, compares digests, recomputes a partition whose owners disagree or vanished (the merge is
+cheap and deterministic), and assembles the next checkpoint from the accepted slices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from loguru import logger
+
+from iota.checkpoint import bucket_manifest
+from iota.merge import (
+    FlatRef,
+    MergePlan,
+    OuterConfig,
+    Submitter,
+    apply_merged,
+    encode_f32,
+    make_plan,
+    run_owner,
+)
+from iota.merge.butterfly import check_claimed_norms, sha256_hex
+from iota.model.config import ModelConfig
+from iota.model.stages import StageSpec, build_stage
+from iota.orchestrator.scheduler import APPLY, DONE, MERGE, TRAIN, UPLOAD, Scheduler, SchedulingError
+from iota.orchestrator.state import Miner, StateStore
+from iota.protocol import EpochPlan, Report, Work
+from iota.storage import keys
+from iota.storage.base import ObjectStore
+
+ORCHESTRATOR = "orchestrator"  # owner name under which the orchestrator writes partitions it recomputed
+
+
+@dataclass(frozen=True)
+class EpochSettings:
+    partitions: int
+    outer: OuterConfig
+    seed: int
+    url_ttl_s: int
+    phase_timeout_s: float  # an end-of-epoch phase moves on without miners that have not answered by then
+    min_upload_bytes_per_s: float  # a granted upload gets this much extra time for its size (soft deadline)
+
+
+class EpochDriver:
+    def __init__(
+        self,
+        run_id: str,
+        model: ModelConfig,
+        stages: list[StageSpec],
+        state: StateStore,
+        scheduler: Scheduler,
+        store: ObjectStore,
+        settings: EpochSettings,
+        manifest_extra: Callable[[], dict[str, Any]],
+        micro_batch_tokens: int,
+    ):
+        self.run_id, self.model, self.stages = run_id, model, stages
+        self.state, self.scheduler, self.store, self.settings = state, scheduler, store, settings
+        self.manifest_extra = manifest_extra
+        self.micro_batch_tokens = micro_batch_tokens
+        with torch.device("meta"):
+            metas = [build_stage(model, spec, seed=0, device="meta") for spec in stages]
+        self.tensors = [sorted((n, list(p.shape)) for n, p in m.named_parameters()) for m in metas]
+        self.n_params = [sum(math.prod(shape) for _, shape in t) for t in self.tensors]
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def initialize(self, now: float) -> None:
+        """Write checkpoint 0 (the seeded initialisation) unless the run already has one."""
+        if self.state.get("checkpoint") is not None:
+            return
+        shas = []
+        for spec in self.stages:
+            flat = _flat(build_stage(self.model, spec, self.settings.seed))
+            data = encode_f32(flat)
+            self.store.put(keys.checkpoint_stage(self.run_id, 0, spec.index), data)
+            shas.append(sha256_hex(data))
+        self._publish(0, shas, {}, now)
+
+    def _publish(self, epoch: int, shas: list[str], momentum: dict[str, dict[str, str]], now: float) -> None:
+        stage_keys = [keys.checkpoint_stage(self.run_id, epoch, s.index) for s in self.stages]
+        extra = self.manifest_extra()
+        manifest = bucket_manifest(
+            run_id=self.run_id,
+            epoch=epoch,
+            model=self.model,
+            stages=self.stages,
+            stage_keys=stage_keys,
+            stage_shas=shas,
+            tensors_per_stage=self.tensors,
+            momentum=momentum,
+            tokens_trained=int(self.state.get("tokens_trained", 0)),
+            data_cursor=int(self.state.get("cursor", 0)),
+            **extra,
+        )
+        self.store.put(keys.checkpoint_manifest(self.run_id, epoch), json.dumps(manifest, indent=1).encode())
+        self.state.put("checkpoint", {"epoch": epoch, "shas": shas, "momentum": momentum})
+        self.state.put(f"tokens_at_start/{epoch}", int(self.state.get("tokens_trained", 0)))
+        self.state.log(now, "checkpoint", None, epoch=epoch)
+        logger.info("published checkpoint {}", epoch)
+
+    def latest_checkpoint(self) -> str | None:
+        info = self.state.get("checkpoint")
+        return None if info is None else keys.checkpoint_manifest(self.run_id, int(info["epoch"]))
+
+    def weights_url(self, stage: int) -> str | None:
+        info = self.state.get("checkpoint")
+        if info is None:
+            return None
+        key = keys.checkpoint_stage(self.run_id, int(info["epoch"]), stage)
+        return self.store.presign_get(key, self.settings.url_ttl_s)
+
+    def weights_sha(self, stage: int) -> str | None:
+        info = self.state.get("checkpoint")
+        return None if info is None else str(info["shas"][stage])
+
+    def data_urls(self) -> dict[str, str]:
+        names = self.state.get("data_shards", [])
+        return {
+            n: self.store.presign_get(keys.data_shard(self.run_id, n), self.settings.url_ttl_s) for n in names
+        }
+
+    def plan(self, stage: int) -> EpochPlan:
+        """The numbers every replica's learning rate follows this epoch (frozen at the epoch's first request)."""
+        epoch = self.scheduler.epoch
+        name = f"replicas/{epoch}/{stage}"
+        replicas = self.state.get(name)
+        if replicas is None:
+            replicas = max(1, sum(1 for m in self.state.miners(alive_only=True) if m.stage == stage))
+            self.state.put(name, replicas)
+        return EpochPlan(
+            epoch=epoch,
+            tokens_at_start=int(self.state.get(f"tokens_at_start/{epoch}", 0)),
+            replicas=int(replicas),
+        )
+
+    # -- phase work -------------------------------------------------------------------------------------
+
+    def phase_work(self, miner: Miner, now: float) -> Work:
+        self.advance(now)
+        phase, epoch = self.scheduler.phase, self.scheduler.epoch
+        base = dict(run_id=self.run_id, epoch=epoch, stage=miner.stage, plan=self.plan(miner.stage))
+        ttl = self.settings.url_ttl_s
+        if phase == DONE:
+            return Work(kind="stop", reason="the run is complete", **base)
+        if phase == UPLOAD and self.state.get(self._upload_name(epoch, miner)) is None:
+            key = keys.pseudo_grad(self.run_id, epoch, miner.stage, miner.hotkey)
+            size = 4 * self.n_params[miner.stage]
+            return Work(
+                kind="upload",
+                output_url=self.store.presign_put(key, ttl, size),
+                output_size=size,
+                lease_expires=now
+                + self.settings.phase_timeout_s
+                + size / self.settings.min_upload_bytes_per_s,
+                **base,
+            )
+        if phase == MERGE:
+            plan = self._merge_plan(epoch, miner.stage)
+            mine = plan.partitions_of(miner.hotkey) if plan is not None else []
+            done = self.state.get(f"merged/{epoch}/{miner.stage}/{miner.hotkey}") is not None
+            if plan is not None and mine and not done:
+                return Work(kind="merge", extra=self._merge_payload(plan, miner.hotkey, mine), **base)
+        if phase == APPLY and self.state.get(f"applied/{epoch}/{miner.hotkey}") is None:
+            key = keys.checkpoint_stage(self.run_id, epoch + 1, miner.stage)
+            return Work(
+                kind="apply",
+                input_url=self.store.presign_get(key, ttl),
+                input_sha256=self.weights_sha(miner.stage),
+                **base,
+            )
+        return Work(kind="wait", wait_s=0.2, reason=f"waiting for other miners to finish {phase}", **base)
+
+    def _upload_name(self, epoch: int, miner: Miner) -> str:
+        return f"upload/{epoch}/{miner.stage}/{miner.hotkey}"
+
+    def _merge_payload(self, plan: MergePlan, hotkey: str, mine: list[int]) -> dict[str, Any]:
+        ttl = self.settings.url_ttl_s
+        reads = {s.upload_key for s in plan.submitters}
+        for index in mine:
+            p = plan.partitions[index]
+            reads.add(p.prev_weights.key)
+            if p.prev_momentum is not None:
+                reads.add(p.prev_momentum.key)
+        writes = {}
+        for index in mine:
+            size = 4 * plan.partitions[index].size
+            for kind in ("weights", "momentum"):
+                key = plan.output_key(index, hotkey, kind)  # type: ignore[arg-type]
+                writes[key] = self.store.presign_put(key, ttl, size)
+        return {
+            "plan": plan.model_dump(mode="json"),
+            "get": {key: self.store.presign_get(key, ttl) for key in sorted(reads)},
+            "put": writes,
+        }
+
+    def report(self, miner: Miner, report: Report, now: float) -> None:
+        phase, epoch = self.scheduler.phase, self.scheduler.epoch
+        kind = report.extra.get("kind")
+        if report.epoch != epoch:
+            raise SchedulingError(409, f"epoch {report.epoch} is closed (current {epoch})")
+        if kind == "upload" and phase == UPLOAD:
+            self._record_upload(miner, report, now)
+        elif kind == "merge" and phase == MERGE:
+            self.state.put(f"merged/{epoch}/{miner.stage}/{miner.hotkey}", report.extra.get("partitions", {}))
+        elif kind == "apply" and phase == APPLY:
+            expected = self.weights_sha(miner.stage)
+            if report.output_sha256 != expected:
+                raise SchedulingError(
+                    400, f"applied weights digest {report.output_sha256} != checkpoint {expected}"
+                )
+            self.state.put(f"applied/{epoch}/{miner.hotkey}", report.output_sha256)
+        else:
+            raise SchedulingError(409, f"a {kind!r} report does not fit phase {phase} of epoch {epoch}")
+        self.advance(now)
+
+    def _record_upload(self, miner: Miner, report: Report, now: float) -> None:
+        epoch = self.scheduler.epoch
+        key = keys.pseudo_grad(self.run_id, epoch, miner.stage, miner.hotkey)
+        info = self.store.head(key)
+        size = 4 * self.n_params[miner.stage]
+        if info is None or info.size != size:
+            raise SchedulingError(400, f"pseudo-gradient not uploaded with {size} bytes")
+        norm = float(report.extra.get("norm", float("nan")))
+        # Work weight from our own ledger (hops this miner completed this epoch), never from its claim.
+        hops = self.state.db.scalar(
+            "SELECT COUNT(*) FROM hops WHERE miner = ? AND epoch = ? AND status = 'done'",
+            (miner.hotkey, epoch),
+        )
+        self.state.put(
+            self._upload_name(epoch, miner),
+            {"key": key, "sha": report.output_sha256, "norm": norm, "weight": int(hops or 0)},
+        )
+        self.state.bump("bytes_transferred", size)
+
+    # -- advancing phases -------------------------------------------------------------------------------
+
+    def advance(self, now: float) -> None:
+        """Move to the next phase once everyone expected has answered, or the phase has timed out."""
+        phase, epoch = self.scheduler.phase, self.scheduler.epoch
+        started = float(self.state.get(f"phase_started/{epoch}/{phase}", now))
+        self.state.put(f"phase_started/{epoch}/{phase}", started)
+        timed_out = now - started > self.settings.phase_timeout_s
+        alive = self.state.miners(alive_only=True)
+        if phase == UPLOAD:
+            waiting = [m for m in alive if self.state.get(self._upload_name(epoch, m)) is None]
+            if not waiting or timed_out:
+                self._start_merge(epoch, now)
+        elif phase == MERGE:
+            pending = []
+            for spec in self.stages:
+                plan = self._merge_plan(epoch, spec.index)
+                if plan is None:
+                    continue
+                alive_keys = {m.hotkey for m in alive}
+                pending += [
+                    h
+                    for h in plan.hotkeys
+                    if h in alive_keys
+                    and plan.partitions_of(h)
+                    and self.state.get(f"merged/{epoch}/{spec.index}/{h}") is None
+                ]
+            if not pending or timed_out:
+                self._finish_merge(epoch, now)
+        elif phase == APPLY:
+            waiting = [m for m in alive if self.state.get(f"applied/{epoch}/{m.hotkey}") is None]
+            if not waiting or timed_out:
+                self.scheduler.next_epoch(now)
+
+    def _start_merge(self, epoch: int, now: float) -> None:
+        for spec in self.stages:
+            submitters = []
+            for m in self.state.miners():
+                up = (
+                    self.state.get(f"upload/{epoch}/{spec.index}/{m.hotkey}")
+                    if m.stage == spec.index
+                    else None
+                )
+                if up is not None:
+                    submitters.append(
+                        Submitter(
+                            hotkey=m.hotkey,
+                            upload_key=up["key"],
+                            weight=max(float(up["weight"]), 1e-9),
+                            claimed_norm=up["norm"],
+                        )
+                    )
+            if not submitters:
+                logger.warning(
+                    "epoch {}: no pseudo-gradient for stage {}; it keeps its weights", epoch, spec.index
+                )
+                continue
+            plan = make_plan(
+                run=self.run_id,
+                epoch=epoch,
+                stage=spec.index,
+                n_params=self.n_params[spec.index],
+                n_partitions=self.settings.partitions,
+                submitters=submitters,
+                prev_weights=self._prev_weights(epoch, spec.index),
+                prev_momentum=self._prev_momentum(spec.index),
+                outer=self.settings.outer,
+                output_template=keys.merged_template(self.run_id, epoch, spec.index),
+            )
+            self.state.put(f"plan/{epoch}/{spec.index}", plan.model_dump(mode="json"))
+        self._set_phase(epoch, MERGE, now)
+
+    def _prev_weights(self, epoch: int, stage: int) -> list[FlatRef]:
+        ref = FlatRef(key=keys.checkpoint_stage(self.run_id, epoch, stage))
+        return [ref] * self._n_partitions(stage)
+
+    def _prev_momentum(self, stage: int) -> list[FlatRef | None]:
+        info = self.state.get("checkpoint") or {}
+        stage_momentum = (info.get("momentum") or {}).get(str(stage), {})
+        from iota.merge.plan import partition_bounds
+
+        bounds = partition_bounds(self.n_params[stage], self.settings.partitions)
+        return [
+            FlatRef(key=stage_momentum[str(i)], first=start) if str(i) in stage_momentum else None
+            for i, (start, _) in enumerate(bounds)
+        ]
+
+    def _n_partitions(self, stage: int) -> int:
+        from iota.merge.plan import partition_bounds
+
+        return len(partition_bounds(self.n_params[stage], self.settings.partitions))
+
+    def _merge_plan(self, epoch: int, stage: int) -> MergePlan | None:
+        data = self.state.get(f"plan/{epoch}/{stage}")
+        return None if data is None else MergePlan.model_validate(data)
+
+    def _finish_merge(self, epoch: int, now: float) -> None:
+        """Accept each partition the two owners agree on; recompute the rest; assemble checkpoint epoch + 1."""
+        shas, momentum = [], {}
+        for spec in self.stages:
+            plan = self._merge_plan(epoch, spec.index)
+            prev_key = keys.checkpoint_stage(self.run_id, epoch, spec.index)
+            if plan is None:
+                data = self.store.get(prev_key)
+                self.store.put(keys.checkpoint_stage(self.run_id, epoch + 1, spec.index), data)
+                shas.append(sha256_hex(data))
+                continue
+            accepted, sq_norms = self._settle(plan, epoch, now)
+            flat = apply_merged(self.store, plan, {p: k for p, (k, _) in accepted.items()})
+            data = encode_f32(flat)
+            self.store.put(keys.checkpoint_stage(self.run_id, epoch + 1, spec.index), data)
+            shas.append(sha256_hex(data))
+            momentum[str(spec.index)] = {str(p): mk for p, (_, mk) in accepted.items()}
+            for hotkey in check_claimed_norms(plan, sq_norms):
+                self.state.log(now, "norm_mismatch", hotkey, epoch=epoch, stage=spec.index)
+        self._publish(epoch + 1, shas, momentum, now)
+        self.state.bump("merges")
+        self._set_phase(epoch, APPLY, now)
+
+    def _settle(
+        self, plan: MergePlan, epoch: int, now: float
+    ) -> tuple[dict[int, tuple[str, str]], dict[int, dict[str, float]]]:
+        reports = {h: self.state.get(f"merged/{epoch}/{plan.stage}/{h}") or {} for h in plan.hotkeys}
+        accepted: dict[int, tuple[str, str]] = {}
+        sq_norms: dict[int, dict[str, float]] = {}
+        for partition in plan.partitions:
+            i = partition.index
+            digests = {h: reports[h].get(str(i), {}).get("digest") for h in partition.owners}
+            present = [h for h, d in digests.items() if d]
+            agreed = len(present) == len(partition.owners) and len({digests[h] for h in present}) == 1
+            if agreed:
+                owner = present[0]
+                sq_norms[i] = reports[owner][str(i)].get("sq_norms", {})
+            else:
+                # Disagreement, or an owner that never answered: recompute here and keep whichever matches.
+                result = run_owner(self.store, plan, ORCHESTRATOR, partitions=[i]).results.get(i)
+                if result is None:
+                    continue  # previous state unreadable: apply keeps last epoch's values
+                owner = next((h for h in present if digests[h] == result.digest), ORCHESTRATOR)
+                for h in present:
+                    if digests[h] != result.digest:
+                        self.state.log(now, "merge_mismatch", h, epoch=epoch, stage=plan.stage, partition=i)
+                sq_norms[i] = result.slice_sq_norms
+            accepted[i] = (plan.output_key(i, owner, "weights"), plan.output_key(i, owner, "momentum"))
+        return accepted, sq_norms
+
+    def _set_phase(self, epoch: int, phase: str, now: float) -> None:
+        self.state.put("phase", phase)
+        self.state.put(f"phase_started/{epoch}/{phase}", now)
+        self.state.log(now, "phase", None, epoch=epoch, phase=phase)
+        logger.info("epoch {}: phase {}", epoch, phase)
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for _, p in sorted(model.named_parameters())])
+
+
+__all__ = ["EpochDriver", "EpochSettings", "TRAIN"]

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; each handler translates HTTP to one Orchestrator call."""

@@ -1,0 +1,53 @@
+"""Miner registration and the work loop: get work, report it, release it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from iota.auth import Miner, check_protocol_version
+from iota.orchestrator.routes.deps import Orch, refusals
+from iota.protocol import Ack, RegisterRequest, Registration, Report, Work
+
+router = APIRouter(tags=["miners"], dependencies=[Depends(check_protocol_version)])
+
+
+@router.post("/miners/register")
+def register(body: RegisterRequest, caller: Miner, orch: Orch) -> Registration:
+    """Join the run: the answer names the miner's stage, its weights and the data it needs."""
+    with refusals():
+        return orch.register(caller.hotkey, body)
+
+
+@router.post("/miners/leave")
+def leave(caller: Miner, orch: Orch) -> Ack:
+    """The miner is stopping: everything it holds is requeued now, not when its leases expire."""
+    with refusals():
+        return orch.leave(caller.hotkey)
+
+
+@router.post("/work")
+def work(caller: Miner, orch: Orch) -> Work:
+    """The next unit of work for this miner (backward first), or how long to wait and why."""
+    with refusals():
+        return orch.work(caller.hotkey)
+
+
+@router.post("/work/{hop_id}/report")
+def report(hop_id: int, body: Report, caller: Miner, orch: Orch) -> Ack:
+    """Report a finished item with its commitments; the orchestrator checks the uploaded object first."""
+    with refusals():
+        return orch.report(caller.hotkey, hop_id, body)
+
+
+@router.post("/work/{hop_id}/release")
+def release(hop_id: int, epoch: int, caller: Miner, orch: Orch) -> Ack:
+    """Hand an item back unfinished (the miner is stopping): it is requeued at once."""
+    with refusals():
+        return orch.release(caller.hotkey, hop_id, epoch)
+
+
+@router.post("/phase/report")
+def phase_report(body: Report, caller: Miner, orch: Orch) -> Ack:
+    """Report end-of-epoch work: an uploaded pseudo-gradient, merged partitions, or applied weights."""
+    with refusals():
+        return orch.phase_report(caller.hotkey, body)

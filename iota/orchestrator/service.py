@@ -1,0 +1,322 @@
+"""The orchestrator's operations, one method per request kind: the routes only translate HTTP to these calls.
+
+It owns the run description (model, stages, data, schedule), the scheduler over the durable state, the object
+store whose keys it chooses and presigns, and the checks on every report (lease, epoch, object size and digest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loguru import logger
+
+from iota.orchestrator.epochs import EpochDriver
+from iota.orchestrator.scheduler import BACKWARD, FORWARD, TRAIN, Scheduler, SchedulingError
+from iota.orchestrator.state import Hop, StateStore
+from iota.protocol import (
+    Ack,
+    EpochPlan,
+    MinerStatus,
+    RegisterRequest,
+    Registration,
+    Report,
+    RunInfo,
+    StageStatus,
+    Status,
+    Work,
+)
+from iota.storage.base import ObjectStore
+
+
+@dataclass(frozen=True)
+class Limits:
+    activation_bytes: int  # exact size of every activation and gradient object
+    url_ttl_s: int
+    sweep_interval_s: float = 1.0
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        run: RunInfo,
+        state: StateStore,
+        scheduler: Scheduler,
+        store: ObjectStore,
+        epochs: EpochDriver,
+        limits: Limits,
+        uid_of: Callable[[str], int | None],
+        clock: Callable[[], float] = time.time,
+    ):
+        self.run = run
+        self.state = state
+        self.scheduler = scheduler
+        self.store = store
+        self.epochs = epochs
+        self.limits = limits
+        self.uid_of = uid_of
+        self.clock = clock
+        self._last_sweep = 0.0
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def register(self, hotkey: str, request: RegisterRequest) -> Registration:
+        now = self.clock()
+        stage = self.scheduler.register(
+            hotkey, self.uid_of(hotkey), request.device, request.memory_bytes, request.session, now
+        )
+        logger.info("miner {} registered on stage {} ({})", hotkey[:10], stage, request.device)
+        return Registration(
+            hotkey=hotkey,
+            stage=stage,
+            epoch=self.scheduler.epoch,
+            checkpoint_url=self.epochs.weights_url(stage),
+            checkpoint_sha256=self.epochs.weights_sha(stage),
+            data_urls=self.epochs.data_urls(),
+        )
+
+    def work(self, hotkey: str) -> Work:
+        now = self.clock()
+        self.sweep(now)
+        phase = self.scheduler.phase
+        if phase != TRAIN:
+            with self.state.transaction():
+                return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now)
+        assignment = self.scheduler.next_work(hotkey, now)
+        current = self.state.miner(hotkey)
+        assert current is not None
+        miner = current
+        plan = self.epochs.plan(miner.stage)
+        if assignment.hop is None:
+            return Work(
+                kind="wait",
+                run_id=self.run.run_id,
+                epoch=self.scheduler.epoch,
+                stage=miner.stage,
+                plan=plan,
+                wait_s=0.05,
+                reason=assignment.wait_reason,
+            )
+        return self._work_for(assignment.hop, plan)
+
+    def _work_for(self, hop: Hop, plan: EpochPlan) -> Work:
+        ttl = self.limits.url_ttl_s
+        shape = [self.run.micro_batch, self.run.model["seq_len"], self._wire_width()]
+        return Work(
+            kind="forward" if hop.direction == FORWARD else "backward",
+            run_id=self.run.run_id,
+            epoch=hop.epoch,
+            stage=hop.stage,
+            plan=plan,
+            hop_id=hop.id,
+            sample_id=hop.sample_id,
+            input_url=self.store.presign_get(hop.input_key, ttl) if hop.input_key else None,
+            input_sha256=hop.input_sha,
+            input_shape=shape if hop.input_key else None,
+            output_url=(
+                self.store.presign_put(hop.output_key, ttl, self.limits.activation_bytes)
+                if hop.output_key
+                else None
+            ),
+            output_size=self.limits.activation_bytes if hop.output_key else None,
+            lease_expires=hop.lease_expires,
+        )
+
+    def _wire_width(self) -> int:
+        bottleneck = self.run.model.get("bottleneck")
+        return int(bottleneck) if bottleneck else int(self.run.model["hidden"])
+
+    def report(self, hotkey: str, hop_id: int, report: Report) -> Ack:
+        now = self.clock()
+        if report.run_id != self.run.run_id:
+            raise SchedulingError(
+                409, f"report for run {report.run_id!r}, this orchestrator runs {self.run.run_id!r}"
+            )
+        if report.hop_id != hop_id:
+            raise SchedulingError(400, f"report names item {report.hop_id} but was sent for item {hop_id}")
+        with self.state.transaction():
+            hop = self.scheduler.leased_hop(hotkey, hop_id, report.epoch, now)
+            if hop.input_sha is not None and report.input_sha256 != hop.input_sha:
+                raise SchedulingError(
+                    400, f"input digest {report.input_sha256} is not the digest of the input you were given"
+                )
+            size = self._check_output(hop, report)
+            last = self.scheduler.policy.n_stages - 1
+            loss = report.loss if hop.stage == last and hop.direction == FORWARD else None
+            if hop.stage == last and hop.direction == FORWARD and loss is None:
+                raise SchedulingError(400, "the tail must report the sample's loss")
+            tokens = self.run.micro_batch * int(self.run.model["seq_len"])
+            self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now)
+            if hop.direction == BACKWARD and hop.stage == 0:
+                self.state.bump("tokens_trained", tokens)
+        return Ack(detail=f"item {hop_id} recorded")
+
+    def _check_output(self, hop: Hop, report: Report) -> int | None:
+        """The output object must exist with the exact size, and match the reported MD5 where the store has one."""
+        if hop.output_key is None:
+            return None
+        if not report.output_sha256:
+            raise SchedulingError(400, "report is missing output_sha256")
+        info = self.store.head(hop.output_key)
+        if info is None:
+            raise SchedulingError(400, f"output of item {hop.id} was not uploaded (nothing at its URL)")
+        if info.size != self.limits.activation_bytes:
+            raise SchedulingError(
+                400, f"output of item {hop.id} is {info.size} bytes, expected {self.limits.activation_bytes}"
+            )
+        if info.sha256 and info.sha256 != report.output_sha256:
+            raise SchedulingError(400, f"output of item {hop.id} does not match the reported sha256")
+        if info.md5 and report.output_md5 and info.md5 != report.output_md5:
+            raise SchedulingError(400, f"output of item {hop.id} does not match the reported md5")
+        self.state.bump("bytes_transferred", 2 * info.size)  # uploaded once, downloaded once
+        return info.size
+
+    def release(self, hotkey: str, hop_id: int, epoch: int) -> Ack:
+        now = self.clock()
+        with self.state.transaction():
+            hop = self.scheduler.leased_hop(hotkey, hop_id, epoch, now)
+            self.scheduler.release(hop, now)
+        return Ack(detail=f"item {hop_id} released")
+
+    def phase_report(self, hotkey: str, report: Report) -> Ack:
+        now = self.clock()
+        if report.run_id != self.run.run_id:
+            raise SchedulingError(
+                409, f"report for run {report.run_id!r}, this orchestrator runs {self.run.run_id!r}"
+            )
+        with self.state.transaction():
+            miner = self.scheduler.live_miner(hotkey, now)
+            self.epochs.report(miner, report, now)
+        return Ack(detail=f"{report.extra.get('kind')} recorded")
+
+    def operate(self, hotkey: str, action: str, target: str, value: str) -> Ack:
+        """The operator's controls; each is logged with who did it."""
+        now = self.clock()
+        with self.state.transaction():
+            if action in ("pause", "resume"):
+                self.state.put("paused", action == "pause")
+            elif action == "close-epoch":
+                self.scheduler.close_epoch(now)
+            elif action in ("ban", "unban"):
+                if self.state.miner(target) is None:
+                    raise SchedulingError(404, f"no miner {target!r} in this run")
+                self.state.set_banned(
+                    target, (value or "banned by the operator") if action == "ban" else None
+                )
+                if action == "ban":
+                    self.scheduler.miner_gone(target, now, "banned")
+            elif action == "set-flag":
+                if not target:
+                    raise SchedulingError(400, "set-flag needs target=NAME and value=VALUE")
+                self.run.flags[target] = value
+                self.state.put("flags", self.run.flags)
+            else:
+                raise SchedulingError(
+                    404, f"unknown action {action!r}: pause, resume, close-epoch, ban, unban, set-flag"
+                )
+            self.state.log(now, f"operator_{action}", hotkey, target=target, value=value)
+        logger.info("operator {}: {} {} {}", hotkey[:10], action, target, value)
+        return Ack(detail=f"{action} done")
+
+    def leave(self, hotkey: str) -> Ack:
+        now = self.clock()
+        with self.state.transaction():
+            self.scheduler.live_miner(hotkey, now)
+            self.scheduler.miner_gone(hotkey, now, "left (stopped by its operator)")
+        return Ack(detail="goodbye: your open work was requeued")
+
+    def sweep(self, now: float) -> None:
+        if now - self._last_sweep >= self.limits.sweep_interval_s:
+            self._last_sweep = now
+            self.scheduler.sweep(now)
+
+    # -- views ------------------------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        now = self.clock()
+        self.sweep(now)
+        depths = self.state.queue_depths()
+        miners = self.state.miners()
+        stages = []
+        n_stages = self.scheduler.policy.n_stages
+        staffed = {m.stage for m in miners if m.alive}
+        for s in range(n_stages):
+            stage_miners = [
+                MinerStatus(
+                    hotkey=m.hotkey,
+                    uid=m.uid,
+                    stage=m.stage,
+                    alive=m.alive,
+                    hops_done=m.hops_done,
+                    last_seen=m.last_seen,
+                    device=m.device,
+                )
+                for m in miners
+                if m.stage == s
+            ]
+            stages.append(
+                StageStatus(
+                    index=s,
+                    miners=stage_miners,
+                    queued_forward=depths.get((s, FORWARD, "queued"), 0),
+                    queued_backward=depths.get((s, BACKWARD, "queued"), 0),
+                    leased=depths.get((s, FORWARD, "leased"), 0) + depths.get((s, BACKWARD, "leased"), 0),
+                    paused="" if s in staffed else "no live miner on this stage: inflow paused",
+                )
+            )
+        curve = self.loss_curve()
+        return Status(
+            run_id=self.run.run_id,
+            epoch=self.scheduler.epoch,
+            phase=self.scheduler.phase,
+            paused=self.scheduler.paused,
+            stages=stages,
+            tokens_trained=int(self.state.get("tokens_trained", 0)),
+            samples_completed=int(self.state.get("samples_completed", 0)),
+            samples_in_flight=len(self.state.active_samples()),
+            samples_requeued=int(self.state.get("samples_requeued", 0)),
+            samples_lost=self.samples_lost(),
+            latest_loss=curve[-1][1] if curve else None,
+            loss_curve=curve,
+            bytes_transferred=int(self.state.get("bytes_transferred", 0)),
+            checkpoint=self.epochs.latest_checkpoint(),
+        )
+
+    def loss_curve(self) -> list[tuple[int, float]]:
+        """(tokens trained when the sample completed, its loss), in completion order."""
+        tokens = self.run.micro_batch * int(self.run.model["seq_len"])
+        return [(tokens * (i + 1), loss) for i, (_, loss) in enumerate(self.state.loss_curve())]
+
+    def samples_lost(self) -> int:
+        """Allocated samples that are neither completed nor still in flight: must always be 0."""
+        allocated = int(self.state.get("cursor", 0))
+        done = int(self.state.get("samples_completed", 0))
+        return allocated - done - len(self.state.active_samples())
+
+    def metrics(self) -> str:
+        """Prometheus text exposition of the run's counters and queues."""
+        status = self.status()
+        lines = [
+            f"iota_epoch {status.epoch}",
+            f"iota_tokens_trained_total {status.tokens_trained}",
+            f"iota_samples_completed_total {status.samples_completed}",
+            f"iota_samples_in_flight {status.samples_in_flight}",
+            f"iota_samples_requeued_total {status.samples_requeued}",
+            f"iota_samples_lost {status.samples_lost}",
+            f"iota_bytes_transferred_total {status.bytes_transferred}",
+            f"iota_merges_total {int(self.state.get('merges', 0))}",
+            f"iota_paused {int(status.paused)}",
+        ]
+        if status.latest_loss is not None:
+            lines.append(f"iota_loss {status.latest_loss}")
+        for stage in status.stages:
+            label = f'stage="{stage.index}"'
+            lines += [
+                f'iota_queue_depth{{{label},direction="forward"}} {stage.queued_forward}',
+                f'iota_queue_depth{{{label},direction="backward"}} {stage.queued_backward}',
+                f"iota_leased{{{label}}} {stage.leased}",
+                f"iota_miners_alive{{{label}}} {sum(m.alive for m in stage.miners)}",
+                f"iota_hops_done_total{{{label}}} {sum(m.hops_done for m in stage.miners)}",
+            ]
+        return "\n".join(lines) + "\n"
