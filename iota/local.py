@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -52,6 +53,8 @@ class LocalOptions:
     port: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     miner_timeout_s: float = 20.0
+    lease_s: float = 60.0
+    max_in_flight: int = 8
     progress: bool = True
 
 
@@ -61,25 +64,110 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Network:
-    """The processes of one local run; stops them all on exit, Ctrl-C included."""
+class LocalNetwork:
+    """The processes of one local run: wallets, chain and environments, then start, stop and watch each role.
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    Tests drive it directly (kill a miner, restart the orchestrator); `run_local` runs it start to finish.
+    """
+
+    def __init__(self, options: LocalOptions):
+        self.options = options
+        run_dir = options.run_dir or Path("runs") / time.strftime("local-%Y%m%d-%H%M%S")
+        self.run_dir = run_dir.resolve()
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        values = {**LOCAL_DEFAULTS, **options.overrides}
+        values.setdefault("data_dir", str(Path("runs/data").resolve()))
+        self.settings = RunSettings(**values)
+        self.port = options.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, role: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (kept open for the child)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "iota", role],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=os.getcwd(),
-        )
+        wallets = self.run_dir / "wallets"
+        self.chain = LocalChain(self.run_dir / "chain.json")
+        self.orchestrator_hotkey = create_wallet(
+            wallets, "orchestrator", "default", exist_ok=True
+        ).hotkey.ss58_address
+        self.operator = create_wallet(wallets, "operator", "default", exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_")}
+        self.common = {
+            **base,
+            "IOTA_CHAIN": "local",
+            "IOTA_CHAIN_PATH": str(self.run_dir / "chain.json"),
+            "IOTA_WALLET_PATH": str(wallets),
+            "IOTA_WALLET_HOTKEY": "default",
+        }
+        run_env = {f"IOTA_{k.upper()}": str(v) for k, v in self.settings.model_dump().items()}
+        self.orch_env = {
+            **self.common,
+            **run_env,
+            "IOTA_WALLET_NAME": "orchestrator",
+            "IOTA_PORT": str(self.port),
+            "IOTA_RUN_ID": "local",
+            "IOTA_RUN_DIR": str(self.run_dir / "orchestrator"),
+            # Fixed for the run, so URLs handed out before an orchestrator restart stay valid after it.
+            "IOTA_URL_SECRET": secrets.token_hex(16),
+            "IOTA_OPERATOR_HOTKEY": self.operator.hotkey.ss58_address,
+            "IOTA_MINER_TIMEOUT_S": str(options.miner_timeout_s),
+            "IOTA_LEASE_S": str(options.lease_s),
+            "IOTA_MAX_IN_FLIGHT": str(options.max_in_flight),
+            "IOTA_PHASE_TIMEOUT_S": "120",
+        }
+        if options.s3_endpoint:
+            self.orch_env.update(
+                {
+                    "IOTA_STORE": "s3",
+                    "IOTA_S3_ENDPOINT": options.s3_endpoint,
+                    "IOTA_S3_BUCKET": "iota",
+                    "IOTA_S3_ACCESS_KEY": os.environ.get("IOTA_S3_ACCESS_KEY", "test"),
+                    "IOTA_S3_SECRET_KEY": os.environ.get("IOTA_S3_SECRET_KEY", "test"),
+                }
+            )
+            _ensure_bucket(options.s3_endpoint, "iota", self.orch_env)
+        self.miner_names: list[str] = []
+
+    # -- processes --------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, role: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with open(self.run_dir / "logs" / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "iota", role], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         self.procs[name] = proc
         return proc
+
+    def start_orchestrator(self, timeout_s: float = 300.0) -> None:
+        self._spawn("orchestrator", "orchestrator", self.orch_env)
+        deadline = time.monotonic() + timeout_s
+        while self.status() is None:
+            if self.procs["orchestrator"].poll() is not None:
+                raise RuntimeError(
+                    f"the orchestrator exited; see {self.run_dir / 'logs' / 'orchestrator.log'}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the orchestrator did not answer within {timeout_s:.0f} s")
+            time.sleep(0.3)
+
+    def add_miner(self, name: str | None = None, threads: int = 1) -> str:
+        """Create, register and start one miner; the orchestrator chooses its stage."""
+        name = name or f"miner{len(self.miner_names)}"
+        wallet = create_wallet(self.run_dir / "wallets", name, "default", exist_ok=True)
+        self.chain.register(wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+        env = {
+            **self.common,
+            "IOTA_WALLET_NAME": name,
+            "IOTA_ORCHESTRATOR_URL": self.url,
+            "IOTA_ORCHESTRATOR_HOTKEY": self.orchestrator_hotkey,
+            "IOTA_DEVICE": "cpu",
+            "IOTA_THREADS": str(threads),
+            "IOTA_MINER_DIR": str(self.run_dir / name),
+        }
+        self._spawn(name, "miner", env)
+        if name not in self.miner_names:
+            self.miner_names.append(name)
+        return name
+
+    def signal(self, name: str, signum: int) -> None:
+        self.procs[name].send_signal(signum)
 
     def stop(self, names: list[str] | None = None, timeout_s: float = 20.0) -> None:
         chosen = [n for n in (names or list(self.procs)) if self.procs[n].poll() is None]
@@ -93,92 +181,76 @@ class Network:
                 self.procs[name].kill()
                 self.procs[name].wait()
 
+    # -- watching ---------------------------------------------------------------------------------------
+
+    def status(self) -> Status | None:
+        try:
+            return Status.model_validate_json(httpx.get(f"{self.url}/status", timeout=10).content)
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def events(self) -> list[dict[str, Any]]:
+        return list(httpx.get(f"{self.url}/events", params={"limit": 1000}, timeout=10).json())
+
+    def wait_until(self, predicate: Any, timeout_s: float, progress: bool = False) -> Status:
+        """Poll /status until predicate(status) holds; raise if the orchestrator dies or time runs out."""
+        deadline, last_print, status = time.monotonic() + timeout_s, 0.0, None
+        while True:
+            status = self.status() or status
+            orch = self.procs.get("orchestrator")
+            if orch is not None and orch.poll() is not None:
+                raise RuntimeError(
+                    f"the orchestrator exited; see {self.run_dir / 'logs' / 'orchestrator.log'}"
+                )
+            if status is not None and predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not reached within {timeout_s:.0f} s; last status: {status}")
+            if progress and status is not None and time.monotonic() - last_print >= (1.0 if _tty() else 10.0):
+                last_print = time.monotonic()
+                _progress_line(status)
+            time.sleep(0.5)
+
+
+def _tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _progress_line(status: Status) -> None:
+    loss = "-" if status.latest_loss is None else f"{status.latest_loss:.3f}"
+    line = (
+        f"epoch {status.epoch} {status.phase:<6} tokens {status.tokens_trained:>8} loss {loss} "
+        f"samples {status.samples_completed} (in flight {status.samples_in_flight}, "
+        f"requeued {status.samples_requeued})"
+    )
+    print(("\r" + line) if _tty() else line, end="" if _tty() else "\n", flush=True)
+
 
 def run_local(options: LocalOptions) -> dict[str, Any]:
-    run_dir = options.run_dir or Path("runs") / time.strftime("local-%Y%m%d-%H%M%S")
-    run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    values = {**LOCAL_DEFAULTS, **options.overrides}
-    values.setdefault("data_dir", str(Path("runs/data").resolve()))
-    settings = RunSettings(**values)
-    n_stages = settings.stages
-    port = options.port or free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    wallets = run_dir / "wallets"
-    chain = LocalChain(run_dir / "chain.json")
-    orch_key = create_wallet(wallets, "orchestrator", "default", exist_ok=True).hotkey
-    operator = create_wallet(wallets, "operator", "default", exist_ok=True)
-    miner_names = [f"miner{i}" for i in range(n_stages * options.miners_per_stage)]
-    for name in miner_names:
-        w = create_wallet(wallets, name, "default", exist_ok=True)
-        chain.register(w.hotkey.ss58_address, w.coldkeypub.ss58_address)
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith("IOTA_")}
-    common = {
-        "IOTA_CHAIN": "local",
-        "IOTA_CHAIN_PATH": str(run_dir / "chain.json"),
-        "IOTA_WALLET_PATH": str(wallets),
-        "IOTA_WALLET_HOTKEY": "default",
-    }
-    run_env = {f"IOTA_{k.upper()}": str(v) for k, v in settings.model_dump().items()}
-    orch_env = {
-        **base,
-        **common,
-        **run_env,
-        "IOTA_WALLET_NAME": "orchestrator",
-        "IOTA_PORT": str(port),
-        "IOTA_RUN_ID": "local",
-        "IOTA_RUN_DIR": str(run_dir / "orchestrator"),
-        "IOTA_OPERATOR_HOTKEY": operator.hotkey.ss58_address,
-        "IOTA_MINER_TIMEOUT_S": str(options.miner_timeout_s),
-        "IOTA_LEASE_S": "60",
-        "IOTA_PHASE_TIMEOUT_S": "120",
-    }
-    if options.s3_endpoint:
-        orch_env.update(
-            {
-                "IOTA_STORE": "s3",
-                "IOTA_S3_ENDPOINT": options.s3_endpoint,
-                "IOTA_S3_BUCKET": "iota",
-                "IOTA_S3_ACCESS_KEY": os.environ.get("IOTA_S3_ACCESS_KEY", "test"),
-                "IOTA_S3_SECRET_KEY": os.environ.get("IOTA_S3_SECRET_KEY", "test"),
-            }
-        )
-        _ensure_bucket(options.s3_endpoint, "iota", orch_env)
-    threads = max(1, (os.cpu_count() or 2) // max(len(miner_names), 1))
-
-    net = Network(run_dir)
+    net = LocalNetwork(options)
+    n_miners = net.settings.stages * options.miners_per_stage
+    threads = max(1, (os.cpu_count() or 2) // n_miners)
     started = time.time()
     try:
-        net.start("orchestrator", "orchestrator", orch_env)
-        _wait_ready(url, net, timeout_s=300)
-        for name in miner_names:
-            net.start(
-                name,
-                "miner",
-                {
-                    **base,
-                    **common,
-                    "IOTA_WALLET_NAME": name,
-                    "IOTA_ORCHESTRATOR_URL": url,
-                    "IOTA_ORCHESTRATOR_HOTKEY": orch_key.ss58_address,
-                    "IOTA_DEVICE": "cpu",
-                    "IOTA_THREADS": str(threads),
-                    "IOTA_MINER_DIR": str(run_dir / name),
-                },
-            )
+        net.start_orchestrator()
+        for _ in range(n_miners):
+            net.add_miner(threads=threads)
         train_start = time.time()
-        status = _follow(url, net, miner_names, options.progress)
+        miners_gone = lambda st: all(net.procs[m].poll() is not None for m in net.miner_names)  # noqa: E731
+        status = net.wait_until(lambda st: st.phase == "done" or miners_gone(st), 24 * 3600, options.progress)
+        if _tty() and options.progress:
+            print()
+        if status.phase != "done":
+            logger.error("every miner exited before the run finished; see {}", net.run_dir / "logs")
         wall = time.time() - train_start
-        net.stop(miner_names, timeout_s=30)
-        status = _status(url) or status
+        net.stop(net.miner_names, timeout_s=30)
+        status = net.status() or status
     finally:
         net.stop()
-    report = _report(settings, status, run_dir, wall, started, orch_env, options)
+    report = _report(net.settings, status, net.run_dir, wall, started, net.orch_env, options)
     if options.baseline:
-        report["baseline"] = _baseline(settings, report["tokens_trained"], options.miners_per_stage)
-    _summary(report, run_dir)
+        report["baseline"] = _baseline(net.settings, report["tokens_trained"], options.miners_per_stage)
+    _summary(report, net.run_dir)
     return report
 
 
@@ -194,57 +266,6 @@ def _ensure_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
     )
     if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
         s3.create_bucket(Bucket=bucket)
-
-
-def _status(url: str) -> Status | None:
-    try:
-        return Status.model_validate_json(httpx.get(f"{url}/status", timeout=10).content)
-    except (httpx.HTTPError, ValueError):
-        return None
-
-
-def _wait_ready(url: str, net: Network, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if net.procs["orchestrator"].poll() is not None:
-            raise RuntimeError(f"the orchestrator exited; see {net.run_dir / 'logs' / 'orchestrator.log'}")
-        if _status(url) is not None:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"the orchestrator did not answer within {timeout_s:.0f} s")
-
-
-def _follow(url: str, net: Network, miners: list[str], progress: bool) -> Status:
-    """Print progress until the run is done (or every miner has exited)."""
-    last_print, status = 0.0, None
-    while True:
-        time.sleep(1.0)
-        status = _status(url) or status
-        if net.procs["orchestrator"].poll() is not None:
-            raise RuntimeError(f"the orchestrator exited; see {net.run_dir / 'logs' / 'orchestrator.log'}")
-        if status is None:
-            continue
-        if progress and time.monotonic() - last_print >= (1.0 if sys.stdout.isatty() else 10.0):
-            last_print = time.monotonic()
-            loss = "-" if status.latest_loss is None else f"{status.latest_loss:.3f}"
-            line = (
-                f"epoch {status.epoch} {status.phase:<6} tokens {status.tokens_trained:>8} loss {loss} "
-                f"samples {status.samples_completed} (in flight {status.samples_in_flight}, "
-                f"requeued {status.samples_requeued})"
-            )
-            print(
-                ("\r" + line) if sys.stdout.isatty() else line,
-                end="" if sys.stdout.isatty() else "\n",
-                flush=True,
-            )
-        if status.phase == "done":
-            break
-        if all(net.procs[m].poll() is not None for m in miners):
-            logger.error("every miner has exited before the run finished; see {}", net.run_dir / "logs")
-            break
-    if progress and sys.stdout.isatty():
-        print()
-    return status
 
 
 def _report(

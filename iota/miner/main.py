@@ -84,6 +84,7 @@ class Miner:
         self.state = MinerState()
         self.session = uuid.uuid4().hex
         self.worker: StageWorker | None = None
+        self._status_at = 0.0
 
     # -- start-up ---------------------------------------------------------------------------------------
 
@@ -316,8 +317,10 @@ class Miner:
         logger.info("epoch {} applied: stage {} weights {}", work.epoch, self.stage, digest[:12])
 
     def _write_status(self) -> None:
-        if self.status_file is None:
+        """For `iota miner status`; at most once a second, off the hot path."""
+        if self.status_file is None or time.monotonic() - self._status_at < 1.0:
             return
+        self._status_at = time.monotonic()
         status = {
             "hotkey": self.client.hotkey,
             "stage": self.stage,

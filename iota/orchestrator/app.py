@@ -214,6 +214,7 @@ def assemble(
     )
     with state.transaction():
         epochs.initialize(time.time())
+        state.resume(time.time(), settings.lease_s)
     limits = Limits(activation_bytes=act_bytes, url_ttl_s=settings.url_ttl_s)
     lookup = cached_lookup(chain)
     orchestrator = Orchestrator(

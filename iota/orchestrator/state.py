@@ -171,6 +171,15 @@ class StateStore:
         rows = self.db.execute("SELECT hotkey FROM miners WHERE alive = 1 AND last_seen < ?", (before,))
         return [r[0] for r in rows]
 
+    def resume(self, now: float, lease_s: float) -> None:
+        """After a restart: miners could not reach us while we were down, so their clocks start again now, and
+        leases get a full term (an upload that was under way can still be reported)."""
+        self.db.execute("UPDATE miners SET last_seen = ? WHERE alive = 1", (now,))
+        self.db.execute(
+            "UPDATE hops SET lease_expires = ? WHERE status = 'leased' AND lease_expires < ?",
+            (now + lease_s, now + lease_s),
+        )
+
     def credit(self, hotkey: str) -> None:
         self.db.execute("UPDATE miners SET hops_done = hops_done + 1 WHERE hotkey = ?", (hotkey,))
 

@@ -43,7 +43,7 @@ def train_baseline(
     dev = torch.device(device)
     start = time.perf_counter()
     sample_id = 0
-    bar = tqdm(range(steps), desc="baseline", unit="step", disable=not progress)
+    bar = tqdm(range(steps), desc="baseline", unit="step", disable=None if progress else True)
     for step in bar:
         for _ in range(per_step):
             tokens_in, targets = run.batch(sample_id)
