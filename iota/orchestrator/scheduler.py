@@ -12,7 +12,8 @@ Time is passed in (`now`), never read here, so tests drive the clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from iota.orchestrator.state import Hop, Miner, StateStore
@@ -24,10 +25,12 @@ TRAIN, UPLOAD, MERGE, APPLY, DONE = "train", "upload", "merge", "apply", "done"
 class SchedulingError(Exception):
     """A request the scheduler refuses; `status` is the HTTP status the route answers with."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, keep: bool = False):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        # What was done before refusing (a requeue) stands: Scheduler.transaction commits it, then refuses.
+        self.keep = keep
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,20 @@ class Scheduler:
         self.state = state
         self.policy = policy
         self.output_key = output_key
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A state transaction: a refusal rolls it back, unless the refusal keeps what it did (it requeued)."""
+        kept: SchedulingError | None = None
+        with self.state.transaction():
+            try:
+                yield
+            except SchedulingError as refusal:
+                if not refusal.keep:
+                    raise
+                kept = refusal
+        if kept is not None:
+            raise kept
 
     # -- run phase --------------------------------------------------------------------------------------
 
@@ -136,7 +153,7 @@ class Scheduler:
         empty = [s for s in range(self.policy.n_stages) if s not in staffed]
         if empty:
             return f"waiting for miners on stage(s) {', '.join(map(str, empty))}"
-        holding = len(self.state.samples_waiting_on(miner.hotkey))
+        holding = len(self.state.samples_waiting_on(miner.hotkey, self.policy.n_stages - 1))
         if miner.stage < self.policy.n_stages - 1 and holding >= self.policy.max_in_flight:
             return f"holding {holding} forward graphs awaiting backward (limit {self.policy.max_in_flight})"
         return ""
@@ -201,7 +218,15 @@ class Scheduler:
         if epoch != hop.epoch or hop.epoch != self.epoch:
             self._requeue(hop, now, "report for a closed epoch")
             raise SchedulingError(
-                409, f"epoch {epoch} is closed (current {self.epoch}); the item was requeued"
+                409, f"epoch {epoch} is closed (current {self.epoch}); the item was requeued", keep=True
+            )
+        if hop.lease_expires is not None and hop.lease_expires < now:
+            # Refused even before a sweep has seen it: the sweep would requeue it, and may already have.
+            self._requeue(hop, now, "lease expired")
+            raise SchedulingError(
+                409,
+                f"the lease of work item {hop_id} expired {now - hop.lease_expires:.1f} s ago; it was requeued",
+                keep=True,
             )
         return hop
 
@@ -284,7 +309,7 @@ class Scheduler:
     def miner_gone(self, hotkey: str, now: float, why: str) -> None:
         self.state.set_miner_dead(hotkey)
         self.state.log(now, "miner_gone", hotkey, why=why)
-        for sample_id in self.state.samples_waiting_on(hotkey):
+        for sample_id in self.state.samples_waiting_on(hotkey, self.policy.n_stages - 1):
             self.restart_sample(sample_id, now, f"miner {hotkey[:8]} {why}")
         for hop in self.state.open_hops_of_miner(hotkey):
             if hop.status == "leased" or hop.direction == BACKWARD:

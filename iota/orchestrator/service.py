@@ -135,7 +135,7 @@ class Orchestrator:
             )
         if report.hop_id != hop_id:
             raise SchedulingError(400, f"report names item {report.hop_id} but was sent for item {hop_id}")
-        with self.state.transaction():
+        with self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, report.epoch, now)
             if hop.input_sha is not None and report.input_sha256 != hop.input_sha:
                 raise SchedulingError(
@@ -174,7 +174,7 @@ class Orchestrator:
 
     def release(self, hotkey: str, hop_id: int, epoch: int) -> Ack:
         now = self.clock()
-        with self.state.transaction():
+        with self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, epoch, now)
             self.scheduler.release(hop, now)
         return Ack(detail=f"item {hop_id} released")

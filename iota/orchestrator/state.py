@@ -278,14 +278,18 @@ class StateStore:
         )
         return [Hop(*r) for r in rows]
 
-    def samples_waiting_on(self, hotkey: str) -> list[int]:
-        """Active samples whose current attempt needs this miner's cached forward for its backward."""
+    def samples_waiting_on(self, hotkey: str, tail_stage: int) -> list[int]:
+        """Active samples whose current attempt needs this miner's cached forward for its backward.
+
+        The tail does its forward and backward in one hop, so it holds no graph that a sample waits on.
+        """
         rows = self.db.execute(
             "SELECT DISTINCT h.sample_id FROM hops h JOIN samples s ON s.id = h.sample_id AND s.attempt = h.attempt "
             "WHERE h.miner = ? AND h.direction = 'forward' AND h.status = 'done' AND s.status = 'active' "
+            "AND h.stage < ? "
             "AND NOT EXISTS (SELECT 1 FROM hops b WHERE b.sample_id = h.sample_id AND b.attempt = h.attempt "
             "AND b.stage = h.stage AND b.direction = 'backward' AND b.status = 'done')",
-            (hotkey,),
+            (hotkey, tail_stage),
         )
         return [int(r[0]) for r in rows]
 
