@@ -99,6 +99,9 @@ class OrchestratorClient:
     def release(self, hop_id: int, epoch: int) -> Ack:
         return self.call("POST", f"/work/{hop_id}/release", Ack, params={"epoch": epoch})
 
+    def heartbeat(self) -> Ack:
+        return self.call("POST", "/miners/heartbeat", Ack)
+
     def leave(self) -> Ack:
         return self.call("POST", "/miners/leave", Ack)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class Miner:
         self.session = uuid.uuid4().hex
         self.worker: StageWorker | None = None
         self._status_at = 0.0
+        self._heartbeat: threading.Thread | None = None
+        self.stage = -1
 
     # -- start-up ---------------------------------------------------------------------------------------
 
@@ -93,6 +96,12 @@ class Miner:
         registration = self.client.register(
             RegisterRequest(device=self.device.type, memory_bytes=self.memory_bytes, session=self.session)
         )
+        self._start_heartbeat(registration.heartbeat_s)
+        if self.worker is not None and self.stage == registration.stage:
+            # Re-registered after a time-out: same stage, so keep the weights; only the cached graphs are void.
+            self.worker.cache.clear()
+            logger.info("registered again on stage {}", self.stage)
+            return
         self.stage = registration.stage
         config = ModelConfig.from_dict(self.run.model)
         info = self.run.stages[self.stage]
@@ -130,6 +139,23 @@ class Miner:
             self.run.run_id,
             registration.epoch,
         )
+
+    def _start_heartbeat(self, every_s: float) -> None:
+        if self._heartbeat is not None:
+            return
+
+        def beat() -> None:
+            while not self.state.stopping:
+                time.sleep(every_s)
+                try:
+                    self.client.heartbeat()
+                except Refused as error:
+                    logger.warning("heartbeat refused: {}", error.detail)
+                except ConnectionError as error:
+                    logger.warning("heartbeat failed: {}", error)
+
+        self._heartbeat = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
 
     def _load_data(self, plan: DataPlan, urls: dict[str, str]) -> TokenData:
         """Shards are fetched once by URL, checked against the plan's sha256, and cached on disk."""

@@ -74,7 +74,15 @@ class Orchestrator:
             checkpoint_url=self.epochs.weights_url(stage),
             checkpoint_sha256=self.epochs.weights_sha(stage),
             data_urls=self.epochs.data_urls(),
+            heartbeat_s=self.scheduler.policy.miner_timeout_s / 4,
         )
+
+    def heartbeat(self, hotkey: str) -> Ack:
+        """Liveness apart from work: a miner loading gigabytes of weights is busy, not gone."""
+        now = self.clock()
+        with self.state.transaction():
+            self.scheduler.live_miner(hotkey, now)
+        return Ack(detail="alive")
 
     def work(self, hotkey: str) -> Work:
         now = self.clock()

@@ -52,6 +52,7 @@ class Registration(Message):
     checkpoint_url: str | None  # the stage's weights from the latest checkpoint; None: seeded initialisation
     checkpoint_sha256: str | None
     data_urls: dict[str, str]  # shard name -> GET URL (heads and tails rebuild samples from these)
+    heartbeat_s: float  # send POST /miners/heartbeat this often, whatever else the miner is doing
 
 
 class EpochPlan(BaseModel):

@@ -19,16 +19,36 @@ pytestmark = pytest.mark.slow
 EXACT = {
     # One miner per stage, no bottleneck, fp32 on the wire, plain SGD without clipping, an outer step of 1:
     # the network must follow the single-process baseline exactly.
-    "preset": "test", "stages": 3, "bottleneck": 0, "wire_dtype": "fp32", "optimizer": "sgd", "clip": 0.0,
-    "outer_lr": 1.0, "outer_momentum": 0.0, "epochs": 1, "samples_per_epoch": 20, "micro_batch": 4,
-    "accumulate": 1, "lr": 0.05, "warmup_tokens": 1000, "total_tokens": 20 * 4 * 32,
+    "preset": "test",
+    "stages": 3,
+    "bottleneck": 0,
+    "wire_dtype": "fp32",
+    "optimizer": "sgd",
+    "clip": 0.0,
+    "outer_lr": 1.0,
+    "outer_momentum": 0.0,
+    "epochs": 1,
+    "samples_per_epoch": 20,
+    "micro_batch": 4,
+    "accumulate": 1,
+    "lr": 0.05,
+    "warmup_tokens": 1000,
+    "total_tokens": 20 * 4 * 32,
 }
 
 
 def test_network_equals_baseline(tmp_path: Path, net_data_dir: Path) -> None:
     overrides = {**EXACT, "data_dir": str(net_data_dir)}
-    report = run_local(LocalOptions(miners_per_stage=1, run_dir=tmp_path / "run", overrides=overrides,
-                                    max_in_flight=1, baseline=False, progress=False))
+    report = run_local(
+        LocalOptions(
+            miners_per_stage=1,
+            run_dir=tmp_path / "run",
+            overrides=overrides,
+            max_in_flight=1,
+            baseline=False,
+            progress=False,
+        )
+    )
     baseline = train_baseline(build_run(RunSettings(**overrides)), 20 * 4 * 32, progress=False)
     network = [loss for _, loss in report["loss_curve"]]
     single = [loss for _, loss in baseline["loss_curve"]]
@@ -39,17 +59,36 @@ def test_network_equals_baseline(tmp_path: Path, net_data_dir: Path) -> None:
 
 
 CONVERGE = {
-    "preset": "test", "stages": 3, "bottleneck": 16, "epochs": 1, "samples_per_epoch": 240, "micro_batch": 8,
-    "lr": 1e-2, "warmup_tokens": 2000, "total_tokens": 60_000, "outer_lr": 1.0, "outer_momentum": 0.0,
+    "preset": "test",
+    "stages": 3,
+    "bottleneck": 16,
+    "epochs": 1,
+    "samples_per_epoch": 240,
+    "micro_batch": 8,
+    "lr": 1e-2,
+    "warmup_tokens": 2000,
+    "total_tokens": 60_000,
+    "outer_lr": 1.0,
+    "outer_momentum": 0.0,
 }
 
 
 @pytest.mark.parametrize("store", ["local", "s3"])
-def test_bottleneck_run_learns(store: str, tmp_path: Path, net_data_dir: Path, request: pytest.FixtureRequest) -> None:
+def test_bottleneck_run_learns(
+    store: str, tmp_path: Path, net_data_dir: Path, request: pytest.FixtureRequest
+) -> None:
     endpoint = request.getfixturevalue("moto_endpoint") if store == "s3" else None
     overrides = {**CONVERGE, "data_dir": str(net_data_dir)}
-    report = run_local(LocalOptions(miners_per_stage=1, run_dir=tmp_path / "run", overrides=overrides,
-                                    s3_endpoint=endpoint, baseline=False, progress=False))
+    report = run_local(
+        LocalOptions(
+            miners_per_stage=1,
+            run_dir=tmp_path / "run",
+            overrides=overrides,
+            s3_endpoint=endpoint,
+            baseline=False,
+            progress=False,
+        )
+    )
     entropy = build_run(RunSettings(**overrides)).data.unigram_entropy()
     assert report["eval_loss"] < entropy - 0.5, (report["eval_loss"], entropy)
     assert report["samples_lost"] == 0
@@ -64,14 +103,20 @@ def test_bottleneck_run_learns(store: str, tmp_path: Path, net_data_dir: Path, r
 
 
 FAULTS = {
-    "preset": "test", "stages": 3, "epochs": 1, "samples_per_epoch": 120, "micro_batch": 4,
+    "preset": "test",
+    "stages": 3,
+    "epochs": 1,
+    "samples_per_epoch": 120,
+    "micro_batch": 4,
     "total_tokens": 20_000,
 }
 
 
 def _network(tmp_path: Path, data_dir: Path, **kw: object) -> LocalNetwork:
-    options = LocalOptions(run_dir=tmp_path / "run", overrides={**FAULTS, "data_dir": str(data_dir)},
-                           miner_timeout_s=4.0, lease_s=8.0, progress=False, **kw)  # type: ignore[arg-type]
+    settings = {"miner_timeout_s": 6.0, "lease_s": 8.0, **kw}
+    options = LocalOptions(
+        run_dir=tmp_path / "run", overrides={**FAULTS, "data_dir": str(data_dir)}, progress=False, **settings
+    )  # type: ignore[arg-type]
     net = LocalNetwork(options)
     net.start_orchestrator()
     return net
@@ -118,7 +163,9 @@ def test_orchestrator_restart_loses_nothing(tmp_path: Path, net_data_dir: Path) 
     net = _network(tmp_path, net_data_dir, lease_s=30.0)
     try:
         miners = [net.add_miner() for _ in range(3)]
-        before = net.wait_until(lambda s: s.samples_completed >= 10 and s.samples_in_flight > 0, timeout_s=120)
+        before = net.wait_until(
+            lambda s: s.samples_completed >= 10 and s.samples_in_flight > 0, timeout_s=120
+        )
         pids = {m: net.procs[m].pid for m in miners}
         net.signal("orchestrator", signal.SIGKILL)
         net.procs["orchestrator"].wait()

@@ -18,6 +18,13 @@ def register(body: RegisterRequest, caller: Miner, orch: Orch) -> Registration:
         return orch.register(caller.hotkey, body)
 
 
+@router.post("/miners/heartbeat")
+def heartbeat(caller: Miner, orch: Orch) -> Ack:
+    """I am alive (sent on a timer, also while loading weights or computing a long item)."""
+    with refusals():
+        return orch.heartbeat(caller.hotkey)
+
+
 @router.post("/miners/leave")
 def leave(caller: Miner, orch: Orch) -> Ack:
     """The miner is stopping: everything it holds is requeued now, not when its leases expire."""
