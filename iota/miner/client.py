@@ -55,6 +55,7 @@ class OrchestratorClient:
         out: type[M],
         body: BaseModel | None = None,
         params: dict[str, Any] | None = None,
+        give_up_s: float | None = None,
     ) -> M:
         """One request, retried while the orchestrator is unreachable or overloaded (it may be restarting)."""
         start, delay = time.monotonic(), 0.2
@@ -68,8 +69,9 @@ class OrchestratorClient:
                 why = f"{response.status_code} {response.text[:200]}"
             except httpx.TransportError as error:
                 why = f"{type(error).__name__}: {error}"
-            if time.monotonic() - start > self.give_up_s:
-                raise ConnectionError(f"orchestrator unreachable for {self.give_up_s:.0f} s: {why}")
+            limit = self.give_up_s if give_up_s is None else give_up_s
+            if time.monotonic() - start > limit:
+                raise ConnectionError(f"orchestrator unreachable for {limit:.0f} s: {why}")
             logger.warning("{} {}: {}; retrying in {:.1f} s", method, path, why, delay)
             time.sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)
@@ -102,8 +104,8 @@ class OrchestratorClient:
     def heartbeat(self) -> Ack:
         return self.call("POST", "/miners/heartbeat", Ack)
 
-    def leave(self) -> Ack:
-        return self.call("POST", "/miners/leave", Ack)
+    def leave(self, give_up_s: float | None = None) -> Ack:
+        return self.call("POST", "/miners/leave", Ack, give_up_s=give_up_s)
 
     def phase_report(self, report: Report) -> Ack:
         return self.call("POST", "/phase/report", Ack, report)

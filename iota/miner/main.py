@@ -30,9 +30,41 @@ from iota.model import wire
 from iota.model.config import ModelConfig
 from iota.model.stages import StageSpec
 from iota.protocol import RegisterRequest, Report, RunInfo, Work
-from iota.storage.transfer import download, upload
+from iota.storage.base import StoreError
+from iota.storage.transfer import DigestMismatch, TooLarge, TransferError, download, upload
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule, inner_step_lr
+
+TRANSFER_PATIENCE_S = (
+    180.0  # how long a transfer keeps trying through an unreachable store (a restarting orchestrator)
+)
+
+
+def _patient(action: Any, what: str) -> Any:
+    """Run a transfer, retrying connection failures and 5xx for a while; a 4xx or a bad digest fails at once."""
+    deadline, delay = time.monotonic() + TRANSFER_PATIENCE_S, 1.0
+    while True:
+        try:
+            return action()
+        except (DigestMismatch, TooLarge):
+            raise
+        except TransferError as error:
+            final = error.status is not None and error.status < 500 and error.status not in (408, 429)
+            if final or time.monotonic() > deadline:
+                raise
+            logger.warning("{} failed ({}); retrying in {:.0f} s", what, error, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 15.0)
+
+
+def get(
+    url: str, sha: str | None, max_bytes: int, http: httpx.Client, byte_range: tuple[int, int] | None = None
+) -> bytes:
+    return _patient(lambda: download(url, sha, max_bytes, http, byte_range=byte_range), "download")  # type: ignore[no-any-return]
+
+
+def put(url: str, data: bytes, http: httpx.Client) -> None:
+    _patient(lambda: upload(url, data, http), "upload")
 
 
 class UrlStore:
@@ -42,13 +74,13 @@ class UrlStore:
         self.gets, self.puts, self.http, self.max_bytes = gets, puts, http, max_bytes
 
     def get(self, key: str) -> bytes:
-        return download(self._url(self.gets, key), None, self.max_bytes, self.http)
+        return get(self._url(self.gets, key), None, self.max_bytes, self.http)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        return download(self._url(self.gets, key), None, self.max_bytes, self.http, byte_range=(start, end))
+        return get(self._url(self.gets, key), None, self.max_bytes, self.http, byte_range=(start, end))
 
     def put(self, key: str, data: bytes) -> None:
-        upload(self._url(self.puts, key), data, self.http)
+        put(self._url(self.puts, key), data, self.http)
 
     @staticmethod
     def _url(urls: dict[str, str], key: str) -> str:
@@ -164,14 +196,14 @@ class Miner:
         for shard in plan.shards:
             path = directory / shard.file
             if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
-                data = download(urls[shard.file], shard.sha256, 1 << 34, self.http)
+                data = get(urls[shard.file], shard.sha256, 1 << 34, self.http)
                 path.write_bytes(data)
         return TokenData.open(directory, plan)
 
     def _load_flat(self, url: str, sha: str | None) -> None:
         assert self.worker is not None
         n = self.worker.flat_weights().numel()
-        flat = decode_f32(download(url, sha, 4 * n, self.http))
+        flat = decode_f32(get(url, sha, 4 * n, self.http))
         if flat.numel() != n:
             raise ValueError(f"stage weights hold {flat.numel()} values, the stage has {n}")
         self.worker.load_flat(flat)
@@ -207,7 +239,7 @@ class Miner:
     def _leave(self) -> None:
         """Tell the orchestrator at once, so the samples waiting on this miner's graphs restart now."""
         try:
-            self.client.leave()
+            self.client.leave(give_up_s=10.0)
         except (Refused, ConnectionError) as error:
             logger.warning("could not say goodbye: {}", error)
 
@@ -222,7 +254,7 @@ class Miner:
             handler(work)
         except Refused as error:
             logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
-        except (KeyError, ValueError, OSError, wire.WireError) as error:
+        except (KeyError, ValueError, OSError, StoreError) as error:
             logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
             self._release(work)
         finally:
@@ -239,7 +271,7 @@ class Miner:
         assert self.worker is not None and work.sample_id is not None
         data = None
         if work.input_url:
-            data = download(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
+            data = get(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
         if self.state.stopping:
             self._release(work)
             return
@@ -248,7 +280,7 @@ class Miner:
 
     def _backward(self, work: Work) -> None:
         assert self.worker is not None and work.sample_id is not None and work.input_url
-        data = download(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
+        data = get(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
         out = self.worker.backward(work.sample_id, data)
         self._finish(work, data, out, None)
 
@@ -256,7 +288,7 @@ class Miner:
         assert self.worker is not None and work.hop_id is not None
         if out is not None:
             assert work.output_url
-            upload(work.output_url, out, self.http)
+            put(work.output_url, out, self.http)
         if self.worker.step_due():
             plan = work.plan
             lr = inner_step_lr(
@@ -289,7 +321,7 @@ class Miner:
         assert self.worker is not None and work.output_url
         pseudo = self.worker.pseudo_gradient()
         data = encode_f32(pseudo)
-        upload(work.output_url, data, self.http)
+        put(work.output_url, data, self.http)
         self.client.phase_report(
             Report(
                 run_id=work.run_id,

@@ -1,0 +1,142 @@
+"""The audit metric: relative error of what a stage changed, against a replay, judged by calibrated thresholds.
+
+Why the change and not the raw tensor: a body stage's output is its input plus a residual update that is small
+next to it, so a stage that returns its input scores cosine 0.997 against an honest one on a fresh model. What a
+stage computed is `output - input` (on the head, `output - embedding`; for a body stage's backward,
+`input grad - output grad`), and the metric is ||claimed - replayed|| / ||replayed - carried||: the error of the
+claimed tensor in units of that change. The identity scores exactly 1; zeros, noise and stale or quantised
+weights score what their error is worth next to the stage's work.
+
+The thresholds come from `bench/calibrate_audit.py` (docs/validation.md holds the distributions): honest replays
+on another CPU kernel set and thread count, int8-weight miners, at replay depths 0 .. D - 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SKETCH_TOLERANCE = 1e-5
+"""A snapshot is the miner's own weights, so its sketch is recomputed from the same fp32 values: only the order
+of a float sum may differ between machines."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Largest relative error that passes, per kind of tensor compared, and the replay depth they hold for."""
+
+    activation: float  # a forward output's change (head: over the embedding; body: over the input)
+    gradient: float  # an input gradient (tail) or its change over the output gradient (body)
+    loss: float  # the tail's reported loss
+    weights: float  # the change of the weights since the replay's start (snapshots, pseudo-gradients)
+    depth: (
+        int  # D: most inner steps one audit replays; honest error grows with depth, an int8 miner's does not
+    )
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        for name in ("activation", "gradient", "loss", "weights"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(
+                    f"threshold {name} must be in (0, 1): 1 is what the identity scores, got {value}"
+                )
+
+    def for_kind(self, kind: str) -> float:
+        if kind not in ("activation", "gradient", "loss", "weights"):
+            raise ValueError(f"no threshold for {kind!r}")
+        return float(getattr(self, kind))
+
+
+# Calibrated by bench/calibrate_audit.py (docs/validation.md): each value sits between the honest bound
+# (max + 5 std at depths < D) and the int8-weights miner's smallest error, in log space.
+FP32 = Thresholds(activation=1.0e-3, gradient=2.0e-3, loss=1.0e-4, weights=2.0e-3, depth=4)
+BF16 = Thresholds(activation=1.0e-3, gradient=2.0e-3, loss=1.0e-4, weights=2.0e-2, depth=2)
+
+
+def thresholds(bf16: bool) -> Thresholds:
+    """The calibrated thresholds for a miner's declared precision."""
+    return BF16 if bf16 else FP32
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One comparison: passed or not, the metric, the bar it was held to, and why it failed."""
+
+    passed: bool
+    kind: str  # activation, gradient, loss, weights, sketch, protocol
+    error: float  # relative error; inf when the claim could not be compared at all
+    threshold: float
+    reason: str = ""
+
+    @classmethod
+    def refuse(cls, kind: str, reason: str) -> Verdict:
+        """A claim that cannot be compared (wrong shape, undecodable, out of order) fails outright."""
+        return cls(False, kind, math.inf, 0.0, reason)
+
+
+def relative_error(claimed: torch.Tensor, reference: torch.Tensor) -> float:
+    """||claimed - reference|| / ||reference|| in float64; 0 when both are zero, inf when only the reference is."""
+    a = claimed.detach().to(torch.float64).cpu()
+    b = reference.detach().to(torch.float64).cpu()
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    diff = float(torch.linalg.vector_norm(a - b))
+    scale = float(torch.linalg.vector_norm(b))
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / scale
+
+
+def compare_change(
+    kind: str,
+    claimed: torch.Tensor,
+    replayed: torch.Tensor,
+    carried: torch.Tensor | None,
+    threshold: float,
+) -> Verdict:
+    """Relative error of the claimed tensor's change over `carried` (what passes through the stage untouched).
+
+    `carried` is None where nothing passes through (the tail's input gradient): the tensors themselves are
+    compared. The carried part cancels in the difference, so only the scale, ||replayed - carried||, depends on it.
+    """
+    if claimed.shape != replayed.shape:
+        return Verdict.refuse(kind, f"shape {tuple(claimed.shape)}, expected {tuple(replayed.shape)}")
+    if not bool(torch.isfinite(claimed).all()):
+        return Verdict.refuse(kind, "non-finite values")
+    base = torch.zeros((), dtype=torch.float64) if carried is None else carried.to(torch.float64)
+    claimed64, replayed64 = claimed.to(torch.float64), replayed.to(torch.float64)
+    error = relative_error(claimed64 - base, replayed64 - base)
+    return _judge(kind, error, threshold)
+
+
+def compare_loss(claimed: float | None, replayed: float, threshold: float) -> Verdict:
+    """Relative error of the tail's reported loss."""
+    if claimed is None or not math.isfinite(claimed):
+        return Verdict.refuse("loss", f"reported loss {claimed!r}")
+    error = (
+        abs(claimed - replayed) / abs(replayed) if replayed != 0.0 else (0.0 if claimed == 0.0 else math.inf)
+    )
+    return _judge("loss", error, threshold)
+
+
+def compare_sketch(
+    claimed: list[float], recomputed: list[float], tolerance: float = SKETCH_TOLERANCE
+) -> Verdict:
+    """A reported sketch against the one recomputed from the weights the miner handed over."""
+    if len(claimed) != len(recomputed):
+        return Verdict.refuse("sketch", f"{len(claimed)} values, expected {len(recomputed)}")
+    error = relative_error(
+        torch.tensor(claimed, dtype=torch.float64), torch.tensor(recomputed, dtype=torch.float64)
+    )
+    return _judge("sketch", error, tolerance)
+
+
+def _judge(kind: str, error: float, threshold: float) -> Verdict:
+    # NaN compares false, so a NaN error fails like an infinite one.
+    if error <= threshold:
+        return Verdict(True, kind, error, threshold)
+    return Verdict(False, kind, error, threshold, f"{kind} relative error {error:.3g} > {threshold:.3g}")

@@ -1,0 +1,539 @@
+"""Replay a miner's committed hops with the miner's own code, and compare every claim against the replay.
+
+The inner optimizer resets at every APPLY, so a miner's weights at any point of an epoch follow from the epoch's
+checkpoint and the hops it committed, in commit order: rebuilding a StageWorker from the checkpoint (or from a
+challenged snapshot) and feeding it the same inputs, stepping at the same points with the published learning
+rate, reproduces every output, input gradient, loss and pseudo-gradient the miner should have produced. The
+replay runs in the miner's declared precision and device type; how close "the same" is, is calibrated in
+bench/calibrate_audit.py and judged in `compare`.
+
+Pure: the caller fetches the records and objects (the bucket keeps a hop's tensors for the audit window) and
+passes them in; nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import safetensors.torch
+import torch
+
+from iota.miner.worker import Batch, Cached, StageWorker, TrainFlags
+from iota.model import wire
+from iota.model.config import ModelConfig
+from iota.model.stages import StageSpec
+from iota.protocol import WeightSketch
+from iota.train.schedule import LRSchedule, inner_step_lr
+from iota.validator.compare import (
+    Thresholds,
+    Verdict,
+    compare_change,
+    compare_loss,
+    compare_sketch,
+    thresholds,
+)
+
+Direction = Literal["forward", "backward"]
+WorkerFactory = Callable[..., StageWorker]  # StageWorker's constructor signature
+MOMENTS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ()}  # inner optimizer state a snapshot carries
+REPLAY_CACHE = (
+    1 << 30
+)  # the replay never evicts: a forward the miner evicted has no backward record to replay
+
+
+@dataclass(frozen=True)
+class HopRecord:
+    """One committed hop of one miner, as its report and the bucket hold it."""
+
+    epoch: int
+    stage: int
+    direction: Direction
+    sample_id: int
+    inner_step: int  # as reported: the miner's inner step after the hop and any step the hop completed
+    input: bytes | None  # the object the miner downloaded (None for the head's forward: it reads tokens)
+    output: (
+        bytes | None
+    )  # the object it uploaded (None for the head's backward); the tail's is its input grad
+    loss: float | None = None  # the tail's reported loss
+
+
+@dataclass(frozen=True)
+class ReplaySetup:
+    """What fixes one stage's computation in one epoch: the run's published values and the miner's precision."""
+
+    config: ModelConfig
+    spec: StageSpec
+    seed: int
+    flags: TrainFlags
+    batch: Batch  # sample id -> (tokens, targets), from the run's data plan
+    schedule: LRSchedule
+    tokens_at_start: int  # the epoch plan's
+    replicas: int  # the epoch plan's, for this stage
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    bf16: bool = False  # the miner's declared precision: bf16 autocast (else fp32)
+
+    def lr(self, step: int) -> float:
+        """Inner step `step`'s learning rate, by the rule every stage and the baseline use."""
+        micro_batch_tokens = self.flags.micro_batch * self.config.seq_len
+        return inner_step_lr(
+            self.schedule,
+            self.tokens_at_start,
+            step,
+            self.flags.accumulate,
+            micro_batch_tokens,
+            self.replicas,
+        )
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return thresholds(self.bf16)
+
+    def worker(
+        self, weights: torch.Tensor, factory: WorkerFactory = StageWorker, cache_size: int = REPLAY_CACHE
+    ) -> StageWorker:
+        """A worker holding `weights` (flat fp32) in this precision, as a miner holds them after APPLY.
+
+        StageWorker only autocasts on CUDA; a CPU miner or validator that declares bf16 gets CPU autocast by
+        setting `use_autocast` after construction, so the same forward code runs in bf16 on either device.
+        """
+        worker = factory(
+            self.config, self.spec, self.seed, self.flags, self.batch, self.device, self.bf16, cache_size
+        )
+        worker.use_autocast = self.bf16
+        worker.load_flat(weights)
+        return worker
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A miner's exact state at a step boundary (right after inner step `inner_step`, no gradient pending):
+    what it uploads when challenged, and what a replay can start from instead of the checkpoint."""
+
+    inner_step: int
+    weights: torch.Tensor  # flat fp32, sorted-name order
+    steps: torch.Tensor  # per tensor, optimizer steps taken (AdamW's bias correction); 0: no optimizer state
+    moments: dict[str, torch.Tensor]  # optimizer state name -> flat fp32 (AdamW: exp_avg, exp_avg_sq)
+
+
+def take_snapshot(worker: StageWorker) -> Snapshot:
+    """The worker's weights and inner optimizer state; call it right after a step."""
+    if worker.micro_batches:
+        raise ValueError("a snapshot is taken at a step boundary, not with gradients accumulated")
+    params = [p for _, p in sorted(worker.model.named_parameters())]
+    names = MOMENTS[worker.flags.optimizer]
+    moments: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    steps = []
+    for p in params:
+        state = worker.optimizer.state.get(p, {})
+        steps.append(float(state.get("step", 0.0)))
+        for name in names:
+            value = state.get(name)
+            moments[name].append(
+                torch.zeros(p.numel()) if value is None else value.detach().float().cpu().reshape(-1)
+            )
+    return Snapshot(
+        inner_step=worker.inner_step,
+        weights=worker.flat_weights(),
+        steps=torch.tensor(steps, dtype=torch.float32),
+        moments={name: torch.cat(parts) for name, parts in moments.items()},
+    )
+
+
+def restore_snapshot(worker: StageWorker, snapshot: Snapshot, epoch_start: torch.Tensor) -> None:
+    """Put a worker in the snapshot's state, in the epoch that started from `epoch_start`."""
+    worker.load_flat(snapshot.weights)
+    worker.inner_step = snapshot.inner_step
+    worker.epoch_start = epoch_start.detach().float().cpu().clone()
+    params = [p for _, p in sorted(worker.model.named_parameters())]
+    if snapshot.steps.numel() != len(params):
+        raise ValueError(
+            f"snapshot has steps for {snapshot.steps.numel()} tensors, the stage has {len(params)}"
+        )
+    offset = 0
+    for p, step in zip(params, snapshot.steps.tolist(), strict=True):
+        n = p.numel()
+        if step > 0:
+            state: dict[str, torch.Tensor] = {"step": torch.tensor(step, dtype=torch.float32)}
+            for name, flat in snapshot.moments.items():
+                state[name] = flat[offset : offset + n].view_as(p).to(p.device).clone()
+            worker.optimizer.state[p] = state
+        offset += n
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    tensors = {
+        "weights": snapshot.weights,
+        "steps": snapshot.steps,
+        "inner_step": torch.tensor(snapshot.inner_step, dtype=torch.int64),
+    }
+    tensors.update({f"moment.{name}": flat for name, flat in snapshot.moments.items()})
+    return wire.encode_state(tensors)
+
+
+def decode_snapshot(data: bytes, worker: StageWorker) -> Snapshot:
+    """A snapshot for `worker`'s stage and optimizer: names, shapes and dtypes are checked before use."""
+    params = [p for _, p in sorted(worker.model.named_parameters())]
+    n = sum(p.numel() for p in params)
+    moment_names = MOMENTS[worker.flags.optimizer]
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "weights": ((n,), torch.float32),
+        "steps": ((len(params),), torch.float32),
+        "inner_step": ((), torch.int64),
+    }
+    expected.update({f"moment.{name}": ((n,), torch.float32) for name in moment_names})
+    tensors = wire.decode_state(
+        data, expected=expected, max_bytes=(len(moment_names) + 2) * 4 * n + (1 << 20)
+    )
+    return Snapshot(
+        inner_step=int(tensors["inner_step"]),
+        weights=tensors["weights"],
+        steps=tensors["steps"],
+        moments={name: tensors[f"moment.{name}"] for name in moment_names},
+    )
+
+
+# -- replay ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HopCheck:
+    """The verdict on one claim of one hop (or on the weights at a step boundary)."""
+
+    index: int  # position in the records (-1 for weights)
+    sample_id: int
+    direction: str  # forward, backward, or "step" for weights
+    depth: int  # inner steps replayed before this hop ran
+    verdict: Verdict
+
+
+@dataclass
+class ReplayResult:
+    checks: list[HopCheck]
+    epoch_start: torch.Tensor  # the checkpoint's weights
+    start: torch.Tensor  # the weights the replay started from (checkpoint or snapshot)
+    end: torch.Tensor  # the replay's weights after its last hop
+    start_step: int
+    end_step: int
+    hops: int  # records replayed
+    complete: bool  # the replay reached the end of the records (so `end` is the miner's end of epoch)
+    stopped: str = ""  # why the replay stopped early on a protocol failure
+
+    @property
+    def passed(self) -> bool:
+        return not self.stopped and all(check.verdict.passed for check in self.checks)
+
+    @property
+    def failures(self) -> list[HopCheck]:
+        return [check for check in self.checks if not check.verdict.passed]
+
+    def max_error(self, kind: str) -> float:
+        errors = [c.verdict.error for c in self.checks if c.verdict.kind == kind]
+        return max(errors, default=0.0)
+
+
+def replay(
+    setup: ReplaySetup,
+    records: Sequence[HopRecord],
+    epoch_start: torch.Tensor,
+    *,
+    snapshot: Snapshot | None = None,
+    max_steps: int | None = None,
+    claimed_weights: Mapping[int, torch.Tensor] | None = None,
+    limits: Thresholds | None = None,
+) -> ReplayResult:
+    """Replay at most `max_steps` inner steps (default: the calibrated depth D for the miner's precision) of one
+    miner's epoch, and judge each hop in that window against `limits` (default: the calibrated thresholds).
+
+    `records` are all the miner's hops of the epoch in commit order; the window starts at the beginning
+    (from `epoch_start`, the checkpoint) or right after the hop that completed `snapshot.inner_step`. Hops whose
+    forward came before the window have their input restored as a miner's cache holds it, with the graph marked
+    stale, so their backward recomputes the forward with the window's weights exactly as the miner's did.
+    `claimed_weights` maps an inner step to the flat weights the miner committed at that step boundary (from
+    later snapshots); each one reached in the window is compared with the replay.
+    """
+    limits = limits or setup.thresholds
+    max_steps = limits.depth if max_steps is None else max_steps
+    worker = setup.worker(epoch_start)
+    first = 0
+    if snapshot is not None and snapshot.inner_step > 0:
+        restore_snapshot(worker, snapshot, epoch_start)
+        first = _window_start(records, snapshot.inner_step)
+        _restore_in_flight(worker, setup, records[:first])
+    start_step, start = worker.inner_step, worker.flat_weights()
+    checks: list[HopCheck] = []
+    result = ReplayResult(checks, epoch_start, start, start, start_step, start_step, 0, False)
+    pending_weights = dict(claimed_weights or {})
+    for index in range(first, len(records)):
+        record = records[index]
+        depth = worker.inner_step - start_step
+        if depth >= max_steps:
+            break
+        problem = _protocol_problem(setup, worker, record, records[first].epoch)
+        if problem:
+            return _stop(result, worker, checks, index, record, depth, problem)
+        try:
+            checks.extend(_replay_hop(setup, worker, record, index, depth, limits))
+        except wire.WireError as error:
+            return _stop(result, worker, checks, index, record, depth, f"input does not decode: {error}")
+        if worker.step_due():
+            worker.step(setup.lr(worker.inner_step))
+            claimed = pending_weights.pop(worker.inner_step, None)
+            if claimed is not None:
+                verdict = compare_change("weights", claimed, worker.flat_weights(), start, limits.weights)
+                checks.append(HopCheck(-1, -1, "step", worker.inner_step - start_step, verdict))
+        if record.inner_step != worker.inner_step:
+            reason = f"reported inner step {record.inner_step}, the replay is at {worker.inner_step}"
+            return _stop(result, worker, checks, index, record, depth, reason)
+        result.hops += 1
+    else:
+        result.complete = True
+    result.end, result.end_step = worker.flat_weights(), worker.inner_step
+    return result
+
+
+def _window_start(records: Sequence[HopRecord], step: int) -> int:
+    for index, record in enumerate(records):
+        if record.inner_step >= step:
+            return index + 1
+    raise ValueError(f"no committed hop reached inner step {step}: the snapshot is not from these records")
+
+
+def _restore_in_flight(worker: StageWorker, setup: ReplaySetup, before: Sequence[HopRecord]) -> None:
+    pending: dict[int, HopRecord] = {}
+    for record in before:
+        if record.direction == "forward" and not setup.spec.is_tail:
+            pending[record.sample_id] = record
+        elif record.direction == "backward":
+            pending.pop(record.sample_id, None)
+    for sample_id, record in pending.items():
+        if setup.spec.is_head:
+            x = setup.batch(sample_id)[0].to(setup.device)
+        else:
+            x = worker._decode(record.input).to(setup.device).float()
+        # step -1: whatever the miner kept, it ran at an earlier step, so its backward recomputes the forward.
+        worker.cache[sample_id] = Cached(x, None, -1)
+
+
+def _protocol_problem(setup: ReplaySetup, worker: StageWorker, record: HopRecord, epoch: int) -> str:
+    if record.stage != setup.spec.index:
+        return f"a hop of stage {record.stage} in stage {setup.spec.index}'s records"
+    if record.epoch != epoch:
+        return f"a hop of epoch {record.epoch} among epoch {epoch}'s records"
+    if record.direction == "forward":
+        if record.sample_id in worker.cache:
+            return f"sample {record.sample_id} forwarded twice"
+        if not setup.spec.is_head and record.input is None:
+            return "a forward without an input object"
+        return ""
+    if record.direction != "backward":
+        return f"unknown direction {record.direction!r}"
+    if setup.spec.is_tail:
+        return "the tail runs its backward with its forward"
+    if record.sample_id not in worker.cache:
+        return f"backward of sample {record.sample_id} without its forward"
+    if record.input is None:
+        return "a backward without a gradient object"
+    return ""
+
+
+def _replay_hop(
+    setup: ReplaySetup, worker: StageWorker, record: HopRecord, index: int, depth: int, limits: Thresholds
+) -> list[HopCheck]:
+    def check(verdict: Verdict) -> HopCheck:
+        return HopCheck(index, record.sample_id, record.direction, depth, verdict)
+
+    if record.direction == "forward":
+        carried = _carried_forward(setup, worker, record)
+        out, loss = worker.forward(record.sample_id, record.input)
+        if setup.spec.is_tail:
+            assert loss is not None
+            return [
+                check(_compare_bytes(setup, "gradient", record.output, out, None, limits.gradient)),
+                check(compare_loss(record.loss, loss, limits.loss)),
+            ]
+        return [check(_compare_bytes(setup, "activation", record.output, out, carried, limits.activation))]
+    assert record.input is not None
+    grad_out = worker._decode(record.input).float()
+    grad_in = worker.backward(record.sample_id, record.input)
+    if grad_in is None:  # the head: its backward only changes its weights, checked by the hops after the step
+        return []
+    return [check(_compare_bytes(setup, "gradient", record.output, grad_in, grad_out, limits.gradient))]
+
+
+@torch.no_grad()
+def _carried_forward(setup: ReplaySetup, worker: StageWorker, record: HopRecord) -> torch.Tensor | None:
+    """What a forward passes through untouched: the input on a body stage, the token embedding on the head."""
+    if setup.spec.is_tail:
+        return None
+    if setup.spec.is_head:
+        assert worker.model.embed is not None
+        tokens = setup.batch(record.sample_id)[0].to(setup.device)
+        return worker.model.embed(tokens)[..., : setup.config.wire_width].float().cpu()
+    return worker._decode(record.input).float()
+
+
+def _compare_bytes(
+    setup: ReplaySetup,
+    kind: str,
+    claimed: bytes | None,
+    replayed: bytes | None,
+    carried: torch.Tensor | None,
+    threshold: float,
+) -> Verdict:
+    assert replayed is not None
+    if claimed is None:
+        return Verdict.refuse(kind, "no output object")
+    dtype = setup.flags.wire_dtype
+    shape = (setup.flags.micro_batch, setup.config.seq_len, setup.config.wire_width)
+    try:
+        claimed_t = wire.decode(claimed, dtype=dtype, shape=shape, max_bytes=wire.encoded_size(shape, dtype))
+    except wire.WireError as error:
+        return Verdict.refuse(kind, f"output does not decode: {error}")
+    replayed_t = wire.decode(replayed, dtype=dtype, shape=shape, max_bytes=len(replayed))
+    return compare_change(kind, claimed_t.float(), replayed_t.float(), carried, threshold)
+
+
+def _stop(
+    result: ReplayResult,
+    worker: StageWorker,
+    checks: list[HopCheck],
+    index: int,
+    record: HopRecord,
+    depth: int,
+    reason: str,
+) -> ReplayResult:
+    checks.append(
+        HopCheck(index, record.sample_id, record.direction, depth, Verdict.refuse("protocol", reason))
+    )
+    result.stopped = reason
+    result.end, result.end_step = worker.flat_weights(), worker.inner_step
+    return result
+
+
+# -- single checks -----------------------------------------------------------------------------------------
+
+
+def check_tokens(
+    setup: ReplaySetup, weights: torch.Tensor, sample_id: int, output: bytes, limits: Thresholds | None = None
+) -> Verdict:
+    """The head's output for a sample, at weights it held (checkpoint or snapshot), against the tokens the
+    data plan assigns to that sample id: the output is the only trace of which tokens the head embedded."""
+    if not setup.spec.is_head:
+        raise ValueError("only the head reads tokens")
+    limits = limits or setup.thresholds
+    worker = setup.worker(weights)
+    record = HopRecord(0, setup.spec.index, "forward", sample_id, 0, None, output)
+    carried = _carried_forward(setup, worker, record)
+    replayed, _ = worker.forward(sample_id, None)
+    return _compare_bytes(setup, "activation", output, replayed, carried, limits.activation)
+
+
+def check_loss(
+    setup: ReplaySetup,
+    weights: torch.Tensor,
+    sample_id: int,
+    input: bytes,
+    loss: float | None,
+    limits: Thresholds | None = None,
+) -> Verdict:
+    """The tail's reported loss for a sample, recomputed from its input activation and the plan's targets."""
+    if not setup.spec.is_tail:
+        raise ValueError("only the tail reports a loss")
+    limits = limits or setup.thresholds
+    worker = setup.worker(weights)
+    try:
+        _, replayed = worker.forward(sample_id, input)
+    except wire.WireError as error:
+        return Verdict.refuse("loss", f"input does not decode: {error}")
+    assert replayed is not None
+    return compare_loss(loss, replayed, limits.loss)
+
+
+def check_weights(result: ReplayResult, claimed: torch.Tensor, limits: Thresholds) -> Verdict:
+    """Weights the miner claims to hold where the replay ended (a snapshot), as a change since the replay's start."""
+    if claimed.shape != result.end.shape:
+        return Verdict.refuse("weights", f"{claimed.numel()} values, the stage has {result.end.numel()}")
+    return compare_change("weights", claimed.float(), result.end, result.start, limits.weights)
+
+
+def check_pseudo_gradient(result: ReplayResult, uploaded: torch.Tensor, limits: Thresholds) -> Verdict:
+    """The miner's uploaded pseudo-gradient (epoch start minus end) against the replay of its last window."""
+    if not result.complete:
+        raise ValueError("the replay stopped before the end of the epoch: replay the last window to check it")
+    if uploaded.shape != result.end.shape:
+        return Verdict.refuse("weights", f"{uploaded.numel()} values, the stage has {result.end.numel()}")
+    return check_weights(result, result.epoch_start - uploaded.float(), limits)
+
+
+def check_snapshot(setup: ReplaySetup, snapshot: Snapshot, sketch: WeightSketch, seed: int) -> Verdict:
+    """The snapshot a miner uploaded when challenged against the sketch it had committed in its report.
+
+    This binds the snapshot to the work: a replay from it is only worth as much as the snapshot, and the replay
+    of the window before it (`claimed_weights`) checks the snapshot's weights against the committed hops.
+    """
+    worker = setup.worker(snapshot.weights)
+    recomputed = worker.sketch(seed)
+    return compare_sketch(sketch.norms + sketch.projection, recomputed.norms + recomputed.projection)
+
+
+# -- records on disk ---------------------------------------------------------------------------------------
+
+
+def encode_records(records: Sequence[HopRecord]) -> bytes:
+    """Records as one safetensors file (objects as uint8 tensors, fields as JSON metadata): no pickle."""
+    tensors: dict[str, torch.Tensor] = {}
+    fields = []
+    for i, record in enumerate(records):
+        for name in ("input", "output"):
+            data: bytes | None = getattr(record, name)
+            if data is not None:
+                tensors[f"{i}.{name}"] = (
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                    if data
+                    else torch.empty(0, dtype=torch.uint8)
+                )
+        fields.append(
+            {
+                "epoch": record.epoch,
+                "stage": record.stage,
+                "direction": record.direction,
+                "sample_id": record.sample_id,
+                "inner_step": record.inner_step,
+                "loss": record.loss,
+            }
+        )
+    return safetensors.torch.save(tensors, metadata={"records": json.dumps(fields)})
+
+
+def decode_records(data: bytes) -> list[HopRecord]:
+    tensors = safetensors.torch.load(data)
+    fields = _metadata(data)
+    records = []
+    for i, f in enumerate(fields):
+        objects = {name: tensors.get(f"{i}.{name}") for name in ("input", "output")}
+        loss = f["loss"]
+        records.append(
+            HopRecord(
+                epoch=int(f["epoch"]),
+                stage=int(f["stage"]),
+                direction=f["direction"],
+                sample_id=int(f["sample_id"]),
+                inner_step=int(f["inner_step"]),
+                input=None if objects["input"] is None else objects["input"].numpy().tobytes(),
+                output=None if objects["output"] is None else objects["output"].numpy().tobytes(),
+                loss=None if loss is None else float(loss),
+            )
+        )
+    return records
+
+
+def _metadata(data: bytes) -> list[dict]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return list(json.loads(header["__metadata__"]["records"]))
