@@ -100,6 +100,10 @@ def cmd_miner(args: argparse.Namespace) -> int:
         miner_dir,
         status_file=miner_dir / f"status-{keypair.ss58_address}.json",
     )
+    if settings.health_port:
+        from iota.miner.health import serve_health
+
+        serve_health(settings.health_port, miner.snapshot)
     miner.run_forever()
     return 0
 
@@ -194,6 +198,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(
         f"held-out loss {report['eval_loss']:.4f} on {report['n_samples']} samples (epoch {report['epoch']})"
     )
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Pull a published checkpoint from the run's bucket into a local directory (the operator's settings)."""
+    from iota.checkpoint import find_prepared, latest_epoch, pull_checkpoint
+    from iota.orchestrator.app import make_store
+
+    settings = OrchestratorSettings()
+    store, _ = make_store(settings)
+    epoch = latest_epoch(store, settings.run_id) if args.epoch is None else args.epoch
+    if epoch is None:
+        print(f"run {settings.run_id} has no published checkpoint in its bucket")
+        return 1
+    manifest = json.loads(store.get(f"runs/{settings.run_id}/checkpoints/{epoch}/manifest.json"))
+    try:
+        tokenizer_dir = find_prepared(settings.data_dir, manifest["data"])
+    except ValueError as error:
+        print(f"note: no tokenizer attached ({error}); eval works, export and generate need it")
+        tokenizer_dir = None
+    out = pull_checkpoint(store, settings.run_id, epoch, Path(args.out), tokenizer_dir=tokenizer_dir)
+    print(f"checkpoint {epoch} of run {settings.run_id} written to {out}")
     return 0
 
 
@@ -331,6 +357,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None)
     p.add_argument("--samples", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "checkpoint", help="`iota checkpoint pull --out DIR`: a checkpoint from the run's bucket"
+    )
+    p.add_argument("action", choices=["pull"])
+    p.add_argument("--epoch", type=int, default=None, help="default: the latest complete one")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("export", help="export a checkpoint (hf: transformers LlamaForCausalLM)")
     p.add_argument("checkpoint")

@@ -109,10 +109,10 @@ class MinerSettings(ChainSettings, WalletSettings):
     orchestrator_hotkey: str = Field("", description="ss58 of the orchestrator; requests are bound to it")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     autocast: bool = Field(True, description="bf16 autocast on CUDA (fp32 master weights)")
-    threads: int = Field(0, description="Torch CPU threads; 0: cores divided by miners on this machine")
+    threads: int = Field(0, description="Torch CPU threads; 0 leaves torch's default (all cores)")
     cache_size: int = Field(16, description="Forward graphs kept for their backward")
     memory_gb: float = Field(0.0, description="Memory to report; 0 measures the device")
-    health_port: int = Field(0, description="Port of the health and metrics server; 0: off")
+    health_port: int = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
     miner_dir: Path = Field(Path("runs/miner"), description="Where the miner keeps its cache and status")
 
 
@@ -121,7 +121,7 @@ class ValidatorSettings(ChainSettings, WalletSettings):
     orchestrator_hotkey: str = Field("", description="ss58 of the orchestrator")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     weights_interval_s: float = Field(600.0, description="Seconds between setting weights")
-    health_port: int = Field(0, description="Port of the health and metrics server; 0: off")
+    health_port: int = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
     validator_dir: Path = Field(Path("runs/validator"), description="Where the validator keeps its cache")
 
 

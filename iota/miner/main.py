@@ -374,21 +374,26 @@ class Miner:
         )
         logger.info("epoch {} applied: stage {} weights {}", work.epoch, self.stage, digest[:12])
 
+    def snapshot(self) -> dict[str, float | int | str | None]:
+        """What the health port and `iota miner status` show."""
+        return {
+            "hotkey": self.client.hotkey,
+            "stage": self.stage,
+            "hops_done": self.state.hops_done,
+            "last_loss": self.state.last_loss,
+            "inner_step": self.worker.inner_step if self.worker else 0,
+            "clock_offset_s": self.client.auth.offset_s,
+            "pid": os.getpid(),
+            "at": time.time(),
+        }
+
     def _write_status(self) -> None:
         """For `iota miner status`; at most once a second, off the hot path."""
         if self.status_file is None or time.monotonic() - self._status_at < 1.0:
             return
         self._status_at = time.monotonic()
-        status = {
-            "hotkey": self.client.hotkey,
-            "stage": self.stage,
-            "hops_done": self.state.hops_done,
-            "last_loss": self.state.last_loss,
-            "pid": os.getpid(),
-            "at": time.time(),
-        }
         tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status))
+        tmp.write_text(json.dumps(self.snapshot()))
         tmp.replace(self.status_file)
 
 

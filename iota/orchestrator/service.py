@@ -232,6 +232,7 @@ class Orchestrator:
         with self.state.transaction():
             self.scheduler.live_miner(hotkey, now)
             self.scheduler.miner_gone(hotkey, now, "left (stopped by its operator)")
+        logger.info("miner {} left; its open work was requeued", hotkey[:10])
         return Ack(detail="goodbye: your open work was requeued")
 
     def sweep(self, now: float) -> None:
