@@ -120,6 +120,7 @@ class Miner:
         self._status_at = 0.0
         self._heartbeat: threading.Thread | None = None
         self.stage = -1
+        self.state_id = ""
 
     # -- start-up ---------------------------------------------------------------------------------------
 
@@ -129,7 +130,9 @@ class Miner:
             RegisterRequest(device=self.device.type, memory_bytes=self.memory_bytes, session=self.session)
         )
         self._start_heartbeat(registration.heartbeat_s)
-        if self.worker is not None and self.stage == registration.stage:
+        same_run_state = registration.state_id == self.state_id
+        self.state_id = registration.state_id
+        if self.worker is not None and self.stage == registration.stage and same_run_state:
             # Re-registered after a time-out: same stage, so keep the weights; only the cached graphs are void.
             self.worker.cache.clear()
             logger.info("registered again on stage {}", self.stage)
@@ -218,8 +221,10 @@ class Miner:
             try:
                 work = self.client.work()
             except Refused as error:
-                if error.status == 409 and "register again" in str(error.detail):
-                    logger.warning("the orchestrator timed this miner out; registering again")
+                if error.status == 404 or (error.status == 409 and "register again" in str(error.detail)):
+                    logger.warning(
+                        "the orchestrator does not know this session ({}); registering again", error
+                    )
                     self.session = uuid.uuid4().hex
                     self.start()
                     continue

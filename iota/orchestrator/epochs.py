@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from iota.checkpoint import bucket_manifest
+from iota.checkpoint import bucket_manifest, latest_epoch
 from iota.merge import (
     FlatRef,
     MergePlan,
@@ -75,8 +76,15 @@ class EpochDriver:
     # -- checkpoints ------------------------------------------------------------------------------------
 
     def initialize(self, now: float) -> None:
-        """Write checkpoint 0 (the seeded initialisation) unless the run already has one."""
+        """Resume from the state store; else from the newest checkpoint in the bucket (a fresh orchestrator with an
+        empty state store picks a run up from its bucket alone); else write checkpoint 0, the seeded init."""
+        if self.state.get("state_id") is None:
+            self.state.put("state_id", uuid.uuid4().hex)  # miners reload everything when this changes
         if self.state.get("checkpoint") is not None:
+            return
+        latest = latest_epoch(self.store, self.run_id)
+        if latest is not None:
+            self._adopt(latest, now)
             return
         shas = []
         for spec in self.stages:
@@ -85,6 +93,22 @@ class EpochDriver:
             self.store.put(keys.checkpoint_stage(self.run_id, 0, spec.index), data)
             shas.append(sha256_hex(data))
         self._publish(0, shas, {}, now)
+
+    def _adopt(self, epoch: int, now: float) -> None:
+        manifest = json.loads(self.store.get(keys.checkpoint_manifest(self.run_id, epoch)))
+        if ModelConfig.from_dict(manifest["model"]) != self.model:
+            raise ValueError(f"checkpoint {epoch} in the bucket is for another model: {manifest['model']}")
+        shas = [str(stage["sha256"]) for stage in manifest["stages"]]
+        momentum = manifest.get("momentum") or {}
+        self.state.put("checkpoint", {"epoch": epoch, "shas": shas, "momentum": momentum})
+        self.state.put("epoch", epoch)
+        self.state.put("phase", TRAIN)
+        self.state.put("tokens_trained", int(manifest["tokens_trained"]))
+        self.state.put(f"tokens_at_start/{epoch}", int(manifest["tokens_trained"]))
+        self.state.put("cursor", int(manifest["data_cursor"]))
+        self.state.put("samples_completed", int(manifest["data_cursor"]))
+        self.state.log(now, "resumed", None, epoch=epoch, tokens=int(manifest["tokens_trained"]))
+        logger.info("resumed run {} from checkpoint {} in the bucket", self.run_id, epoch)
 
     def _publish(self, epoch: int, shas: list[str], momentum: dict[str, dict[str, str]], now: float) -> None:
         stage_keys = [keys.checkpoint_stage(self.run_id, epoch, s.index) for s in self.stages]

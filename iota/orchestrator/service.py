@@ -75,6 +75,7 @@ class Orchestrator:
             checkpoint_sha256=self.epochs.weights_sha(stage),
             data_urls=self.epochs.data_urls(),
             heartbeat_s=self.scheduler.policy.miner_timeout_s / 4,
+            state_id=str(self.state.get("state_id", "")),
         )
 
     def heartbeat(self, hotkey: str) -> Ack:

@@ -53,6 +53,7 @@ class Registration(Message):
     checkpoint_sha256: str | None
     data_urls: dict[str, str]  # shard name -> GET URL (heads and tails rebuild samples from these)
     heartbeat_s: float  # send POST /miners/heartbeat this often, whatever else the miner is doing
+    state_id: str  # changes when the orchestrator starts from a fresh state store: reload from the checkpoint
 
 
 class EpochPlan(BaseModel):
