@@ -145,6 +145,8 @@ class Authenticator:
             hint = f" (this server's hotkey is {self.receiver_hotkey})" if code == "wrong_receiver" else ""
             reject(401, code, f"{error}{hint}")
         hotkey = verified.hotkey_ss58
+        # Proven from here on: an error handler outside the route (a malformed body) can hold the hotkey to account.
+        request.state.caller_hotkey = hotkey
         neuron = self.lookup(hotkey)
         if neuron is None and hotkey != self.operator_hotkey and not self.allow_unregistered:
             reject(403, "unregistered", f"hotkey {hotkey} is not registered on this subnet")

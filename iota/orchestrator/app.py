@@ -7,15 +7,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from loguru import logger
+from starlette.concurrency import run_in_threadpool
 
 from iota.auth import Authenticator, RateLimiter, SqliteNonceStore, install_auth
 from iota.chain.base import Chain, Neuron
 from iota.config import OrchestratorSettings
 from iota.merge import OuterConfig
 from iota.model import wire
+from iota.orchestrator.abuse import AbusePolicy, BodyLimitMiddleware, guarded_h11
 from iota.orchestrator.epochs import EpochDriver, EpochSettings
 from iota.orchestrator.routes import dashboard, miners, run
 from iota.orchestrator.scheduler import Policy, Scheduler
@@ -27,6 +33,14 @@ from iota.storage import LocalStore, ObjectStore, S3Store, keys, local_store_rou
 from iota.train.run import Run, build_run
 
 STORAGE_PREFIX = "/storage"
+MAX_BODY_BYTES = 1024 * 1024  # the largest JSON request (a report with its weight sketch) is a few KiB
+
+# Limits against slow and crowding clients, for uvicorn.run (see server_options).
+HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS_PER_IP = 64  # a machine with 8 GPUs runs 8 miners of about 2 connections each
+MAX_CONNECTIONS = 2048  # beyond, uvicorn answers 503 at once (keep `ulimit -n` above it)
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers: a signed request needs under 1 KiB
 
 
 def create_app(
@@ -36,11 +50,15 @@ def create_app(
     local_store: LocalStore | None = None,
     rate_per_ip: float = 0.0,
     trusted_proxies: tuple[str, ...] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     app = FastAPI(
         title="iota orchestrator", version="1", description="Routes work between miners and validators."
     )
     app.state.orchestrator = orchestrator
+    # Added before install_auth, so it sits inside the per-IP limit: a flood is turned away before this.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, exempt_prefixes=(STORAGE_PREFIX + "/",))
+    app.add_exception_handler(RequestValidationError, _malformed_request)
     limiter = RateLimiter(rate_per_ip, burst=2 * rate_per_ip) if rate_per_ip > 0 else None
     install_auth(
         app,
@@ -57,6 +75,40 @@ def create_app(
     if local_store is not None:
         app.include_router(local_store_router(local_store), prefix=STORAGE_PREFIX)
     return app
+
+
+async def _malformed_request(request: Request, error: Exception) -> JSONResponse:
+    """422 as FastAPI answers it; a malformed body from a verified hotkey is also a strike against it."""
+    hotkey = getattr(request.state, "caller_hotkey", None)
+    orchestrator: Orchestrator = request.app.state.orchestrator
+    if hotkey is not None and orchestrator.abuse is not None:
+        why = f"malformed request to {request.url.path}"
+        await run_in_threadpool(orchestrator.abuse.strike, hotkey, why, orchestrator.clock())
+    assert isinstance(error, RequestValidationError)
+    return await request_validation_exception_handler(request, error)
+
+
+def server_options(
+    settings: OrchestratorSettings,
+    *,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
+    max_connections: int = MAX_CONNECTIONS,
+) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run(app, **server_options(settings))``: the address, and the limits that keep
+    slow or crowding clients (slowloris) from starving the others; see iota.orchestrator.abuse.guarded_h11."""
+    proxies = [p for p in settings.trusted_proxies.split(",") if p.strip()]
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "http": guarded_h11(header_timeout_s, max_connections_per_ip, exempt=proxies),
+        "timeout_keep_alive": KEEP_ALIVE_S,
+        "limit_concurrency": max_connections,
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+        "backlog": max_connections,
+        "date_header": False,  # ServerHeadersMiddleware writes Date from the verifier's clock
+        "log_level": "warning",
+    }
 
 
 @dataclass
@@ -217,8 +269,16 @@ def assemble(
         state.resume(time.time(), settings.lease_s)
     limits = Limits(activation_bytes=act_bytes, url_ttl_s=settings.url_ttl_s)
     lookup = cached_lookup(chain)
+    abuse = AbusePolicy(state, scheduler, exempt=[settings.operator_hotkey])
     orchestrator = Orchestrator(
-        info, state, scheduler, store, epochs, limits, uid_of=lambda hk: n.uid if (n := lookup(hk)) else None
+        info,
+        state,
+        scheduler,
+        store,
+        epochs,
+        limits,
+        uid_of=lambda hk: n.uid if (n := lookup(hk)) else None,
+        abuse=abuse,
     )
     authenticator = Authenticator(
         receiver_hotkey=hotkey,

@@ -25,12 +25,14 @@ TRAIN, UPLOAD, MERGE, APPLY, DONE = "train", "upload", "merge", "apply", "done"
 class SchedulingError(Exception):
     """A request the scheduler refuses; `status` is the HTTP status the route answers with."""
 
-    def __init__(self, status: int, detail: str, keep: bool = False):
+    def __init__(self, status: int, detail: str, keep: bool = False, fault: bool = False):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         # What was done before refusing (a requeue) stands: Scheduler.transaction commits it, then refuses.
         self.keep = keep
+        # The caller broke the protocol (not a race an honest miner can lose): a strike (iota.orchestrator.abuse).
+        self.fault = fault
 
 
 @dataclass(frozen=True)
@@ -212,9 +214,14 @@ class Scheduler:
         self.live_miner(hotkey, now)
         hop = self.state.hop(hop_id)
         if hop is None:
-            raise SchedulingError(404, f"no work item {hop_id}")
+            raise SchedulingError(404, f"no work item {hop_id}", fault=True)
         if hop.miner != hotkey or hop.status != "leased":
-            raise SchedulingError(409, f"work item {hop_id} is not leased to you (it is {hop.status})")
+            # Another miner's item is a fault; one's own item that is done or requeued is an honest retry.
+            raise SchedulingError(
+                409,
+                f"work item {hop_id} is not leased to you (it is {hop.status})",
+                fault=hop.miner != hotkey,
+            )
         if epoch != hop.epoch or hop.epoch != self.epoch:
             self._requeue(hop, now, "report for a closed epoch")
             raise SchedulingError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -29,6 +30,9 @@ from iota.protocol import (
 )
 from iota.storage.base import ObjectStore
 
+if TYPE_CHECKING:
+    from iota.orchestrator.abuse import AbusePolicy
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -48,6 +52,7 @@ class Orchestrator:
         limits: Limits,
         uid_of: Callable[[str], int | None],
         clock: Callable[[], float] = time.time,
+        abuse: AbusePolicy | None = None,
     ):
         self.run = run
         self.state = state
@@ -57,6 +62,7 @@ class Orchestrator:
         self.limits = limits
         self.uid_of = uid_of
         self.clock = clock
+        self.abuse = abuse  # strikes for refusals that are the caller's fault (applied by the routes)
         self._last_sweep = 0.0
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -143,18 +149,22 @@ class Orchestrator:
                 409, f"report for run {report.run_id!r}, this orchestrator runs {self.run.run_id!r}"
             )
         if report.hop_id != hop_id:
-            raise SchedulingError(400, f"report names item {report.hop_id} but was sent for item {hop_id}")
+            raise SchedulingError(
+                400, f"report names item {report.hop_id} but was sent for item {hop_id}", fault=True
+            )
         with self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, report.epoch, now)
             if hop.input_sha is not None and report.input_sha256 != hop.input_sha:
                 raise SchedulingError(
-                    400, f"input digest {report.input_sha256} is not the digest of the input you were given"
+                    400,
+                    f"input digest {report.input_sha256} is not the digest of the input you were given",
+                    fault=True,
                 )
             size = self._check_output(hop, report)
             last = self.scheduler.policy.n_stages - 1
             loss = report.loss if hop.stage == last and hop.direction == FORWARD else None
             if hop.stage == last and hop.direction == FORWARD and loss is None:
-                raise SchedulingError(400, "the tail must report the sample's loss")
+                raise SchedulingError(400, "the tail must report the sample's loss", fault=True)
             tokens = self.run.micro_batch * int(self.run.model["seq_len"])
             self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now)
             if hop.direction == BACKWARD and hop.stage == 0:
@@ -166,18 +176,24 @@ class Orchestrator:
         if hop.output_key is None:
             return None
         if not report.output_sha256:
-            raise SchedulingError(400, "report is missing output_sha256")
+            raise SchedulingError(400, "report is missing output_sha256", fault=True)
         info = self.store.head(hop.output_key)
         if info is None:
-            raise SchedulingError(400, f"output of item {hop.id} was not uploaded (nothing at its URL)")
+            raise SchedulingError(
+                400, f"output of item {hop.id} was not uploaded (nothing at its URL)", fault=True
+            )
         if info.size != self.limits.activation_bytes:
             raise SchedulingError(
-                400, f"output of item {hop.id} is {info.size} bytes, expected {self.limits.activation_bytes}"
+                400,
+                f"output of item {hop.id} is {info.size} bytes, expected {self.limits.activation_bytes}",
+                fault=True,
             )
         if info.sha256 and info.sha256 != report.output_sha256:
-            raise SchedulingError(400, f"output of item {hop.id} does not match the reported sha256")
+            raise SchedulingError(
+                400, f"output of item {hop.id} does not match the reported sha256", fault=True
+            )
         if info.md5 and report.output_md5 and info.md5 != report.output_md5:
-            raise SchedulingError(400, f"output of item {hop.id} does not match the reported md5")
+            raise SchedulingError(400, f"output of item {hop.id} does not match the reported md5", fault=True)
         self.state.bump("bytes_transferred", 2 * info.size)  # uploaded once, downloaded once
         return info.size
 
@@ -213,6 +229,8 @@ class Orchestrator:
                 self.state.set_banned(
                     target, (value or "banned by the operator") if action == "ban" else None
                 )
+                if action == "unban" and self.abuse is not None:
+                    self.abuse.forgive(target)  # else its old strikes would ban it again at once
                 if action == "ban":
                     self.scheduler.miner_gone(target, now, "banned")
             elif action == "set-flag":

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from iota.auth.ratelimit import retry_after_header
 from iota.orchestrator.scheduler import SchedulingError
 from iota.orchestrator.service import Orchestrator
 
@@ -20,9 +21,21 @@ Orch = Annotated[Orchestrator, Depends(orchestrator)]
 
 
 @contextmanager
-def refusals() -> Iterator[None]:
-    """A SchedulingError becomes its HTTP status with the scheduler's reason; nothing was changed."""
+def refusals(orch: Orchestrator | None = None, hotkey: str | None = None) -> Iterator[None]:
+    """A SchedulingError becomes its HTTP status with the scheduler's reason; nothing was changed.
+
+    Given the caller (``orch`` and its verified ``hotkey``), its abuse record is consulted first (a banned hotkey
+    gets 403, a throttled one 429), and a refusal that is its fault counts as a strike against it.
+    """
+    abuse = orch.abuse if orch is not None else None
     try:
+        if abuse is not None and hotkey is not None:
+            wait_s = abuse.admit(hotkey, orch.clock())  # type: ignore[union-attr]
+            if wait_s > 0:
+                message = f"hotkey {hotkey} is throttled after repeated protocol violations; retry in {wait_s:.1f} s"
+                raise HTTPException(429, detail=message, headers=retry_after_header(wait_s))
         yield
     except SchedulingError as error:
+        if error.fault and abuse is not None and hotkey is not None:
+            abuse.strike(hotkey, error.detail, orch.clock())  # type: ignore[union-attr]
         raise HTTPException(error.status, detail=error.detail) from error

@@ -1,0 +1,308 @@
+"""Defences against hostile callers: strikes that throttle then ban a hotkey, a request-body limit, and slow clients.
+
+Anyone on the internet reaches the orchestrator, registered miners and validators included. Three layers here:
+
+- ``AbusePolicy``: a refusal that is the caller's fault (``SchedulingError(fault=True)``: a report for an item it
+  was never leased, an output that is not what it uploaded, a malformed body) is a *strike* against its hotkey.
+  ``throttle_at`` strikes within ``window_s`` slow the hotkey to one request every ``throttle_interval_s``;
+  ``ban_at`` ban it from the run (the ``banned`` column of miners and an ``abuse_bans`` row, with a ``ban`` event
+  in the operator's log). Strikes live in the state database, so a restart forgets nothing. Honest miners lose
+  races too (a lease that expired while they computed), so single refusals cost little: the thresholds are
+  counts of refusals per window that an honest miner never reaches.
+- ``BodyLimitMiddleware``: JSON API bodies over a limit are refused (413) from Content-Length before a byte is
+  read, and a chunked body is counted as it arrives and refused the moment it passes the limit.
+- ``guarded_h11``: uvicorn's HTTP/1.1 protocol with a deadline for a request's headers (uvicorn has none: a
+  connection that trickles headers byte by byte would be held forever) and a cap on connections per client IP.
+  ``iota.orchestrator.app.server_options`` puts it, and uvicorn's own limits, in the arguments of ``uvicorn.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException
+from loguru import logger
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from iota.auth.ratelimit import RateLimiter, parse_networks
+from iota.orchestrator.scheduler import Scheduler, SchedulingError
+from iota.orchestrator.state import StateStore
+
+# Tables of this policy, created on first use; portable SQL (SQLite and PostgreSQL). They sit beside the run's
+# tables so that a refused request leaves those untouched: only the strike is written.
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS abuse_strikes ("
+    " hotkey TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, why TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS abuse_strikes_by_hotkey ON abuse_strikes (hotkey, at)",
+    "CREATE TABLE IF NOT EXISTS abuse_bans ("
+    " hotkey TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, why TEXT NOT NULL)",
+)
+
+
+@dataclass(frozen=True)
+class AbuseConfig:
+    window_s: float = 600.0  # strikes older than this are forgotten
+    throttle_at: int = 10  # strikes in the window that put a hotkey on the slow lane
+    ban_at: int = 30  # strikes in the window that ban it from the run
+    throttle_interval_s: float = 5.0  # a throttled hotkey gets one request through this often
+
+    def __post_init__(self) -> None:
+        if not 0 < self.throttle_at <= self.ban_at:
+            raise ValueError(f"need 0 < throttle_at <= ban_at, got {self.throttle_at} and {self.ban_at}")
+        if self.window_s <= 0 or self.throttle_interval_s <= 0:
+            raise ValueError("window_s and throttle_interval_s must be positive")
+
+
+class AbusePolicy:
+    """Strikes per hotkey in a sliding window, kept in the state database; throttles, then bans.
+
+    ``exempt`` hotkeys (the operator's) are never struck. Times are passed in (``now``), the orchestrator's clock.
+    """
+
+    def __init__(
+        self,
+        state: StateStore,
+        scheduler: Scheduler,
+        config: AbuseConfig | None = None,
+        exempt: Iterable[str] = (),
+    ) -> None:
+        self.state = state
+        self.scheduler = scheduler
+        self.config = config or AbuseConfig()
+        self.exempt = frozenset(h for h in exempt if h)
+        with state.transaction():
+            for statement in _TABLES:
+                state.db.execute(statement)
+        # The database is the record; these caches spare a query on every request (one orchestrator process
+        # writes the state, so they cannot go stale behind its back).
+        self._recent: dict[str, deque[float]] = {}
+        self._bans = {str(h): str(why) for h, why in state.db.execute("SELECT hotkey, why FROM abuse_bans")}
+        self._lock = threading.Lock()  # route handlers run in a thread pool
+        self._slow_lane = RateLimiter(1.0 / self.config.throttle_interval_s, burst=1.0)
+
+    # -- asked on every request ---------------------------------------------------------------------------
+
+    def admit(self, hotkey: str, now: float) -> float:
+        """0.0 if ``hotkey`` may be served now, else the seconds a throttled hotkey must wait; 403 if banned."""
+        ban = self.ban_reason(hotkey)
+        if ban is not None:
+            raise SchedulingError(403, f"hotkey {hotkey} is banned from this run: {ban}")
+        if self.strikes(hotkey, now) < self.config.throttle_at:
+            return 0.0
+        return self._slow_lane.acquire(hotkey)
+
+    def ban_reason(self, hotkey: str) -> str | None:
+        return self._bans.get(hotkey)
+
+    def strikes(self, hotkey: str, now: float) -> int:
+        """Strikes against ``hotkey`` within the window ending at ``now``."""
+        with self._lock:
+            recent = self._times(hotkey)
+            while recent and recent[0] <= now - self.config.window_s:
+                recent.popleft()
+            return len(recent)
+
+    # -- after a refusal that was the caller's fault -------------------------------------------------------
+
+    def strike(self, hotkey: str, why: str, now: float) -> int:
+        """Record one strike; throttle or ban on crossing a threshold. Returns the strikes in the window."""
+        if hotkey in self.exempt:
+            return 0
+        banned = None
+        with self.state.transaction():
+            self.state.db.execute(
+                "INSERT INTO abuse_strikes (hotkey, at, why) VALUES (?, ?, ?)", (hotkey, now, why[:500])
+            )
+            self.state.db.execute(
+                "DELETE FROM abuse_strikes WHERE hotkey = ? AND at <= ?", (hotkey, now - self.config.window_s)
+            )
+            with self._lock:
+                self._times(hotkey).append(now)
+            count = self.strikes(hotkey, now)
+            logger.warning("strike {} against {}: {}", count, hotkey[:10], why)
+            if count == self.config.throttle_at:
+                self.state.log(now, "throttle", hotkey, strikes=count, why=why)
+            if count >= self.config.ban_at and self.ban_reason(hotkey) is None:
+                banned = f"{count} protocol violations in {self.config.window_s:.0f} s, last: {why}"
+                self._ban(hotkey, banned, now)
+        if banned is not None:
+            self._bans[hotkey] = banned  # once committed
+        return count
+
+    def _ban(self, hotkey: str, why: str, now: float) -> None:
+        self.state.db.execute("INSERT INTO abuse_bans (hotkey, at, why) VALUES (?, ?, ?)", (hotkey, now, why))
+        if self.state.miner(hotkey) is not None:
+            self.state.set_banned(hotkey, why)
+            self.scheduler.miner_gone(hotkey, now, "banned")  # its open work goes back to the queue
+        self.state.log(now, "ban", hotkey, why=why)
+        logger.warning("banned {}: {}", hotkey, why)
+
+    def forgive(self, hotkey: str) -> None:
+        """The operator unbanned ``hotkey``: its strikes and ban are cleared."""
+        with self.state.transaction():
+            self.state.db.execute("DELETE FROM abuse_strikes WHERE hotkey = ?", (hotkey,))
+            self.state.db.execute("DELETE FROM abuse_bans WHERE hotkey = ?", (hotkey,))
+        with self._lock:
+            self._recent.pop(hotkey, None)
+        self._bans.pop(hotkey, None)
+
+    def _times(self, hotkey: str) -> deque[float]:
+        recent = self._recent.get(hotkey)
+        if recent is None:
+            rows = self.state.db.execute(
+                "SELECT at FROM abuse_strikes WHERE hotkey = ? ORDER BY at", (hotkey,)
+            )
+            recent = self._recent[hotkey] = deque(float(r[0]) for r in rows)
+        return recent
+
+
+# -- request bodies ----------------------------------------------------------------------------------------
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a chunked body passes the limit; FastAPI passes HTTPExceptions through."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail=f"request body over the {limit}-byte limit")
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: request bodies of at most ``max_bytes``, except under ``exempt_prefixes`` (the object
+    store's presigned PUTs, whose exact size is part of their signature)."""
+
+    def __init__(self, app: Any, max_bytes: int, exempt_prefixes: Iterable[str] = ()) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt_prefixes = tuple(exempt_prefixes)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or any(path.startswith(p) for p in self.exempt_prefixes):
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await _refuse(
+                send, 413, f"request body of {declared} bytes is over the {self.max_bytes}-byte limit"
+            )
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal received
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watched_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge as error:
+            # Raised outside FastAPI's exception handling (a plain ASGI read): answer here if nothing was sent.
+            if started:
+                raise
+            await _refuse(send, 413, str(error.detail))
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length":
+            text = value.decode("latin-1").strip()
+            return int(text) if text.isdigit() else None  # h11 refuses a malformed one before we see it
+    return None
+
+
+async def _refuse(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"detail": message}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),  # the unread body would otherwise be taken for the next request
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- slow and crowding connections -------------------------------------------------------------------------
+
+
+def guarded_h11(
+    header_timeout_s: float, max_connections_per_ip: int, exempt: Iterable[str] = ()
+) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request's headers and a cap on connections per IP.
+
+    A connection must deliver a request's complete headers within ``header_timeout_s`` of its first byte (or of
+    connecting) or it is closed; between requests uvicorn's ``timeout_keep_alive`` applies as usual. A client IP
+    with ``max_connections_per_ip`` open connections has further ones closed at once (0: no cap); ``exempt``
+    addresses or CIDR blocks (trusted reverse proxies, which carry everyone's connections) are not capped.
+    """
+    proxies = parse_networks(exempt)
+
+    def capped(ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return True
+        return max_connections_per_ip > 0 and not any(address in network for network in proxies)
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ip = self.client[0] if self.client else None
+            if ip is not None and capped(ip):
+                same_ip = sum(1 for c in self.connections if _client_ip(c) == ip)
+                if same_ip > max_connections_per_ip:
+                    transport.close()
+                    return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting_request() and self._header_deadline is None:
+                self._arm()
+            super().data_received(data)
+            if not self._awaiting_request():
+                self._disarm()  # the headers are in; the app now reads the body at its own pace
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _awaiting_request(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._header_deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def _client_ip(protocol: object) -> str | None:
+    client = getattr(protocol, "client", None)  # (host, port) of an HTTP connection's peer
+    return str(client[0]) if client else None
