@@ -27,7 +27,7 @@ from iota.checkpoint.manifest import (
 from iota.data.tokenizer import TOKENIZER_FILE, Llama3Tokenizer, Tokenizer, load_tokenizer
 from iota.model.config import ModelConfig
 from iota.model.llama import Llama
-from iota.model.stages import StageSpec
+from iota.model.stages import Pipeline, StageSpec
 
 
 def stage_file(index: int) -> str:
@@ -205,21 +205,6 @@ def _stage_module(
     model.load_state_dict(state, strict=True)
     model.rope.reset()  # the rotary tables are derived, never stored
     return model.eval()
-
-
-class Pipeline(nn.Module):
-    """The stages of a checkpoint run one after the other: token ids (B, T) -> logits (B, T, V)."""
-
-    def __init__(self, stages: Sequence[Llama]) -> None:
-        super().__init__()
-        self.stages = nn.ModuleList(stages)
-        self.config = stages[0].config
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = tokens
-        for stage in self.stages:
-            x = stage(x)
-        return x
 
 
 def compose(checkpoint: Checkpoint, device: str = "cpu") -> nn.Module:

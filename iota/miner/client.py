@@ -10,7 +10,7 @@ from loguru import logger
 from pydantic import BaseModel
 
 from iota.auth import HotkeyAuth
-from iota.protocol import Ack, RegisterRequest, Registration, Report, RunInfo, Status, Work
+from iota.protocol import Ack, RegisterRequest, Registration, Report, RunInfo, Status, Work, WorkRequest
 
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -92,8 +92,8 @@ class OrchestratorClient:
     def register(self, request: RegisterRequest) -> Registration:
         return self.call("POST", "/miners/register", Registration, request)
 
-    def work(self) -> Work:
-        return self.call("POST", "/work", Work)
+    def work(self, forward: bool = True) -> Work:
+        return self.call("POST", "/work", Work, WorkRequest(forward=forward))
 
     def report(self, report: Report) -> Ack:
         return self.call("POST", f"/work/{report.hop_id}/report", Ack, report)

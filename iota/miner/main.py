@@ -219,7 +219,7 @@ class Miner:
         self.start()
         while not self.state.stopping:
             try:
-                work = self.client.work()
+                work = self.client.work(forward=self.worker is None or self.worker.wants_forward())
             except Refused as error:
                 if error.status == 404 or (error.status == 409 and "register again" in str(error.detail)):
                     logger.warning(

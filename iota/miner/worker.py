@@ -59,9 +59,10 @@ class StageWorker:
         self.model: Llama = build_stage(config, spec, seed, device=device)
         self.optimizer = optim.make_optimizer(self.model.parameters(), flags.optimizer, flags.weight_decay)
         self.cache: OrderedDict[int, Cached] = OrderedDict()
-        self.cache_size = cache_size
+        self.cache_size = max(cache_size, flags.accumulate)  # a window's graphs must all fit
         self.keep_graphs = keep_graphs
         self.micro_batches = 0  # backward passes accumulated since the last inner step
+        self.window_forwards = 0  # forwards started in this accumulation window
         self.inner_step = 0  # inner steps this epoch
         self.epoch_start = self.flat_weights()
         width = config.wire_width
@@ -79,6 +80,7 @@ class StageWorker:
         The tail runs its backward at once and returns the gradient for its input; other stages keep the graph
         until the sample's backward arrives.
         """
+        self.window_forwards += 1
         tokens, targets = self.batch(sample_id) if (self.spec.is_head or self.spec.is_tail) else (None, None)
         if self.spec.is_head:
             assert tokens is not None
@@ -127,6 +129,11 @@ class StageWorker:
             raise ValueError("this stage needs an input tensor")
         return wire.decode(data, dtype=self.flags.wire_dtype, shape=self.act_shape, max_bytes=self.max_bytes)
 
+    def wants_forward(self) -> bool:
+        """At most k forwards per accumulation window: the window's backward passes all use the weights its
+        forwards used (no inner step between them), so gradients are exact and the step count follows the data."""
+        return self.window_forwards < self.flags.accumulate
+
     def step_due(self) -> bool:
         return self.micro_batches >= self.flags.accumulate
 
@@ -134,6 +141,7 @@ class StageWorker:
         """One inner step over the accumulated micro-batches (the tail already divided its loss by k)."""
         norm = optim.step(self.optimizer, lr, self.flags.clip)
         self.micro_batches = 0
+        self.window_forwards = 0
         self.inner_step += 1
         return norm
 
@@ -156,6 +164,7 @@ class StageWorker:
         self.optimizer.zero_grad(set_to_none=True)
         self.cache.clear()
         self.micro_batches = 0
+        self.window_forwards = 0
         self.inner_step = 0
         self.epoch_start = self.flat_weights()
 

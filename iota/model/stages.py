@@ -101,3 +101,29 @@ def build_full(config: ModelConfig, seed: int, device: torch.device | str = "cpu
     return build_stage(
         config, StageSpec(index=0, n_stages=1, first_layer=0, last_layer=config.n_layers), seed, device
     )
+
+
+class Pipeline(torch.nn.Module):
+    """Stages run one after the other in one process: token ids (B, T) -> logits (B, T, V).
+
+    The whole model as the network computes it, bottleneck boundaries included (without a bottleneck,
+    `build_full` is the same function with one module).
+    """
+
+    def __init__(self, stages: list[Llama]) -> None:
+        super().__init__()
+        self.stages = torch.nn.ModuleList(stages)
+        self.config = stages[0].config
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+def build_pipeline(
+    config: ModelConfig, specs: list[StageSpec], seed: int, device: torch.device | str = "cpu"
+) -> Pipeline:
+    """Every stage of a plan, seeded exactly as the miners seed theirs."""
+    return Pipeline([build_stage(config, spec, seed, device=device) for spec in specs])

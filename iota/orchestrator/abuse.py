@@ -7,8 +7,9 @@ Anyone on the internet reaches the orchestrator, registered miners and validator
   ``throttle_at`` strikes within ``window_s`` slow the hotkey to one request every ``throttle_interval_s``;
   ``ban_at`` ban it from the run (the ``banned`` column of miners and an ``abuse_bans`` row, with a ``ban`` event
   in the operator's log). Strikes live in the state database, so a restart forgets nothing. Honest miners lose
-  races too (a lease that expired while they computed), so single refusals cost little: the thresholds are
-  counts of refusals per window that an honest miner never reaches.
+  races too: a report that arrives after its lease expired and the item went to someone else cannot be told
+  from a claim on someone else's item. An honest miner loses at most one such race per lease term (``lease_s``,
+  60 s by default), so at most 10 in the default window, well under ``throttle_at``.
 - ``BodyLimitMiddleware``: JSON API bodies over a limit are refused (413) from Content-Length before a byte is
   read, and a chunked body is counted as it arrives and refused the moment it passes the limit.
 - ``guarded_h11``: uvicorn's HTTP/1.1 protocol with a deadline for a request's headers (uvicorn has none: a
@@ -49,8 +50,8 @@ _TABLES = (
 @dataclass(frozen=True)
 class AbuseConfig:
     window_s: float = 600.0  # strikes older than this are forgotten
-    throttle_at: int = 10  # strikes in the window that put a hotkey on the slow lane
-    ban_at: int = 30  # strikes in the window that ban it from the run
+    throttle_at: int = 20  # strikes in the window that put a hotkey on the slow lane
+    ban_at: int = 50  # strikes in the window that ban it from the run
     throttle_interval_s: float = 5.0  # a throttled hotkey gets one request through this often
 
     def __post_init__(self) -> None:

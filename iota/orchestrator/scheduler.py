@@ -131,12 +131,17 @@ class Scheduler:
 
     # -- work -------------------------------------------------------------------------------------------
 
-    def next_work(self, hotkey: str, now: float) -> Assignment:
+    def next_work(self, hotkey: str, now: float, forward: bool = True) -> Assignment:
+        """Backward work first; forward work only if the miner asks for it (it declines while it finishes the
+        backward passes of its current accumulation window, so that every gradient of a window is taken at the
+        weights its forward used)."""
         with self.state.transaction():
             miner = self.live_miner(hotkey, now)
             if self.phase != TRAIN:
                 return Assignment(None, f"phase is {self.phase}")
             hop = self.state.next_queued(miner.stage, BACKWARD, hotkey)
+            if hop is None and not forward:
+                return Assignment(None, "no backward work yet for this miner's window")
             if hop is None:
                 reason = self._inflow_blocked(miner)
                 if reason:

@@ -91,14 +91,14 @@ class Orchestrator:
             self.scheduler.live_miner(hotkey, now)
         return Ack(detail="alive")
 
-    def work(self, hotkey: str) -> Work:
+    def work(self, hotkey: str, forward: bool = True) -> Work:
         now = self.clock()
         self.sweep(now)
         phase = self.scheduler.phase
         if phase != TRAIN:
             with self.state.transaction():
                 return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now)
-        assignment = self.scheduler.next_work(hotkey, now)
+        assignment = self.scheduler.next_work(hotkey, now, forward)
         current = self.state.miner(hotkey)
         assert current is not None
         miner = current

@@ -67,6 +67,10 @@ class EpochPlan(BaseModel):
 WorkKind = Literal["forward", "backward", "wait", "upload", "merge", "apply", "stop"]
 
 
+class WorkRequest(Message):
+    forward: bool = True  # False: only backward work (the miner is finishing its accumulation window)
+
+
 class Work(Message):
     kind: WorkKind
     run_id: str

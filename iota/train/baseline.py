@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from iota.model.llama import autocast, loss_fn
-from iota.model.stages import build_full
+from iota.model.stages import build_full, build_pipeline
 from iota.train import optim
 from iota.train.run import Run, heldout_loss
 from iota.train.schedule import inner_step_lr
@@ -35,7 +35,11 @@ def train_baseline(
         torch.set_num_threads(threads)
     s = run.settings
     torch.manual_seed(s.seed)
-    model = build_full(run.model, s.seed, device=device)
+    # With a bottleneck the model is its stages chained (each boundary has its own projections).
+    if run.model.bottleneck:
+        model: torch.nn.Module = build_pipeline(run.model, run.stages, s.seed, device=device)
+    else:
+        model = build_full(run.model, s.seed, device=device)
     optimizer = optim.make_optimizer(model.parameters(), s.optimizer, s.weight_decay)
     per_step = s.accumulate * replicas
     steps = max(1, tokens // (per_step * run.micro_batch_tokens))

@@ -254,28 +254,32 @@ class Int8Weights(Honest):
 
 
 class NoisyOutput(Honest):
-    """Adds Gaussian noise of `scale` times the stage's change to everything it uploads: a cheat tuned to sit
-    just past a threshold (or, below one, to test that the threshold is where it says)."""
+    """Adds Gaussian noise of `scale` times the stage's change to its outputs, and of `grad_scale` times it to
+    its input gradients (the tail's output is one): a cheat tuned to sit just past the thresholds (or, below
+    them, to show that they are where they say)."""
 
-    def __init__(self, *args: Any, scale: float, **kwargs: Any):
+    def __init__(self, *args: Any, scale: float, grad_scale: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.scale = scale
+        self.scale, self.grad_scale = scale, grad_scale
 
-    def _noisy(self, sample_id: int, out: bytes, carried: torch.Tensor | None) -> bytes:
+    def _noisy(self, sample_id: int, out: bytes, carried: torch.Tensor | None, scale: float) -> bytes:
         honest = self._decode(out).float()
         change = honest if carried is None else honest - carried
         noise = torch.randn(honest.shape, generator=torch.Generator().manual_seed(sample_id))
-        noise *= self.scale * change.norm() / noise.norm()
+        noise *= scale * change.norm() / noise.norm()
         return self._encode(honest + noise)
 
     def forward(self, sample_id: int, data: bytes | None) -> tuple[bytes, float | None]:
         carried = self._carried(sample_id, data)
         out, loss = super().forward(sample_id, data)
-        return self._noisy(sample_id, out, carried), loss
+        scale = self.grad_scale if self.spec.is_tail else self.scale
+        return self._noisy(sample_id, out, carried, scale), loss
 
     def backward(self, sample_id: int, data: bytes) -> bytes | None:
         grad = super().backward(sample_id, data)
-        return None if grad is None else self._noisy(sample_id, grad, self._decode(data).float())
+        if grad is None:
+            return None
+        return self._noisy(sample_id, grad, self._decode(data).float(), self.grad_scale)
 
 
 class CopiedOutput(Honest):

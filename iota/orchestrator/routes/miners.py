@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 
 from iota.auth import Miner, check_protocol_version
 from iota.orchestrator.routes.deps import Orch, refusals
-from iota.protocol import Ack, RegisterRequest, Registration, Report, Work
+from iota.protocol import Ack, RegisterRequest, Registration, Report, Work, WorkRequest
 
 router = APIRouter(tags=["miners"], dependencies=[Depends(check_protocol_version)])
 
@@ -33,10 +33,10 @@ def leave(caller: Miner, orch: Orch) -> Ack:
 
 
 @router.post("/work")
-def work(caller: Miner, orch: Orch) -> Work:
+def work(body: WorkRequest, caller: Miner, orch: Orch) -> Work:
     """The next unit of work for this miner (backward first), or how long to wait and why."""
     with refusals(orch, caller.hotkey):
-        return orch.work(caller.hotkey)
+        return orch.work(caller.hotkey, body.forward)
 
 
 @router.post("/work/{hop_id}/report")
