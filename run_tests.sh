@@ -1,19 +1,44 @@
 #!/usr/bin/env bash
-# The test command: sets up if needed, then lint, type check and the test suite, timing each part.
-set -euo pipefail
+# The test command: sets up if needed, then lint, format check, type check and the test suite, timing each part.
+# Usage: bash run_tests.sh [pytest arguments]   e.g. bash run_tests.sh -m "not slow"   or   tests/train -x
+# Every part runs even when an earlier one fails; the exit status is non-zero if any part failed.
+set -uo pipefail
 cd "$(dirname "$0")"
-bash setup.sh dev >/dev/null
+
+started=$SECONDS
+echo "== setup: bash setup.sh dev"
+if ! bash setup.sh dev >/dev/null; then
+  echo "== setup FAILED: nothing can be checked without .venv (run 'bash setup.sh dev' to see why)" >&2
+  exit 1
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 
-status=0
+summary=()
+failed=0
 part() {
   local name="$1"; shift
-  local t0=$SECONDS
+  local t0=$SECONDS rc=0
+  echo
   echo "== $name: $*"
-  if "$@"; then echo "== $name passed in $((SECONDS - t0)) s"; else status=1; echo "== $name FAILED in $((SECONDS - t0)) s"; fi
+  "$@" || rc=$?
+  if [ "$name" = pytest ] && [ "$rc" = 5 ]; then
+    echo "pytest collected no tests: a run that checks nothing is a failure, not a pass"
+  fi
+  local verdict="passed"
+  if [ "$rc" != 0 ]; then verdict="FAILED (exit $rc)"; failed=1; fi
+  local line
+  line="$(printf '%-8s %-18s %5d s' "$name" "$verdict" $((SECONDS - t0)))"
+  echo "== $line"
+  summary+=("$line")
 }
-part ruff ruff check iota tests bench
-part format ruff format --check iota tests bench
+
+part ruff ruff check .
+part format ruff format --check .
 part mypy mypy
-part pytest python -m pytest -q "$@"
-exit $status
+part pytest python -m pytest -q -ra "$@"
+
+echo
+echo "== summary"
+printf '   %s\n' "${summary[@]}"
+echo "   total $((SECONDS - started)) s: $([ "$failed" = 0 ] && echo "all passed" || echo "FAILED")"
+exit "$failed"
