@@ -117,6 +117,7 @@ class AbusePolicy:
         if hotkey in self.exempt:
             return 0
         banned = None
+        self.strikes(hotkey, now)  # loads the cache before the insert, which it must not count twice
         with self.state.transaction():
             self.state.db.execute(
                 "INSERT INTO abuse_strikes (hotkey, at, why) VALUES (?, ?, ?)", (hotkey, now, why[:500])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -81,6 +81,12 @@ async def _malformed_request(request: Request, error: Exception) -> JSONResponse
     """422 as FastAPI answers it; a malformed body from a verified hotkey is also a strike against it."""
     hotkey = getattr(request.state, "caller_hotkey", None)
     orchestrator: Orchestrator = request.app.state.orchestrator
+    if hotkey is None and request.method == "POST" and orchestrator.abuse is not None:
+        # Unparseable JSON is refused before the route's dependencies verify the signature: verify it here.
+        try:
+            hotkey = (await request.app.state.authenticator.authenticate(request)).hotkey
+        except HTTPException:
+            hotkey = None  # not a verified caller: nobody to hold to account
     if hotkey is not None and orchestrator.abuse is not None:
         why = f"malformed request to {request.url.path}"
         await run_in_threadpool(orchestrator.abuse.strike, hotkey, why, orchestrator.clock())
