@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from iota.config import MinerSettings, OrchestratorSettings, RunSettings, env_example
-from iota.config.settings import ChainSettings, WalletSettings
+from iota.config.settings import ChainSettings, WalletSettings, load
 
 
 def _settings_help(cls: type) -> str:
@@ -67,7 +67,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 
     from iota.orchestrator.app import assemble
 
-    settings = OrchestratorSettings(**_run_overrides(args))
+    settings = load(OrchestratorSettings, **_run_overrides(args))
     keypair = _keypair(settings)
     assembled = assemble(settings, _chain(settings), keypair.ss58_address)
     uvicorn.run(assembled.app, host=settings.host, port=settings.port, date_header=False, log_level="warning")
@@ -76,13 +76,13 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 
 def cmd_miner(args: argparse.Namespace) -> int:
     if args.action == "status":
-        return _miner_status(MinerSettings())
+        return _miner_status(load(MinerSettings))
     import torch
 
     from iota.miner.client import OrchestratorClient
     from iota.miner.main import Miner
 
-    settings = MinerSettings()
+    settings = load(MinerSettings)
     device = _device(settings.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -155,7 +155,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from iota.train.baseline import train_baseline
     from iota.train.run import build_run
 
-    run = build_run(RunSettings(**_run_overrides(args)))
+    run = build_run(load(RunSettings, **_run_overrides(args)))
     report = train_baseline(
         run, args.tokens, replicas=args.replicas, device=args.device, bf16=args.bf16, threads=args.threads
     )
@@ -171,6 +171,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_local(args: argparse.Namespace) -> int:
     from iota.local import LocalOptions, run_local
 
+    operator = load(OrchestratorSettings)
     options = LocalOptions(
         miners_per_stage=args.miners_per_stage,
         validators=args.validators,
@@ -179,6 +180,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         port=args.port,
         overrides=_run_overrides(args),
+        s3_access_key=operator.s3_access_key or "test",
+        s3_secret_key=operator.s3_secret_key or "test",
     )
     report = run_local(options)
     _write_report(report, args.report)
@@ -188,7 +191,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from iota.checkpoint import eval_command
 
-    settings = RunSettings()
+    settings = load(RunSettings)
     report = eval_command(
         Path(args.checkpoint),
         settings.data_dir,
@@ -206,7 +209,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from iota.checkpoint import find_prepared, latest_epoch, pull_checkpoint
     from iota.orchestrator.app import make_store
 
-    settings = OrchestratorSettings()
+    settings = load(OrchestratorSettings)
     store, _ = make_store(settings)
     epoch = latest_epoch(store, settings.run_id) if args.epoch is None else args.epoch
     if epoch is None:
@@ -271,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from iota.miner.client import OrchestratorClient, Refused
     from iota.protocol import Ack
 
-    settings = MinerSettings()
+    settings = load(MinerSettings)
     client = OrchestratorClient(
         settings.orchestrator_url, _keypair(settings), settings.orchestrator_hotkey, give_up_s=30
     )

@@ -56,6 +56,8 @@ class LocalOptions:
     lease_s: float = 60.0
     max_in_flight: int = 8
     progress: bool = True
+    s3_access_key: str = "test"  # what a local S3-compatible server (moto, MinIO) accepts
+    s3_secret_key: str = "test"
 
 
 def free_port() -> int:
@@ -95,6 +97,8 @@ class LocalNetwork:
             "IOTA_CHAIN_PATH": str(self.run_dir / "chain.json"),
             "IOTA_WALLET_PATH": str(wallets),
             "IOTA_WALLET_HOTKEY": "default",
+            # CPU miners share the cores: spinning OpenMP workers would steal them from each other.
+            "OMP_WAIT_POLICY": base.get("OMP_WAIT_POLICY", "PASSIVE"),
         }
         run_env = {f"IOTA_{k.upper()}": str(v) for k, v in self.settings.model_dump().items()}
         self.orch_env = {
@@ -118,8 +122,8 @@ class LocalNetwork:
                     "IOTA_STORE": "s3",
                     "IOTA_S3_ENDPOINT": options.s3_endpoint,
                     "IOTA_S3_BUCKET": "iota",
-                    "IOTA_S3_ACCESS_KEY": os.environ.get("IOTA_S3_ACCESS_KEY", "test"),
-                    "IOTA_S3_SECRET_KEY": os.environ.get("IOTA_S3_SECRET_KEY", "test"),
+                    "IOTA_S3_ACCESS_KEY": options.s3_access_key,
+                    "IOTA_S3_SECRET_KEY": options.s3_secret_key,
                 }
             )
             _ensure_bucket(options.s3_endpoint, "iota", self.orch_env)
@@ -129,8 +133,13 @@ class LocalNetwork:
 
     def _spawn(self, name: str, role: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         with open(self.run_dir / "logs" / f"{name}.log", "ab") as log:
+            # cwd is the run directory: a developer's ./.env must not reach the processes of a local run.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "iota", role], env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "iota", role],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.run_dir,
             )
         self.procs[name] = proc
         return proc

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class _Base(BaseSettings):
-    # One .env holds every role's settings; each role reads its own and ignores the rest.
-    model_config = SettingsConfigDict(env_prefix="IOTA_", env_file=".env", extra="ignore")
+    # One .env holds every role's settings; each role reads its own and ignores the rest. Only entry points read
+    # .env (through `load`), so a library call or a test never picks up a developer's file by accident.
+    model_config = SettingsConfigDict(env_prefix="IOTA_", extra="ignore")
 
 
 class WalletSettings(_Base):
@@ -123,6 +124,14 @@ class ValidatorSettings(ChainSettings, WalletSettings):
     weights_interval_s: float = Field(600.0, description="Seconds between setting weights")
     health_port: int = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
     validator_dir: Path = Field(Path("runs/validator"), description="Where the validator keeps its cache")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load(cls: type[S], env_file: str | None = ".env", **overrides: Any) -> S:
+    """Settings of a role from the environment and `env_file` (environment wins), then `overrides`."""
+    return cls(_env_file=env_file, **overrides)  # type: ignore[call-arg]
 
 
 ROLES: dict[str, type[_Base]] = {

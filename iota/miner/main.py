@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
@@ -151,7 +152,7 @@ class Miner:
             self.run.accumulate,
             self.run.optimizer,
             self.run.weight_decay,
-            self.run.clip,
+            _stage_clip(self.run, self.stage),
             wire.wire_dtype(self.run.wire_dtype),
         )
         self.schedule = LRSchedule.from_dict(self.run.schedule)
@@ -400,6 +401,12 @@ class Miner:
         tmp = self.status_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.snapshot()))
         tmp.replace(self.status_file)
+
+
+def _stage_clip(run: RunInfo, stage: int) -> float:
+    """The run clips the whole model's gradient norm at C; a stage sees only its share, C * sqrt(n_stage / n)."""
+    total = sum(s.n_params for s in run.stages)
+    return run.clip * math.sqrt(run.stages[stage].n_params / total)
 
 
 def _no_data(sample_id: int) -> tuple[torch.Tensor, torch.Tensor]:

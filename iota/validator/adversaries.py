@@ -19,7 +19,6 @@ from torch import nn
 from iota.miner.worker import Batch, Cached, StageWorker
 from iota.model import wire
 from iota.model.llama import autocast, loss_fn
-from iota.protocol import WeightSketch
 from iota.validator.replay import Direction, HopRecord, Snapshot, take_snapshot
 
 # -- the harness ---------------------------------------------------------------------------------------------
@@ -98,12 +97,6 @@ class Pipeline:
             HopRecord(self.epoch, stage, direction, sample_id, worker.inner_step, data, out, loss)
         )
         return out
-
-    def challenge(self, stage: int, seed: int) -> tuple[WeightSketch, Snapshot]:
-        """The sketch the miner committed at this step boundary, and the snapshot it hands over when asked."""
-        worker = self.workers[stage]
-        snapshot = worker.snapshot() if isinstance(worker, Honest) else take_snapshot(worker)
-        return worker.sketch(seed), snapshot
 
 
 # -- the miners --------------------------------------------------------------------------------------------

@@ -232,10 +232,6 @@ class ReplayResult:
     def failures(self) -> list[HopCheck]:
         return [check for check in self.checks if not check.verdict.passed]
 
-    def max_error(self, kind: str) -> float:
-        errors = [c.verdict.error for c in self.checks if c.verdict.kind == kind]
-        return max(errors, default=0.0)
-
 
 def replay(
     setup: ReplaySetup,
@@ -274,7 +270,7 @@ def replay(
         depth = worker.inner_step - start_step
         if depth >= max_steps:
             break
-        problem = _protocol_problem(setup, worker, record, records[first].epoch)
+        problem = _protocol_problem(setup, worker, record, records[0].epoch)
         if problem:
             return _stop(result, worker, checks, index, record, depth, problem)
         try:
@@ -315,7 +311,7 @@ def _restore_in_flight(worker: StageWorker, setup: ReplaySetup, before: Sequence
         if setup.spec.is_head:
             x = setup.batch(sample_id)[0].to(setup.device)
         else:
-            x = worker._decode(record.input).to(setup.device).float()
+            x = _decode(setup, record.input).to(setup.device)
         # step -1: whatever the miner kept, it ran at an earlier step, so its backward recomputes the forward.
         worker.cache[sample_id] = Cached(x, None, -1)
 
@@ -359,7 +355,7 @@ def _replay_hop(
             ]
         return [check(_compare_bytes(setup, "activation", record.output, out, carried, limits.activation))]
     assert record.input is not None
-    grad_out = worker._decode(record.input).float()
+    grad_out = _decode(setup, record.input)
     grad_in = worker.backward(record.sample_id, record.input)
     if grad_in is None:  # the head: its backward only changes its weights, checked by the hops after the step
         return []
@@ -375,7 +371,16 @@ def _carried_forward(setup: ReplaySetup, worker: StageWorker, record: HopRecord)
         assert worker.model.embed is not None
         tokens = setup.batch(record.sample_id)[0].to(setup.device)
         return worker.model.embed(tokens)[..., : setup.config.wire_width].float().cpu()
-    return worker._decode(record.input).float()
+    return _decode(setup, record.input)
+
+
+def _decode(setup: ReplaySetup, data: bytes | None) -> torch.Tensor:
+    """An activation or gradient object as fp32 on the CPU, checked against the stage's wire shape and dtype."""
+    if data is None:
+        raise wire.WireError("no object")
+    shape = (setup.flags.micro_batch, setup.config.seq_len, setup.config.wire_width)
+    dtype = setup.flags.wire_dtype
+    return wire.decode(data, dtype=dtype, shape=shape, max_bytes=wire.encoded_size(shape, dtype)).float()
 
 
 def _compare_bytes(
@@ -389,14 +394,11 @@ def _compare_bytes(
     assert replayed is not None
     if claimed is None:
         return Verdict.refuse(kind, "no output object")
-    dtype = setup.flags.wire_dtype
-    shape = (setup.flags.micro_batch, setup.config.seq_len, setup.config.wire_width)
     try:
-        claimed_t = wire.decode(claimed, dtype=dtype, shape=shape, max_bytes=wire.encoded_size(shape, dtype))
+        claimed_t = _decode(setup, claimed)
     except wire.WireError as error:
         return Verdict.refuse(kind, f"output does not decode: {error}")
-    replayed_t = wire.decode(replayed, dtype=dtype, shape=shape, max_bytes=len(replayed))
-    return compare_change(kind, claimed_t.float(), replayed_t.float(), carried, threshold)
+    return compare_change(kind, claimed_t, _decode(setup, replayed), carried, threshold)
 
 
 def _stop(

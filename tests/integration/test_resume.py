@@ -13,10 +13,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_fresh_orchestrator_resumes_from_bucket(tmp_path: Path, net_data_dir: Path) -> None:
-    overrides = {"preset": "test", "stages": 3, "epochs": 3, "samples_per_epoch": 16, "micro_batch": 2,
-                 "total_tokens": 10_000, "data_dir": str(net_data_dir)}
-    net = LocalNetwork(LocalOptions(run_dir=tmp_path / "run", overrides=overrides, miner_timeout_s=8.0,
-                                    progress=False))
+    overrides = {
+        "preset": "test",
+        "stages": 3,
+        "epochs": 3,
+        "samples_per_epoch": 16,
+        "micro_batch": 2,
+        "total_tokens": 10_000,
+        "data_dir": str(net_data_dir),
+    }
+    net = LocalNetwork(
+        LocalOptions(run_dir=tmp_path / "run", overrides=overrides, miner_timeout_s=8.0, progress=False)
+    )
     try:
         net.start_orchestrator()
         for _ in range(3):
