@@ -65,12 +65,12 @@ def _chain(settings: ChainSettings) -> Any:
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from iota.orchestrator.app import assemble
+    from iota.orchestrator.app import assemble, server_options
 
     settings = load(OrchestratorSettings, **_run_overrides(args))
     keypair = _keypair(settings)
     assembled = assemble(settings, _chain(settings), keypair.ss58_address)
-    uvicorn.run(assembled.app, host=settings.host, port=settings.port, date_header=False, log_level="warning")
+    uvicorn.run(assembled.app, **server_options(settings))
     return 0
 
 
