@@ -64,8 +64,9 @@ class Pipeline:
         self.records: list[list[HopRecord]] = [[] for _ in self.workers]
 
     def run(self, sample_ids: Sequence[int], in_flight: int = 1) -> None:
-        """Forward `in_flight` samples through every stage, then their backwards: with more samples in flight
-        than the accumulation, a backward runs after a step and recomputes its forward."""
+        """Forward `in_flight` samples through every stage, then their backwards. The daemon takes at most k
+        forwards per accumulation window (`StageWorker.wants_forward`); more than k here makes a backward run
+        after a step and recompute its forward, the worker path a replay must also follow."""
         ids = list(sample_ids)
         for first in range(0, len(ids), in_flight):
             group = ids[first : first + in_flight]

@@ -37,7 +37,7 @@ from iota.validator import (
 from iota.validator.replay import HopRecord
 from tests.validator import SKETCH_SEED, initial_weights, make_setups, run_epoch
 
-STEPS = 28  # inner steps per epoch (k = 1, 2 samples in flight): 28 windows per stage, 84 per epoch
+STEPS = 28  # inner steps per epoch (k = 1, one sample per window as the daemon takes them): 84 windows
 WINDOW = 2  # steps per audit, or the calibrated depth D where that is less
 SEED = 11  # not the calibration's seed: these audits are out of sample
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def write_epoch(directory: Path, bf16: bool) -> None:
     """The miner: one honest epoch on 1 thread, everything a validator fetches written as the bucket holds it."""
     setups = make_setups(bf16, seed=SEED)
     with threads(1):
-        run = run_epoch(setups, initial_weights(setups), range(STEPS), in_flight=2)
+        run = run_epoch(setups, initial_weights(setups), range(STEPS), in_flight=1)
     directory.mkdir(parents=True)
     for stage, worker in enumerate(run.workers):
         (directory / f"records-{stage}.st").write_bytes(encode_records(run.records[stage]))
@@ -153,7 +153,7 @@ def test_validator_on_two_threads(epochs: Path, bf16: bool) -> None:
 def test_miner_on_two_threads_validator_on_one(tmp_path: Path, bf16: bool) -> None:
     setups = make_setups(bf16, seed=SEED)
     with threads(2):
-        run = run_epoch(setups, initial_weights(setups), range(STEPS), in_flight=2)
+        run = run_epoch(setups, initial_weights(setups), range(STEPS), in_flight=1)
     with threads(1):
         pseudo = [w.pseudo_gradient() for w in run.workers]
         rows = audits(setups, run.records, run.snapshots, run.sketches, pseudo)
