@@ -172,7 +172,10 @@ class BodyTooLarge(HTTPException):
     """Raised from ``receive`` when a chunked body passes the limit; FastAPI passes HTTPExceptions through."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, detail=f"request body over the {limit}-byte limit")
+        # Closing stops the server reading (and discarding) the rest of an endless chunked body.
+        super().__init__(
+            413, detail=f"request body over the {limit}-byte limit", headers={"connection": "close"}
+        )
 
 
 class BodyLimitMiddleware:

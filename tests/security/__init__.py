@@ -7,6 +7,8 @@ after authentication.
 from __future__ import annotations
 
 import secrets
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 import torch
+import uvicorn
 from bittensor.keyfiles import Keypair
 
 from iota.auth import sign_headers
@@ -148,8 +151,45 @@ def refused(call: Any, status: int, fragment: str = "") -> Any:
 
 
 @contextmanager
-def serve_net(data_dir: Path, keys: dict[str, Keypair], run_dir: Path, **overrides: Any) -> Iterator[Net]:
-    """A fresh 3-stage run on a real server: miners, `idle` and `validator` on the chain, `stranger` not."""
+def serving(
+    app: Any, options: dict[str, Any] | None = None, startup_timeout_s: float = 10.0
+) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread on a free 127.0.0.1 port, with `options` for uvicorn.Config
+    (those of server_options; its host and port are replaced); yields the base URL."""
+    if options is None:
+        with running_server(app) as url:
+            yield url
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    settings = {k: v for k, v in options.items() if k not in ("host", "port")}
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", **settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@contextmanager
+def serve_net(
+    data_dir: Path,
+    keys: dict[str, Keypair],
+    run_dir: Path,
+    options: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Iterator[Net]:
+    """A fresh 3-stage run on a real server: miners, `idle` and `validator` on the chain, `stranger` not.
+    `options`: uvicorn's, as server_options makes them (default: tests.support.running_server's)."""
     chain = LocalChain(run_dir / "chain.json")
     for name in (*MINERS, "idle"):
         chain.register(keys[name].ss58_address, keys["cold"].ss58_address)
@@ -164,7 +204,7 @@ def serve_net(data_dir: Path, keys: dict[str, Keypair], run_dir: Path, **overrid
     )
     assembled = assemble(settings, chain, keys["orchestrator"].ss58_address, store=store, local_store=store)
     assembled.orchestrator.clock = clock
-    with running_server(assembled.app) as url:
+    with serving(assembled.app, options) as url:
         store.base_url = url + STORAGE_PREFIX
         clients = {
             name: OrchestratorClient(

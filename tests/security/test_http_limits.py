@@ -1,0 +1,151 @@
+"""What a client can make the server hold: JSON bodies over the limit are refused before they are read whole, a
+connection must send its headers in time, and one IP cannot hold more than its share of connections. A real
+orchestrator on uvicorn with server_options, spoken to over raw sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from bittensor.keyfiles import Keypair
+
+from iota.orchestrator.app import MAX_BODY_BYTES, server_options
+from tests.orchestrator import run_settings
+from tests.security import MINERS, Net, serve_net
+
+HEADER_TIMEOUT_S = 1.0
+PER_IP = 6
+
+
+@pytest.fixture
+def net(data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path) -> Iterator[Net]:
+    options = server_options(
+        run_settings(data_dir, tmp_path), header_timeout_s=HEADER_TIMEOUT_S, max_connections_per_ip=PER_IP
+    )
+    with serve_net(data_dir, keypairs, tmp_path, options=options) as net:
+        yield net
+
+
+def connect(net: Net, source: str = "127.0.0.1") -> socket.socket:
+    url = urlsplit(net.url)
+    sock = socket.create_connection(
+        (url.hostname or "", url.port or 80), timeout=5, source_address=(source, 0)
+    )
+    sock.settimeout(5)
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True if the server closes `sock` (EOF or reset) within `seconds`, reading whatever it sends before."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def closed_now(sock: socket.socket) -> bool:
+    """True if the server has already closed `sock` (a read would see EOF or a reset right away)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def response_to(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length(net: Net) -> None:
+    with connect(net) as sock:
+        declared = 64 * MAX_BODY_BYTES
+        sock.sendall(f"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n".encode())
+        started = time.monotonic()
+        reply = response_to(sock)  # answered with no body byte sent: nothing was waited for
+        assert reply.startswith(b"HTTP/1.1 413"), reply
+        assert time.monotonic() - started < HEADER_TIMEOUT_S
+        assert closed_within(sock, 2.0)
+
+
+def test_a_chunked_body_is_counted_and_cut_at_the_limit(net: Net) -> None:
+    chunk = b"x" * 65536
+    sent = 0
+    with connect(net) as sock:
+        sock.sendall(b"POST /miners/register HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            while sent < 16 * MAX_BODY_BYTES:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server stopped reading and closed: what we want
+        sock.settimeout(5)
+        reply = response_to(sock)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent < 16 * MAX_BODY_BYTES  # the server did not read all we had to send
+
+
+def test_bodies_under_the_limit_and_object_uploads_pass(net: Net) -> None:
+    response = httpx.post(f"{net.url}/miners/register", content=b"{}" + b" " * (MAX_BODY_BYTES - 2))
+    assert response.status_code in (401, 426)  # reached the auth checks, which then refuse an unsigned call
+    net.join(*MINERS)
+    # Object uploads through presigned URLs are bounded by their signed size, not by the JSON limit.
+    key = "runs/run-test/big.bin"
+    big = b"\1" * (3 * MAX_BODY_BYTES)
+    assert httpx.put(net.store.presign_put(key, 60, len(big)), content=big).status_code == 200
+    assert net.store.get(key) == big
+
+
+def test_headers_must_arrive_in_time(net: Net) -> None:
+    with connect(net) as idle, connect(net) as trickle:
+        start = time.monotonic()
+        for byte in b"POST /work HTTP/1.1\r\nHost: x\r\n":
+            try:
+                trickle.send(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.1)
+            if time.monotonic() - start > 3 * HEADER_TIMEOUT_S:
+                break
+        assert closed_within(trickle, 2 * HEADER_TIMEOUT_S)
+        assert time.monotonic() - start < 3 * HEADER_TIMEOUT_S
+        assert closed_within(idle, 0.1)  # said nothing at all: closed as well
+
+
+def test_a_keep_alive_client_that_pauses_between_requests_is_served(net: Net) -> None:
+    with httpx.Client(base_url=net.url) as client:
+        assert client.get("/status").status_code == 200
+        time.sleep(1.5 * HEADER_TIMEOUT_S)  # idle between requests: uvicorn's keep-alive (5 s) applies
+        assert client.get("/status").status_code == 200
+
+
+def test_one_ip_cannot_take_every_connection(net: Net) -> None:
+    with ExitStack() as stack:
+        hogs = [stack.enter_context(connect(net, "127.0.0.5")) for _ in range(PER_IP + 4)]
+        time.sleep(0.3)  # well within the header deadline: only the cap closes connections
+        dropped = [closed_now(sock) for sock in hogs]
+        assert dropped.count(False) == PER_IP and all(dropped[PER_IP:]), dropped
+        # Other addresses are served while the hog holds its share.
+        transport = httpx.HTTPTransport(local_address="127.0.0.6")
+        with httpx.Client(base_url=net.url, transport=transport) as client:
+            assert client.get("/status").status_code == 200
