@@ -235,7 +235,9 @@ def test_checkpoint_load_refuses_non_finite_weights_with_a_matching_manifest(
         load_checkpoint(directory)
 
 
-@pytest.mark.xfail(strict=True, reason="StageWorker.backward pops the cached forward before it decodes the gradient")
+@pytest.mark.xfail(
+    strict=True, reason="StageWorker.backward pops the cached forward before it decodes the gradient"
+)
 def test_a_refused_gradient_leaves_the_forward_graph_for_the_honest_one(run: Run) -> None:
     """A hostile next-stage miner's bad gradient should not cost this miner the sample's cached forward."""
     miner = worker(run, 1)
