@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from iota.config import MinerSettings, OrchestratorSettings, RunSettings, env_example
+from iota.config import MinerSettings, OrchestratorSettings, RunSettings, ValidatorSettings, env_example
 from iota.config.settings import ChainSettings, WalletSettings, load
 
 
@@ -149,6 +149,46 @@ def _device_memory(device: Any) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cmd_validator(args: argparse.Namespace) -> int:
+    settings = load(ValidatorSettings)
+    keypair = _keypair(settings)
+    validator_dir = Path(settings.validator_dir)
+    validator_dir.mkdir(parents=True, exist_ok=True)
+    if args.action == "status":
+        return _validator_status(settings, keypair.ss58_address, validator_dir)
+    from iota.miner.client import OrchestratorClient
+    from iota.validator.main import ValidatorDaemon
+
+    client = OrchestratorClient(settings.orchestrator_url, keypair, settings.orchestrator_hotkey)
+    daemon = ValidatorDaemon(
+        client,
+        _chain(settings),
+        keypair,
+        _device(settings.device),
+        settings.weights_interval_s,
+        validator_dir,
+    )
+    daemon.run_forever()
+    return 0
+
+
+def _validator_status(settings: ValidatorSettings, hotkey: str, validator_dir: Path) -> int:
+    """What a validator operator checks: audits done and failed, the last weights set, the last error."""
+    path = validator_dir / f"status-{hotkey}.json"
+    if not path.exists():
+        print(f"no status yet for {hotkey} in {validator_dir}: is the validator running?")
+        return 1
+    status = json.loads(path.read_text())
+    last = status.get("last_weights")
+    print(f"hotkey        {hotkey}")
+    print(f"audits        {status['audits']} done, {status['failed']} failed")
+    when = "never" if last is None else f"{len(last['weights'])} miners, at unix time {last['at']:.0f}"
+    print(f"last weights  {when}")
+    if status.get("last_error"):
+        print(f"warning       {status['last_error']}")
+    return 0
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
@@ -324,6 +364,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", nargs="?", choices=["run", "status"], default="run")
     p.set_defaults(func=cmd_miner)
+
+    p = sub.add_parser(
+        "validator",
+        help="run a validator, or `iota validator status`",
+        epilog=_settings_help(ValidatorSettings),
+        formatter_class=raw,
+    )
+    p.add_argument("action", nargs="?", choices=["run", "status"], default="run")
+    p.set_defaults(func=cmd_validator)
 
     p = sub.add_parser("local", help="the whole network on this machine")
     p.add_argument("--miners-per-stage", type=int, default=2)

@@ -85,7 +85,8 @@ class LocalNetwork:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
         wallets = self.run_dir / "wallets"
-        self.chain = LocalChain(self.run_dir / "chain.json")
+        # Weights may be set every 10 s here (the real chain's limit is far longer): runs on one machine are short.
+        self.chain = LocalChain(self.run_dir / "chain.json", weights_rate_limit_s=10.0)
         self.orchestrator_hotkey = create_wallet(
             wallets, "orchestrator", "default", exist_ok=True
         ).hotkey.ss58_address
@@ -175,11 +176,30 @@ class LocalNetwork:
             self.miner_names.append(name)
         return name
 
+    def add_validator(self, name: str | None = None, weights_interval_s: float = 15.0) -> str:
+        """Create a validator with a permit and stake on the local chain, and start it."""
+        name = name or f"validator{sum(1 for n in self.procs if n.startswith('validator'))}"
+        wallet = create_wallet(self.run_dir / "wallets", name, "default", exist_ok=True)
+        self.chain.register(
+            wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address, stake=1000.0, validator_permit=True
+        )
+        env = {
+            **self.common,
+            "IOTA_WALLET_NAME": name,
+            "IOTA_ORCHESTRATOR_URL": self.url,
+            "IOTA_ORCHESTRATOR_HOTKEY": self.orchestrator_hotkey,
+            "IOTA_DEVICE": "cpu",
+            "IOTA_WEIGHTS_INTERVAL_S": str(weights_interval_s),
+            "IOTA_VALIDATOR_DIR": str(self.run_dir / name),
+        }
+        self._spawn(name, "validator", env)
+        return name
+
     def signal(self, name: str, signum: int) -> None:
         self.procs[name].send_signal(signum)
 
     def stop(self, names: list[str] | None = None, timeout_s: float = 20.0) -> None:
-        chosen = [n for n in (names or list(self.procs)) if self.procs[n].poll() is None]
+        chosen = [n for n in (list(self.procs) if names is None else names) if self.procs[n].poll() is None]
         for name in chosen:
             self.procs[name].send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -244,6 +264,7 @@ def run_local(options: LocalOptions) -> dict[str, Any]:
         net.start_orchestrator()
         for _ in range(n_miners):
             net.add_miner(threads=threads)
+        validators = [net.add_validator() for _ in range(options.validators)]
         train_start = time.time()
         miners_gone = lambda st: all(net.procs[m].poll() is not None for m in net.miner_names)  # noqa: E731
         status = net.wait_until(lambda st: st.phase == "done" or miners_gone(st), 24 * 3600, options.progress)
@@ -253,14 +274,35 @@ def run_local(options: LocalOptions) -> dict[str, Any]:
             logger.error("every miner exited before the run finished; see {}", net.run_dir / "logs")
         wall = time.time() - train_start
         net.stop(net.miner_names, timeout_s=30)
+        net.stop(validators, timeout_s=60)  # each sets its weights once more on the way out
         status = net.status() or status
+        scores = _scores(net)
     finally:
         net.stop()
     report = _report(net.settings, status, net.run_dir, wall, started, net.orch_env, options)
+    report["scores"] = scores
     if options.baseline:
         report["baseline"] = _baseline(net.settings, report["tokens_trained"], options.miners_per_stage)
     _summary(report, net.run_dir)
     return report
+
+
+def _scores(net: LocalNetwork) -> dict[str, Any]:
+    """Audits, the weights the score log implies, and what each validator set on the local chain."""
+    try:
+        log = httpx.get(f"{net.url}/scores", timeout=30).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    from iota.validator.scoring import compute_scores
+
+    verdicts = log["verdicts"]
+    return {
+        "audits": len(verdicts),
+        "audits_failed": sum(1 for v in verdicts if not v["passed"]),
+        "weights": compute_scores(log),
+        "uids": log["uids"],
+        "chain_weights": {hk: dict(entry.weights) for hk, entry in net.chain.weights().items()},
+    }
 
 
 def _ensure_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:

@@ -68,6 +68,17 @@ def put(url: str, data: bytes, http: httpx.Client) -> None:
     _patient(lambda: upload(url, data, http), "upload")
 
 
+def fetch_data(plan: DataPlan, urls: dict[str, str], cache_dir: Path, http: httpx.Client) -> TokenData:
+    """The plan's shards, fetched once by URL, checked against the plan's sha256, and cached on disk."""
+    directory = cache_dir / "data" / plan.digest[:16]
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard in plan.shards:
+        path = directory / shard.file
+        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
+            path.write_bytes(get(urls[shard.file], shard.sha256, 1 << 34, http))
+    return TokenData.open(directory, plan)
+
+
 class UrlStore:
     """The merge's BlobStore over presigned URLs: a miner reads and writes only the keys its work item names."""
 
@@ -152,7 +163,7 @@ class Miner:
             self.run.accumulate,
             self.run.optimizer,
             self.run.weight_decay,
-            _stage_clip(self.run, self.stage),
+            stage_clip(self.run, self.stage),
             wire.wire_dtype(self.run.wire_dtype),
         )
         self.schedule = LRSchedule.from_dict(self.run.schedule)
@@ -194,15 +205,7 @@ class Miner:
         self._heartbeat.start()
 
     def _load_data(self, plan: DataPlan, urls: dict[str, str]) -> TokenData:
-        """Shards are fetched once by URL, checked against the plan's sha256, and cached on disk."""
-        directory = self.cache_dir / "data" / plan.digest[:16]
-        directory.mkdir(parents=True, exist_ok=True)
-        for shard in plan.shards:
-            path = directory / shard.file
-            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
-                data = get(urls[shard.file], shard.sha256, 1 << 34, self.http)
-                path.write_bytes(data)
-        return TokenData.open(directory, plan)
+        return fetch_data(plan, urls, self.cache_dir, self.http)
 
     def _load_flat(self, url: str, sha: str | None) -> None:
         assert self.worker is not None
@@ -403,7 +406,7 @@ class Miner:
         tmp.replace(self.status_file)
 
 
-def _stage_clip(run: RunInfo, stage: int) -> float:
+def stage_clip(run: RunInfo, stage: int) -> float:
     """The run clips the whole model's gradient norm at C; a stage sees only its share, C * sqrt(n_stage / n)."""
     total = sum(s.n_params for s in run.stages)
     return run.clip * math.sqrt(run.stages[stage].n_params / total)

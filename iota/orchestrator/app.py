@@ -22,8 +22,9 @@ from iota.config import OrchestratorSettings
 from iota.merge import OuterConfig
 from iota.model import wire
 from iota.orchestrator.abuse import AbusePolicy, BodyLimitMiddleware, guarded_h11
+from iota.orchestrator.audits import Auditor
 from iota.orchestrator.epochs import EpochDriver, EpochSettings
-from iota.orchestrator.routes import dashboard, miners, run
+from iota.orchestrator.routes import dashboard, miners, run, validators
 from iota.orchestrator.scheduler import Policy, Scheduler
 from iota.orchestrator.service import Limits, Orchestrator
 from iota.orchestrator.state import Hop, StateStore
@@ -72,6 +73,8 @@ def create_app(
     app.include_router(run.router)
     app.include_router(run.control)
     app.include_router(dashboard.router)
+    app.include_router(validators.router)
+    app.include_router(validators.public)
     if local_store is not None:
         app.include_router(local_store_router(local_store), prefix=STORAGE_PREFIX)
     return app
@@ -285,6 +288,9 @@ def assemble(
         limits,
         uid_of=lambda hk: n.uid if (n := lookup(hk)) else None,
         abuse=abuse,
+    )
+    orchestrator.auditor = Auditor(
+        info, state, scheduler, store, epochs.plan, epochs.data_urls, settings.url_ttl_s
     )
     authenticator = Authenticator(
         receiver_hotkey=hotkey,

@@ -101,6 +101,7 @@ class EpochDriver:
         shas = [str(stage["sha256"]) for stage in manifest["stages"]]
         momentum = manifest.get("momentum") or {}
         self.state.put("checkpoint", {"epoch": epoch, "shas": shas, "momentum": momentum})
+        self.state.put(f"checkpoint_shas/{epoch}", shas)
         self.state.put("epoch", epoch)
         self.state.put("phase", TRAIN)
         self.state.put("tokens_trained", int(manifest["tokens_trained"]))
@@ -129,6 +130,7 @@ class EpochDriver:
         self.store.put(keys.checkpoint_manifest(self.run_id, epoch), json.dumps(manifest, indent=1).encode())
         self.state.put("checkpoint", {"epoch": epoch, "shas": shas, "momentum": momentum})
         self.state.put(f"tokens_at_start/{epoch}", int(self.state.get("tokens_trained", 0)))
+        self.state.put(f"checkpoint_shas/{epoch}", shas)  # audits replay an epoch from its own start
         self.state.log(now, "checkpoint", None, epoch=epoch)
         logger.info("published checkpoint {}", epoch)
 

@@ -250,9 +250,18 @@ class Scheduler:
         loss: float | None,
         tokens: int,
         now: float,
+        inner_step: int | None = None,
     ) -> None:
         """Record a verified report and route the sample on."""
-        self.state.set_hop(hop.id, status="done", output_sha=output_sha, output_size=output_size, done_at=now)
+        self.state.set_hop(
+            hop.id,
+            status="done",
+            output_sha=output_sha,
+            output_size=output_size,
+            done_at=now,
+            inner_step=inner_step,
+            loss=loss,
+        )
         self.state.credit(hop.miner or "")
         last = self.policy.n_stages - 1
         if hop.stage == last and loss is not None:

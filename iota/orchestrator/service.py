@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -63,6 +63,7 @@ class Orchestrator:
         self.uid_of = uid_of
         self.clock = clock
         self.abuse = abuse  # strikes for refusals that are the caller's fault (applied by the routes)
+        self.auditor: Any = None  # set by the app: audits and the score log
         self._last_sweep = 0.0
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Orchestrator:
             if hop.stage == last and hop.direction == FORWARD and loss is None:
                 raise SchedulingError(400, "the tail must report the sample's loss", fault=True)
             tokens = self.run.micro_batch * int(self.run.model["seq_len"])
-            self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now)
+            self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now, report.inner_step)
             if hop.direction == BACKWARD and hop.stage == 0:
                 self.state.bump("tokens_trained", tokens)
         return Ack(detail=f"item {hop_id} recorded")

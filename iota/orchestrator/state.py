@@ -44,6 +44,19 @@ MIGRATIONS = [
                 detail TEXT NOT NULL)""",
         ],
     ),
+    (
+        2,
+        "audits",
+        [
+            "ALTER TABLE hops ADD COLUMN inner_step BIGINT",  # the miner's inner step after the hop: replay order
+            "ALTER TABLE hops ADD COLUMN loss DOUBLE PRECISION",
+            """CREATE TABLE verdicts (
+                id BIGINT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, validator TEXT NOT NULL, miner TEXT NOT NULL,
+                epoch BIGINT NOT NULL, stage BIGINT NOT NULL, passed BIGINT NOT NULL, hops BIGINT NOT NULL,
+                depth BIGINT NOT NULL, detail TEXT NOT NULL)""",
+            "CREATE INDEX verdicts_miner ON verdicts (miner, epoch)",
+        ],
+    ),
 ]
 
 OPEN = ("queued", "leased")
@@ -221,6 +234,47 @@ class StateStore:
             "loss = excluded.loss",
             (sample_id, epoch, tokens, loss),
         )
+
+    def done_hops(self, miner: str, epoch: int, limit: int) -> list[tuple]:
+        """A miner's completed hops of an epoch in commit order: what an audit replays."""
+        return self.db.execute(
+            "SELECT id, direction, sample_id, inner_step, input_key, input_sha, output_key, output_sha, loss "
+            "FROM hops WHERE miner = ? AND epoch = ? AND status = 'done' "
+            "ORDER BY done_at, id LIMIT ?",
+            (miner, epoch, limit),
+        )
+
+    def add_verdict(
+        self,
+        now: float,
+        validator: str,
+        miner: str,
+        epoch: int,
+        stage: int,
+        passed: bool,
+        hops: int,
+        depth: int,
+        detail: dict[str, Any],
+    ) -> int:
+        verdict_id = self.bump("next_verdict_id")
+        self.db.execute(
+            "INSERT INTO verdicts (id, at, validator, miner, epoch, stage, passed, hops, depth, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (verdict_id, now, validator, miner, epoch, stage, int(passed), hops, depth, json.dumps(detail)),
+        )
+        return verdict_id
+
+    def verdicts(self, since_id: int = 0) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, at, validator, miner, epoch, stage, passed, hops, depth, detail FROM verdicts "
+            "WHERE id > ? ORDER BY id",
+            (since_id,),
+        )
+        keys = ("id", "at", "validator", "miner", "epoch", "stage", "passed", "hops", "depth")
+        return [
+            {**dict(zip(keys, r[:9], strict=True)), "passed": bool(r[6]), "detail": json.loads(r[9])}
+            for r in rows
+        ]
 
     def loss_curve(self) -> list[tuple[int, float]]:
         rows = self.db.execute(

@@ -150,3 +150,53 @@ class Status(Message):
     loss_curve: list[tuple[int, float]]
     bytes_transferred: int
     checkpoint: str | None
+
+
+class AuditHop(BaseModel):
+    """One committed hop, with URLs for exactly the objects it names."""
+
+    direction: Literal["forward", "backward"]
+    sample_id: int
+    inner_step: int
+    input_url: str | None
+    input_sha256: str | None
+    output_url: str | None
+    output_sha256: str | None
+    loss: float | None
+
+
+class AuditTask(Message):
+    """A miner's epoch so far, for a validator to replay: the checkpoint it started from and its hops in order."""
+
+    audit_id: str
+    run_id: str
+    miner: str
+    stage: int
+    epoch: int
+    bf16: bool  # the miner's declared precision (bf16 autocast on CUDA)
+    checkpoint_url: str
+    checkpoint_sha256: str
+    plan: EpochPlan
+    hops: list[AuditHop]
+    data_urls: dict[str, str]
+
+
+class AuditVerdict(Message):
+    audit_id: str
+    miner: str
+    epoch: int
+    stage: int
+    passed: bool
+    hops_replayed: int
+    depth: int  # inner steps replayed
+    reason: str = ""
+    errors: dict[str, float] = Field(default_factory=dict)  # largest relative error per claim kind
+
+
+class Score(BaseModel):
+    hotkey: str
+    uid: int | None
+    work: float  # validated sample-hops, weighted by stage compute, over the scoring window
+    audits_passed: int
+    audits_failed: int
+    weight: float  # normalised: what validators set on the chain

@@ -1,0 +1,214 @@
+"""The validator daemon: draw audits, replay them, report verdicts; compute weights from the score log and set them.
+
+Each audit replays a miner's committed hops of the current epoch from the epoch's checkpoint with the miners' own
+code (iota.validator.replay), in the miner's declared precision, and compares every claim. Weights follow from the
+orchestrator's score log by a pure function (iota.validator.scoring), so two validators with the same log set
+the same weights; they go to the chain on an interval, retried, and the last result is kept for `status`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from loguru import logger
+
+from iota.chain.base import Chain, ChainError
+from iota.data import DataPlan
+from iota.merge import decode_f32
+from iota.miner.client import OrchestratorClient, Refused
+from iota.miner.main import fetch_data, get, stage_clip
+from iota.miner.worker import TrainFlags
+from iota.model import wire
+from iota.model.config import ModelConfig
+from iota.model.stages import StageSpec
+from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
+from iota.train.run import batch_fn
+from iota.train.schedule import LRSchedule
+from iota.validator.replay import HopRecord, ReplaySetup, replay
+from iota.validator.scoring import compute_scores
+
+VERSION_KEY = 1  # weights version this validator sets; bumped with incompatible scoring changes
+
+
+class ValidatorDaemon:
+    def __init__(
+        self,
+        client: OrchestratorClient,
+        chain: Chain,
+        keypair: Any,
+        device: torch.device,
+        weights_interval_s: float,
+        cache_dir: Path,
+    ):
+        self.client, self.chain, self.keypair, self.device = client, chain, keypair, device
+        self.weights_interval_s = weights_interval_s
+        self.cache_dir = cache_dir
+        self.http = httpx.Client(timeout=120.0)
+        self.stopping = False
+        self.last_weights_at = 0.0
+        self.status: dict[str, Any] = {"audits": 0, "failed": 0, "last_weights": None, "last_error": None}
+        self.status_file = cache_dir / f"status-{client.hotkey}.json"
+
+    def run_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self.run: RunInfo = self.client.run_info()
+        while not self.stopping:
+            if time.monotonic() - self.last_weights_at >= self.weights_interval_s:
+                self.set_weights()
+            task = self.next_task()
+            if task is None:
+                time.sleep(2.0)
+                continue
+            verdict = self.audit(task)
+            try:
+                self.client.call("POST", "/validators/verdict", Ack, verdict)
+            except Refused as error:
+                logger.warning("verdict refused: {}", error)
+            self.status["audits"] += 1
+            self.status["failed"] += int(not verdict.passed)
+            self._write_status()
+        self.set_weights()
+        self.http.close()
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        logger.info("signal {}: finishing the current audit", signum)
+        self.stopping = True
+
+    def next_task(self) -> AuditTask | None:
+        response = self.client.http.post(
+            "/validators/audit", content=b"", headers={"content-type": "application/json"}
+        )
+        if response.status_code == 204:
+            return None
+        if response.is_error:
+            logger.warning("audit request refused: {} {}", response.status_code, response.text[:200])
+            return None
+        return AuditTask.model_validate_json(response.content)
+
+    def audit(self, task: AuditTask) -> AuditVerdict:
+        """Replay the task's hops; any unreadable or mismatching object is a failure with its reason."""
+        base = dict(audit_id=task.audit_id, miner=task.miner, epoch=task.epoch, stage=task.stage)
+        try:
+            setup = self._setup(task)
+            n = sum(s.n_params for s in self.run.stages if s.index == task.stage)
+            start = decode_f32(get(task.checkpoint_url, task.checkpoint_sha256, 4 * n, self.http))
+            limit = wire.encoded_size(
+                (self.run.micro_batch, int(self.run.model["seq_len"]), setup.config.wire_width),
+                setup.flags.wire_dtype,
+            )
+            records = [
+                HopRecord(
+                    task.epoch,
+                    task.stage,
+                    hop.direction,
+                    hop.sample_id,
+                    hop.inner_step,
+                    get(hop.input_url, hop.input_sha256, limit, self.http) if hop.input_url else None,
+                    get(hop.output_url, hop.output_sha256, limit, self.http) if hop.output_url else None,
+                    hop.loss,
+                )
+                for hop in task.hops
+            ]
+            result = replay(setup, records, start)
+        except (ValueError, KeyError, OSError, RuntimeError) as error:
+            return AuditVerdict(
+                **base,
+                passed=False,
+                hops_replayed=0,
+                depth=0,
+                reason=f"committed objects unusable: {type(error).__name__}: {error}",
+            )
+        errors: dict[str, float] = {}
+        for check in result.checks:
+            kind = check.verdict.kind
+            errors[kind] = max(errors.get(kind, 0.0), float(check.verdict.error))
+        reason = result.stopped or "; ".join(
+            f"{c.direction} of sample {c.sample_id}: {c.verdict.reason}" for c in result.failures[:3]
+        )
+        logger.info(
+            "audit of {} (stage {}, epoch {}): {} after {} hops, {} steps",
+            task.miner[:10],
+            task.stage,
+            task.epoch,
+            "passed" if result.passed else f"FAILED ({reason})",
+            result.hops,
+            result.end_step - result.start_step,
+        )
+        return AuditVerdict(
+            **base,
+            passed=result.passed,
+            hops_replayed=result.hops,
+            depth=result.end_step - result.start_step,
+            reason=reason,
+            errors=errors,
+        )
+
+    def _setup(self, task: AuditTask) -> ReplaySetup:
+        run = self.run
+        info = run.stages[task.stage]
+        spec = StageSpec(info.index, len(run.stages), info.first_layer, info.last_layer)
+        batch = None
+        if spec.is_head or spec.is_tail:
+            batch = batch_fn(
+                fetch_data(DataPlan.from_dict(run.data), task.data_urls, self.cache_dir, self.http),
+                run.micro_batch,
+            )
+        flags = TrainFlags(
+            run.micro_batch,
+            run.accumulate,
+            run.optimizer,
+            run.weight_decay,
+            stage_clip(run, task.stage),
+            wire.wire_dtype(run.wire_dtype),
+        )
+        return ReplaySetup(
+            config=ModelConfig.from_dict(run.model),
+            spec=spec,
+            seed=run.seed,
+            flags=flags,
+            batch=batch or _no_batch,
+            schedule=LRSchedule.from_dict(run.schedule),
+            tokens_at_start=task.plan.tokens_at_start,
+            replicas=task.plan.replicas,
+            device=self.device,
+            bf16=task.bf16,
+        )
+
+    def set_weights(self) -> None:
+        """Weights from the score log, set on the chain; a failure is logged, kept for status, and retried later."""
+        self.last_weights_at = time.monotonic()
+        try:
+            log = httpx.get(f"{str(self.client.http.base_url).rstrip('/')}/scores", timeout=30).json()
+        except (httpx.HTTPError, ValueError) as error:
+            self.status["last_error"] = f"score log unavailable: {error}"
+            return
+        weights = compute_scores(log)
+        uids = {hk: uid for hk, uid in log["uids"].items() if uid is not None}
+        pairs = sorted((uids[hk], w) for hk, w in weights.items() if hk in uids)
+        if not pairs:
+            return
+        try:
+            self.chain.set_weights(self.keypair, [u for u, _ in pairs], [w for _, w in pairs], VERSION_KEY)
+            self.status["last_weights"] = {"at": time.time(), "weights": {str(u): w for u, w in pairs}}
+            self.status["last_error"] = None
+            logger.info("weights set for {} miners", len(pairs))
+        except ChainError as error:
+            self.status["last_error"] = f"set_weights failed: {error}"
+            logger.warning("set_weights failed (will retry): {}", error)
+        self._write_status()
+
+    def _write_status(self) -> None:
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status))
+        tmp.replace(self.status_file)
+
+
+def _no_batch(sample_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("a body stage reads no data")
