@@ -78,9 +78,11 @@ def cmd_miner(args: argparse.Namespace) -> int:
     if args.action == "status":
         return _miner_status(load(MinerSettings))
     import torch
+    from loguru import logger
 
     from iota.miner.client import OrchestratorClient
     from iota.miner.main import Miner
+    from iota.miner.worker import StageWorker
 
     settings = load(MinerSettings)
     device = _device(settings.device)
@@ -91,6 +93,12 @@ def cmd_miner(args: argparse.Namespace) -> int:
     memory = int(settings.memory_gb * 2**30) or _device_memory(device)
     miner_dir = Path(settings.miner_dir)
     miner_dir.mkdir(parents=True, exist_ok=True)
+    factory = StageWorker
+    if settings.adversary:
+        from iota.validator import adversaries
+
+        factory = getattr(adversaries, settings.adversary)
+        logger.warning("this miner cheats on purpose ({}): validators will catch it", settings.adversary)
     miner = Miner(
         client,
         device,
@@ -99,6 +107,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
         memory,
         miner_dir,
         status_file=miner_dir / f"status-{keypair.ss58_address}.json",
+        worker_factory=factory,
     )
     if settings.health_port:
         from iota.miner.health import serve_health

@@ -157,7 +157,7 @@ class LocalNetwork:
                 raise TimeoutError(f"the orchestrator did not answer within {timeout_s:.0f} s")
             time.sleep(0.3)
 
-    def add_miner(self, name: str | None = None, threads: int = 1) -> str:
+    def add_miner(self, name: str | None = None, threads: int = 1, adversary: str = "") -> str:
         """Create, register and start one miner; the orchestrator chooses its stage."""
         name = name or f"miner{len(self.miner_names)}"
         wallet = create_wallet(self.run_dir / "wallets", name, "default", exist_ok=True)
@@ -170,6 +170,7 @@ class LocalNetwork:
             "IOTA_DEVICE": "cpu",
             "IOTA_THREADS": str(threads),
             "IOTA_MINER_DIR": str(self.run_dir / name),
+            "IOTA_ADVERSARY": adversary,
         }
         self._spawn(name, "miner", env)
         if name not in self.miner_names:
@@ -217,6 +218,14 @@ class LocalNetwork:
             return Status.model_validate_json(httpx.get(f"{self.url}/status", timeout=10).content)
         except (httpx.HTTPError, ValueError):
             return None
+
+    def hotkey(self, name: str) -> str:
+        from iota.auth import load_hotkey
+
+        return str(load_hotkey(self.run_dir / "wallets", name, "default").ss58_address)
+
+    def scores_log(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/scores", timeout=30).json())
 
     def events(self) -> list[dict[str, Any]]:
         return list(httpx.get(f"{self.url}/events", params={"limit": 1000}, timeout=10).json())

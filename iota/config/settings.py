@@ -114,6 +114,10 @@ class MinerSettings(ChainSettings, WalletSettings):
     cache_size: int = Field(16, description="Forward graphs kept for their backward")
     memory_gb: float = Field(0.0, description="Memory to report; 0 measures the device")
     health_port: int = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
+    adversary: str = Field(
+        "",
+        description="Tests and demos only: cheat like this class of iota.validator.adversaries (validators catch it)",
+    )
     miner_dir: Path = Field(Path("runs/miner"), description="Where the miner keeps its cache and status")
 
 

@@ -120,6 +120,7 @@ class Miner:
         memory_bytes: int,
         cache_dir: Path,
         status_file: Path | None = None,
+        worker_factory: type[StageWorker] = StageWorker,
     ):
         self.client, self.device, self.use_autocast = client, device, use_autocast
         self.cache_size, self.memory_bytes = cache_size, memory_bytes
@@ -129,6 +130,7 @@ class Miner:
         self.state = MinerState()
         self.session = uuid.uuid4().hex
         self.worker: StageWorker | None = None
+        self.worker_factory = worker_factory
         self._status_at = 0.0
         self._heartbeat: threading.Thread | None = None
         self.stage = -1
@@ -167,7 +169,7 @@ class Miner:
             wire.wire_dtype(self.run.wire_dtype),
         )
         self.schedule = LRSchedule.from_dict(self.run.schedule)
-        self.worker = StageWorker(
+        self.worker = self.worker_factory(
             config,
             spec,
             self.run.seed,

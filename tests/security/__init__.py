@@ -62,6 +62,7 @@ class Net:
     clock: Clock
     clients: dict[str, OrchestratorClient]
     keys: dict[str, Keypair]
+    app: Any = None
 
     def join(self, *names: str) -> None:
         for name in names:
@@ -213,7 +214,7 @@ def serve_net(
             for name in ("operator", "validator", "idle", "stranger", *MINERS)
         }
         try:
-            yield Net(url, assembled.orchestrator, assembled.run, store, clock, clients, keys)
+            yield Net(url, assembled.orchestrator, assembled.run, store, clock, clients, keys, assembled.app)
         finally:
             for client in clients.values():
                 client.close()

@@ -1,0 +1,81 @@
+"""Validators in a live network: audits of real miner processes, weights on the (local) chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iota.local import LocalNetwork, LocalOptions, run_local
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "preset": "test",
+    "stages": 3,
+    "epochs": 2,
+    "samples_per_epoch": 24,
+    "micro_batch": 2,
+    "accumulate": 2,
+    "total_tokens": 10_000,
+}
+
+
+def test_local_run_with_a_validator_sets_weights_for_every_honest_miner(
+    tmp_path: Path, net_data_dir: Path
+) -> None:
+    """`iota local --stages 3 --miners-per-stage 2 --validators 1 --epochs 2`, on the small preset."""
+    report = run_local(
+        LocalOptions(
+            miners_per_stage=2,
+            validators=1,
+            run_dir=tmp_path / "run",
+            baseline=False,
+            progress=False,
+            overrides={**SMALL, "data_dir": str(net_data_dir)},
+        )
+    )
+    scores = report["scores"]
+    assert scores["audits"] > 0 and scores["audits_failed"] == 0  # no honest miner flagged
+    uids = {hk: uid for hk, uid in scores["uids"].items()}
+    assert len(uids) == 6
+    (chain_weights,) = scores["chain_weights"].values()
+    assert {str(uid) for uid in uids.values()} == set(chain_weights)  # every honest miner has weight
+    assert all(value > 0 for value in chain_weights.values())
+
+
+def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path) -> None:
+    """One int8-weights cheater among honest miners: caught by audit, weight 0; honest weights follow their work."""
+    overrides = {**SMALL, "epochs": 1, "samples_per_epoch": 40, "data_dir": str(net_data_dir)}
+    net = LocalNetwork(LocalOptions(run_dir=tmp_path / "run", overrides=overrides, progress=False))
+    try:
+        net.start_orchestrator()
+        honest = [net.add_miner() for _ in range(3)]
+        cheater = net.add_miner(adversary="Int8Weights")  # joins stage 0 beside honest[0]
+        net.add_validator(weights_interval_s=5.0)
+        net.wait_until(lambda s: s.phase == "done", timeout_s=300)
+        net.stop(["validator0"], timeout_s=60)
+        log = net.scores_log()
+    finally:
+        net.stop()
+    from iota.validator.scoring import compute_scores
+
+    hotkey = {name: net.hotkey(name) for name in [*honest, cheater]}
+    failed = {v["miner"] for v in log["verdicts"] if not v["passed"]}
+    passed = {v["miner"] for v in log["verdicts"] if v["passed"]}
+    assert hotkey[cheater] in failed
+    assert not failed & {hotkey[h] for h in honest}, "an honest miner was flagged"
+    weights = compute_scores(log)
+    assert weights.get(hotkey[cheater], 0.0) == 0.0
+    assert all(weights[hotkey[h]] > 0 for h in honest)
+    # Honest weights are proportional to validated work (hops, scaled by stage size).
+    work = {row["miner"]: row for rows in log["work"].values() for row in rows}
+    mean = sum(log["stage_params"]) / len(log["stage_params"])
+    units = {
+        hotkey[h]: work[hotkey[h]]["hops"] * log["stage_params"][work[hotkey[h]]["stage"]] / mean
+        for h in honest
+    }
+    total = sum(units.values())
+    for key, value in units.items():
+        assert weights[key] == pytest.approx(value / total)
+    assert passed  # the validator also audited honest work
