@@ -40,7 +40,7 @@ def test_local_run_with_a_validator_sets_weights_for_every_honest_miner(
     uids = {hk: uid for hk, uid in scores["uids"].items()}
     assert len(uids) == 6
     (chain_weights,) = scores["chain_weights"].values()
-    assert {str(uid) for uid in uids.values()} == set(chain_weights)  # every honest miner has weight
+    assert {int(uid) for uid in uids.values()} == {int(uid) for uid in chain_weights}  # every honest miner
     assert all(value > 0 for value in chain_weights.values())
 
 
