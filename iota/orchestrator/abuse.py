@@ -104,8 +104,10 @@ class AbusePolicy:
 
     def strikes(self, hotkey: str, now: float) -> int:
         """Strikes against ``hotkey`` within the window ending at ``now``."""
+        recent = self._times(
+            hotkey
+        )  # may read the database: never while holding _lock (lock order: db, then _lock)
         with self._lock:
-            recent = self._times(hotkey)
             while recent and recent[0] <= now - self.config.window_s:
                 recent.popleft()
             return len(recent)
@@ -125,8 +127,9 @@ class AbusePolicy:
             self.state.db.execute(
                 "DELETE FROM abuse_strikes WHERE hotkey = ? AND at <= ?", (hotkey, now - self.config.window_s)
             )
+            recent = self._times(hotkey)
             with self._lock:
-                self._times(hotkey).append(now)
+                recent.append(now)
             count = self.strikes(hotkey, now)
             logger.warning("strike {} against {}: {}", count, hotkey[:10], why)
             if count == self.config.throttle_at:
@@ -161,7 +164,9 @@ class AbusePolicy:
             rows = self.state.db.execute(
                 "SELECT at FROM abuse_strikes WHERE hotkey = ? ORDER BY at", (hotkey,)
             )
-            recent = self._recent[hotkey] = deque(float(r[0]) for r in rows)
+            loaded = deque(float(r[0]) for r in rows)
+            with self._lock:
+                recent = self._recent.setdefault(hotkey, loaded)
         return recent
 
 
