@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,16 +191,27 @@ def upload_data(run: Run, run_id: str, store: ObjectStore, state: StateStore) ->
 
 
 def cached_lookup(chain: Chain, ttl_s: float = 5.0) -> Callable[[str], Neuron | None]:
-    """chain.neuron with a short cache: auth runs on every request and LocalChain reads a file."""
-    cache: dict[str, tuple[float, Neuron | None]] = {}
+    """chain.neuron as a lookup in the whole registry, refreshed every `ttl_s`: auth runs on every request, and
+    reading the registry once per interval (not once per hotkey) keeps that O(1) however many miners there are."""
+    lock = threading.Lock()
+    cache: dict[str, Neuron | None] = {}  # None: looked up since the refresh and not registered
+    loaded_at = [float("-inf")]
 
     def lookup(hotkey: str) -> Neuron | None:
         now = time.monotonic()
-        hit = cache.get(hotkey)
-        if hit is None or now - hit[0] > ttl_s:
-            hit = (now, chain.neuron(hotkey))
-            cache[hotkey] = hit
-        return hit[1]
+        with lock:
+            if now - loaded_at[0] > ttl_s:
+                cache.clear()
+                cache.update({n.hotkey: n for n in chain.neurons()})
+                loaded_at[0] = now
+            if hotkey in cache:
+                return cache[hotkey]
+        neuron = chain.neuron(
+            hotkey
+        )  # perhaps registered since the refresh; asked once per refresh either way
+        with lock:
+            cache[hotkey] = neuron
+        return neuron
 
     return lookup
 

@@ -6,6 +6,7 @@ store whose keys it chooses and presigns, and the checks on every report (lease,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,11 @@ class Orchestrator:
 
     def register(self, hotkey: str, request: RegisterRequest) -> Registration:
         now = self.clock()
+        # What is stored must fit its column (BIGINT) and stay small: every registration is kept and logged.
+        if not 0 <= request.memory_bytes < 2**63:
+            raise SchedulingError(400, f"memory_bytes {request.memory_bytes} is out of range", fault=True)
+        if len(request.device) > 64 or len(request.session) > 128:
+            raise SchedulingError(400, "device (64) or session (128 characters) is too long", fault=True)
         stage = self.scheduler.register(
             hotkey, self.uid_of(hotkey), request.device, request.memory_bytes, request.session, now
         )
@@ -166,6 +172,8 @@ class Orchestrator:
             loss = report.loss if hop.stage == last and hop.direction == FORWARD else None
             if hop.stage == last and hop.direction == FORWARD and loss is None:
                 raise SchedulingError(400, "the tail must report the sample's loss", fault=True)
+            if loss is not None and not math.isfinite(loss):  # JSON admits NaN; /status could not serve it
+                raise SchedulingError(400, f"the loss must be a finite number, got {loss}", fault=True)
             tokens = self.run.micro_batch * int(self.run.model["seq_len"])
             self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now, report.inner_step)
             if hop.direction == BACKWARD and hop.stage == 0:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 
 from iota.auth.ratelimit import retry_after_header
 from iota.orchestrator.scheduler import SchedulingError
@@ -18,6 +18,11 @@ def orchestrator(request: Request) -> Orchestrator:
 
 
 Orch = Annotated[Orchestrator, Depends(orchestrator)]
+
+# Ids and epochs are BIGINT in the state database: a larger number is refused here (422), not by the driver (500).
+MAX_ID = 2**63 - 1
+ItemId = Annotated[int, Path(ge=0, le=MAX_ID, description="a work item's id")]
+EpochNumber = Annotated[int, Query(ge=0, le=MAX_ID, description="the epoch the item belongs to")]
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from iota.auth import Miner, check_protocol_version
-from iota.orchestrator.routes.deps import Orch, refusals
+from iota.orchestrator.routes.deps import EpochNumber, ItemId, Orch, refusals
 from iota.protocol import Ack, RegisterRequest, Registration, Report, Work, WorkRequest
 
 router = APIRouter(tags=["miners"], dependencies=[Depends(check_protocol_version)])
@@ -40,14 +40,14 @@ def work(body: WorkRequest, caller: Miner, orch: Orch) -> Work:
 
 
 @router.post("/work/{hop_id}/report")
-def report(hop_id: int, body: Report, caller: Miner, orch: Orch) -> Ack:
+def report(hop_id: ItemId, body: Report, caller: Miner, orch: Orch) -> Ack:
     """Report a finished item with its commitments; the orchestrator checks the uploaded object first."""
     with refusals(orch, caller.hotkey):
         return orch.report(caller.hotkey, hop_id, body)
 
 
 @router.post("/work/{hop_id}/release")
-def release(hop_id: int, epoch: int, caller: Miner, orch: Orch) -> Ack:
+def release(hop_id: ItemId, epoch: EpochNumber, caller: Miner, orch: Orch) -> Ack:
     """Hand an item back unfinished (the miner is stopping): it is requeued at once."""
     with refusals(orch, caller.hotkey):
         return orch.release(caller.hotkey, hop_id, epoch)
