@@ -179,6 +179,12 @@ def cmd_validator(args: argparse.Namespace) -> int:
         settings.weights_interval_s,
         validator_dir,
     )
+    if settings.health_port:
+        from iota.miner.health import serve_health
+
+        serve_health(
+            settings.health_port, lambda: {k: v for k, v in daemon.status.items() if k != "last_weights"}
+        )
     daemon.run_forever()
     return 0
 

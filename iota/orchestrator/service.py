@@ -343,6 +343,8 @@ class Orchestrator:
             f"iota_samples_lost {status.samples_lost}",
             f"iota_bytes_transferred_total {status.bytes_transferred}",
             f"iota_merges_total {int(self.state.get('merges', 0))}",
+            f"iota_audits_passed_total {int(self.state.get('audits_passed', 0))}",
+            f"iota_audits_failed_total {int(self.state.get('audits_failed', 0))}",
             f"iota_paused {int(status.paused)}",
         ]
         if status.latest_loss is not None:
