@@ -6,7 +6,7 @@ Each miner: POST /miners/register, then loop: POST /work -> (GET its input from 
 --download) -> PUT its output bytes (the exact size the orchestrator expects, random, digests precomputed) ->
 POST /work/{hop_id}/report with the digests (and a loss on the tail). A `wait` answer just ends the cycle.
 
-Pacing: a miner's requests (storage transfers included) are slotted 1/rate seconds apart, from a random phase,
+Pacing: miners join spread over --ramp-s seconds; then a miner's requests (storage transfers included) are slotted 1/rate seconds apart, from a random phase,
 so N miners offer N * rate requests/s. A miner that falls behind its slots sends at once but never bursts to
 catch up (the offered load then drops: the `late` figures show it). Latency is measured around the whole call
 (signing included), per route; a request counts in the measured window when it was *sent* within it.
@@ -133,8 +133,9 @@ class SimMiner:
         response = await self._call("register", "POST", "/miners/register", body.model_dump_json().encode())
         return response is not None and response.status_code == 200
 
-    async def run(self, start: float, stop: float) -> None:
-        self.slot = start + random.uniform(0.0, self.period) - self.period
+    async def run(self, start: float, stop: float, ramp_s: float) -> None:
+        # Miners join over the ramp (real ones don't all start in one second), then keep a random phase.
+        self.slot = start + random.uniform(0.0, max(self.period, ramp_s)) - self.period
         while not await self.register():
             if time.monotonic() >= stop:
                 return
@@ -246,7 +247,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         start = time.monotonic() + 0.5
         # The window opens once every miner is registered (registration is start-up, timed on its own) plus warm-up.
         stop = start + args.max_registration_s + args.warmup_s + args.seconds
-        tasks = [asyncio.create_task(m.run(start, stop)) for m in miners]
+        tasks = [asyncio.create_task(m.run(start, stop, args.ramp_s)) for m in miners]
         while stats.registered < len(miners) and time.monotonic() < start + args.max_registration_s:
             await asyncio.sleep(0.1)
         registered_after = time.monotonic() - start
@@ -294,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second per miner")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument(
+        "--ramp-s", type=float, default=10.0, help="miners join spread over this many seconds"
+    )
     parser.add_argument("--max-registration-s", type=float, default=120.0)
     parser.add_argument("--timeout-s", type=float, default=30.0)
     parser.add_argument(

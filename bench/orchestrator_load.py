@@ -204,6 +204,8 @@ def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[
         "--download" if args.download else "--no-download",
         "--profile-s",
         str(args.profile_s if py_spy() else 0),
+        "--ramp-s",
+        str(args.ramp_s),
     ]
     profile: Profile | None = None
     spies: dict[str, subprocess.Popen[bytes]] = {}
@@ -323,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window per level")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second per miner")
     parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument(
+        "--ramp-s", type=float, default=10.0, help="simulated miners join over this many seconds"
+    )
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--profile-s",
