@@ -35,7 +35,9 @@ part() {
 part ruff ruff check .
 part format ruff format --check .
 part mypy mypy
-part pytest python -m pytest -q -ra "$@"
+# Without arguments: everything but the long runs marked `extended` (run those with: bash run_tests.sh -m extended).
+if [ "$#" -eq 0 ]; then set -- -m "not extended"; fi
+part pytest python -m pytest -q -ra --durations=15 "$@"
 
 echo
 echo "== summary"

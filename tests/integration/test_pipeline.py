@@ -75,7 +75,7 @@ CONVERGE = {
 }
 
 
-@pytest.mark.parametrize("store", ["local", "s3"])
+@pytest.mark.parametrize("store", ["local", pytest.param("s3", marks=pytest.mark.extended)])
 def test_bottleneck_run_learns(
     store: str, tmp_path: Path, net_data_dir: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -130,6 +130,7 @@ def _finish(net: LocalNetwork) -> None:
     assert status.samples_completed == FAULTS["samples_per_epoch"]
 
 
+@pytest.mark.extended
 def test_miner_killed_mid_item(tmp_path: Path, net_data_dir: Path) -> None:
     net = _network(tmp_path, net_data_dir)
     try:
@@ -145,6 +146,7 @@ def test_miner_killed_mid_item(tmp_path: Path, net_data_dir: Path) -> None:
         net.stop()
 
 
+@pytest.mark.extended
 def test_miner_sigterm_releases_at_once(tmp_path: Path, net_data_dir: Path) -> None:
     net = _network(tmp_path, net_data_dir)
     try:

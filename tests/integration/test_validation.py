@@ -44,6 +44,7 @@ def test_local_run_with_a_validator_sets_weights_for_every_honest_miner(
     assert all(value > 0 for value in chain_weights.values())
 
 
+@pytest.mark.extended
 def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path) -> None:
     """One int8-weights cheater among honest miners: caught by audit, weight 0; honest weights follow their work."""
     overrides = {**SMALL, "epochs": 1, "samples_per_epoch": 40, "data_dir": str(net_data_dir)}
