@@ -313,6 +313,8 @@ class Scheduler:
                 self.miner_gone(hotkey, now, f"silent for {self.policy.miner_timeout_s:.0f} s")
 
     def _requeue(self, hop: Hop, now: float, why: str) -> None:
+        if why == "lease expired":
+            self.state.bump("leases_expired")
         holder_alive = False
         if hop.direction == BACKWARD and hop.miner:
             m = self.state.miner(hop.miner)

@@ -344,11 +344,22 @@ class Orchestrator:
             f"iota_bytes_transferred_total {status.bytes_transferred}",
             f"iota_merges_total {int(self.state.get('merges', 0))}",
             f"iota_audits_passed_total {int(self.state.get('audits_passed', 0))}",
+            f"iota_leases_expired_total {int(self.state.get('leases_expired', 0))}",
             f"iota_audits_failed_total {int(self.state.get('audits_failed', 0))}",
             f"iota_paused {int(status.paused)}",
         ]
         if status.latest_loss is not None:
             lines.append(f"iota_loss {status.latest_loss}")
+        latency = self.state.db.execute(
+            "SELECT stage, AVG(done_at - created_at) FROM (SELECT stage, done_at, created_at FROM hops "
+            "WHERE status = 'done' ORDER BY id DESC LIMIT 1000) recent GROUP BY stage"
+        )
+        lines += [f'iota_hop_seconds{{stage="{int(s)}"}} {float(v):.4f}' for s, v in latency]
+        if self.auditor is not None:
+            from iota.validator.scoring import compute_scores
+
+            for hotkey, weight in compute_scores(self.auditor.score_log()).items():
+                lines.append(f'iota_score{{hotkey="{hotkey}"}} {weight:.6f}')
         for stage in status.stages:
             label = f'stage="{stage.index}"'
             lines += [
