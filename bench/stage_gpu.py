@@ -24,7 +24,9 @@ from iota.model.stages import plan_stages
 VOCAB = 128256
 
 
-def bench_stage(name: str, stage: int, autocast: bool, steps: int, micro_batch: int) -> dict[str, float | str]:
+def bench_stage(
+    name: str, stage: int, autocast: bool, steps: int, micro_batch: int
+) -> dict[str, float | str]:
     config = preset(name, VOCAB, bottleneck=preset(name, VOCAB).hidden // 64)
     spec = plan_stages(config.n_layers, default_stages(name))[stage]
     flags = TrainFlags(micro_batch, 1, "adamw", 0.0, 1.0, torch.bfloat16)
@@ -55,9 +57,12 @@ def bench_stage(name: str, stage: int, autocast: bool, steps: int, micro_batch: 
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     return {
-        "preset": name, "stage": stage, "precision": "bf16 autocast" if autocast else "fp32",
+        "preset": name,
+        "stage": stage,
+        "precision": "bf16 autocast" if autocast else "fp32",
         "params_M": sum(p.numel() for p in worker.model.parameters()) / 1e6,
-        "ms_per_microbatch": 1000 * seconds, "tokens_per_s": micro_batch * T / seconds,
+        "ms_per_microbatch": 1000 * seconds,
+        "tokens_per_s": micro_batch * T / seconds,
         "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
     }
 
@@ -85,8 +90,10 @@ def main() -> None:
             for autocast in (True, False):
                 row = bench_stage(name, stage, autocast, args.steps, args.micro_batch)
                 rows.append(row)
-                print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+                print(
+                    " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                    flush=True,
+                )
                 torch.cuda.empty_cache()
     agree = merge_bits_agree()
     print(f"merge outer step, CUDA vs CPU bit-identical: {agree}")
