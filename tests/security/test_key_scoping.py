@@ -17,7 +17,7 @@ from bittensor.keyfiles import Keypair
 from iota.chain.local import LocalChain
 from iota.model import wire
 from iota.orchestrator.app import assemble
-from iota.protocol import RegisterRequest
+from iota.protocol import AuditTask, RegisterRequest
 from iota.storage import S3Store, keys
 from iota.storage.transfer import download, upload
 from tests.orchestrator import run_settings
@@ -184,6 +184,30 @@ def test_get_reaches_only_what_the_item_names(net: Net) -> None:
         response = httpx.get(url)
         assert response.status_code == 403, (name, response.text)
     assert download(mid.input_url, mid.input_sha256, 1 << 24) == data  # its own input it can read
+
+
+def test_a_validator_reads_only_what_its_audit_names(net: Net) -> None:
+    net.join(*MINERS)
+    net.forward("head", fill=0.5)  # one committed hop: the only work there is to audit
+    response = net.signed("validator", "/validators/audit")
+    assert response.status_code == 200, response.text
+    task = AuditTask.model_validate_json(response.content)
+    assert task.miner == net.keys["head"].ss58_address
+    (hop,) = net.orch.state.done_hops(task.miner, 0, 100)
+    run_id = net.run.settings.run_id
+    named = {hop[4], hop[6], keys.checkpoint_stage(run_id, 0, 0)} - {None}
+    named |= {keys.data_shard(run_id, s.file) for s in net.run.plan.shards}
+    urls = [task.checkpoint_url, *task.data_urls.values()]
+    urls += [u for h in task.hops for u in (h.input_url, h.output_url) if u]
+    for url in urls:  # read grants only, each for an object the audit names
+        query = parse_qs(urlsplit(url).query)
+        assert query["method"] == ["GET"] and "size" not in query
+        assert urlsplit(url).path.split("/objects/", 1)[1] in named
+        assert httpx.get(url).status_code == 200
+        assert put(with_query(url, method="PUT", size="4"), b"evil").status_code == 403
+    for name, key in other_keys(net).items():
+        if key not in named:
+            assert httpx.get(repoint(task.checkpoint_url, key)).status_code == 403, name
 
 
 # -- S3: what our presigned URLs sign ---------------------------------------------------------------------
