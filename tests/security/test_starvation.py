@@ -28,6 +28,8 @@ from iota.chain.local import LocalChain
 from iota.protocol import RegisterRequest, Report, Work, WorkRequest
 from iota.storage.transfer import upload
 
+pytestmark = pytest.mark.slow  # starts an orchestrator and an attacker process (~30 s)
+
 HONEST = ("//Honest0", "//Honest1", "//Honest2")
 FLOODER, ORCHESTRATOR, COLD = "//Flooder", "//Orchestrator", "//Cold"
 MEASURE_S = 5.0
