@@ -168,6 +168,9 @@ def _load_stage(
     _check_names_and_shapes(
         tensor_list(state), expected_tensors(config, spec), f"{where} vs the model config"
     )
+    non_finite = sorted(n for n, t in state.items() if not bool(torch.isfinite(t).all()))
+    if non_finite:
+        raise CheckpointError(f"{where}: tensors {non_finite[:5]} hold NaN or Inf values")
     sha = flat_sha256(state)
     if sha != entry.get("sha256"):
         raise CheckpointError(

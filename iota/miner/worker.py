@@ -109,15 +109,16 @@ class StageWorker:
         has changed them (several samples in flight), the forward is recomputed from the cached input with the
         current weights, so backward never reads weights modified in place.
         """
-        cached = self.cache.pop(sample_id, None)
-        if cached is None:
+        if sample_id not in self.cache:
             raise KeyError(f"no cached forward for sample {sample_id}")
+        incoming = self._decode(data)  # a refused gradient leaves the graph for an honest one
+        cached = self.cache.pop(sample_id)
         x, out = cached.input, cached.output
         if out is None or cached.step != self.inner_step:
             x = x.detach().requires_grad_(True) if x.is_floating_point() else x
             with autocast(self.device.type, self.use_autocast):
                 out = self.model(x)
-        grad = self._decode(data).to(self.device, dtype=out.dtype)
+        grad = incoming.to(self.device, dtype=out.dtype)
         out.backward(grad)
         self.micro_batches += 1
         if not x.is_floating_point():

@@ -212,9 +212,6 @@ def test_checkpoint_load_refuses_tampered_files(published: tuple[LocalStore, Run
         load_checkpoint(directory)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="iota.checkpoint checks names, shapes, dtype and sha256, not finiteness"
-)
 def test_checkpoint_load_refuses_non_finite_weights_with_a_matching_manifest(
     published: tuple[LocalStore, Run], tmp_path: Path
 ) -> None:
@@ -235,9 +232,6 @@ def test_checkpoint_load_refuses_non_finite_weights_with_a_matching_manifest(
         load_checkpoint(directory)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="StageWorker.backward pops the cached forward before it decodes the gradient"
-)
 def test_a_refused_gradient_leaves_the_forward_graph_for_the_honest_one(run: Run) -> None:
     """A hostile next-stage miner's bad gradient should not cost this miner the sample's cached forward."""
     miner = worker(run, 1)
