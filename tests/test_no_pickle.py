@@ -201,6 +201,6 @@ def test_a_local_network_trains_under_the_guard(tmp_path: Path, data_dir: Path) 
 
     records = [json.loads(p.read_text()) for p in markers.glob("*.json")]
     roles = sorted(r["argv"][r["argv"].index("iota") + 1] for r in records if "iota" in r["argv"])
-    assert roles == ["local", "miner", "miner", "miner", "orchestrator"], records
+    assert roles == ["local", "miner", "miner", "miner", "orchestrator", "validator"], records
     refused = [(r["argv"], r["refused"]) for r in records if r["refused"]]
     assert not refused, "a process of the run tried to unpickle"
