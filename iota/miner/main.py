@@ -239,6 +239,9 @@ class Miner:
                 logger.info("run complete: {}", work.reason)
                 break
             if work.kind == "wait":
+                if self.worker is not None and "holding" in work.extra:
+                    holding = set(work.extra["holding"])
+                    self.worker.forget([s for s in list(self.worker.cache) if s not in holding])
                 time.sleep(work.wait_s)
                 continue
             self.do(work)
@@ -265,6 +268,8 @@ class Miner:
             handler(work)
         except Refused as error:
             logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
+            if work.kind == "forward" and self.worker is not None and work.sample_id is not None:
+                self.worker.forget([work.sample_id])  # not committed: its backward will never come
         except (KeyError, ValueError, OSError, StoreError) as error:
             logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
             self._release(work)

@@ -80,6 +80,7 @@ class StageWorker:
         The tail runs its backward at once and returns the gradient for its input; other stages keep the graph
         until the sample's backward arrives.
         """
+        self.forget([sample_id])  # a restarted sample replaces its orphaned graph from the earlier attempt
         self.window_forwards += 1
         tokens, targets = self.batch(sample_id) if (self.spec.is_head or self.spec.is_tail) else (None, None)
         if self.spec.is_head:
@@ -129,6 +130,13 @@ class StageWorker:
         if data is None:
             raise ValueError("this stage needs an input tensor")
         return wire.decode(data, dtype=self.flags.wire_dtype, shape=self.act_shape, max_bytes=self.max_bytes)
+
+    def forget(self, sample_ids: list[int]) -> None:
+        """Drop cached forwards whose backward will never come (their sample restarted elsewhere, or their report
+        was refused); they no longer count against the window. The weights and step count are untouched."""
+        for sample_id in sample_ids:
+            if self.cache.pop(sample_id, None) is not None:
+                self.window_forwards = max(0, self.window_forwards - 1)
 
     def wants_forward(self) -> bool:
         """At most k forwards per accumulation window: the window's backward passes all use the weights its

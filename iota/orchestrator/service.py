@@ -111,6 +111,11 @@ class Orchestrator:
         miner = current
         plan = self.epochs.plan(miner.stage)
         if assignment.hop is None:
+            # Which of its cached forwards still have a backward coming: a sample restarted elsewhere never will,
+            # and a miner finishing its window must not wait for it.
+            holding = (
+                [] if forward else self.state.samples_waiting_on(hotkey, self.scheduler.policy.n_stages - 1)
+            )
             return Work(
                 kind="wait",
                 run_id=self.run.run_id,
@@ -119,6 +124,7 @@ class Orchestrator:
                 plan=plan,
                 wait_s=0.05,
                 reason=assignment.wait_reason,
+                extra={} if forward else {"holding": holding},
             )
         return self._work_for(assignment.hop, plan)
 
