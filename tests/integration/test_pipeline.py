@@ -124,6 +124,15 @@ def _network(tmp_path: Path, data_dir: Path, **kw: object) -> LocalNetwork:
     return net
 
 
+def _second_on_a_stage(net: LocalNetwork, miners: list[str]) -> str:
+    """A miner whose stage has another miner (whichever registered later), so the run can finish without it."""
+    status = net.status()
+    assert status is not None
+    by_hotkey = {net.hotkey(name): name for name in miners}
+    shared = next(stage for stage in status.stages if len(stage.miners) > 1)
+    return by_hotkey[shared.miners[-1].hotkey]
+
+
 def _finish(net: LocalNetwork) -> None:
     status = net.wait_until(lambda s: s.phase == "done", timeout_s=300)
     assert status.samples_lost == 0
@@ -134,9 +143,9 @@ def _finish(net: LocalNetwork) -> None:
 def test_miner_killed_mid_item(tmp_path: Path, net_data_dir: Path) -> None:
     net = _network(tmp_path, net_data_dir)
     try:
-        miners = [net.add_miner() for _ in range(4)]  # stage 0 gets a second miner (empty stages first)
+        miners = [net.add_miner() for _ in range(4)]  # empty stages first: one stage gets a second miner
         net.wait_until(lambda s: s.samples_completed >= 5, timeout_s=120)
-        victim = next(m for m in miners[3:])  # the 4th miner joined stage 0 beside miners[0]
+        victim = _second_on_a_stage(net, miners)
         net.wait_until(lambda s: s.stages[0].leased + s.samples_in_flight > 0, timeout_s=30)
         net.signal(victim, signal.SIGKILL)
         _finish(net)
@@ -153,8 +162,9 @@ def test_miner_sigterm_releases_at_once(tmp_path: Path, net_data_dir: Path) -> N
         miners = [net.add_miner() for _ in range(4)]
         net.wait_until(lambda s: s.samples_completed >= 5, timeout_s=120)
         sent = time.time()
-        net.signal(miners[3], signal.SIGTERM)
-        net.procs[miners[3]].wait(timeout=30)
+        leaving = _second_on_a_stage(net, miners)
+        net.signal(leaving, signal.SIGTERM)
+        net.procs[leaving].wait(timeout=30)
         left = [e for e in net.events() if e["kind"] == "miner_gone" and "left" in e.get("why", "")]
         assert left, "the stopped miner did not say goodbye"
         assert left[0]["at"] - sent < 8.0  # released at once, not when its lease (8 s) or timeout ran out
