@@ -85,8 +85,8 @@ class LocalNetwork:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
         wallets = self.run_dir / "wallets"
-        # Weights may be set every 10 s here (the real chain's limit is far longer): runs on one machine are short.
-        self.chain = LocalChain(self.run_dir / "chain.json", weights_rate_limit_s=10.0)
+        # Weights may be set every 2 s here (the real chain's limit is far longer): runs on one machine are short.
+        self.chain = LocalChain(self.run_dir / "chain.json", weights_rate_limit_s=2.0)
         self.orchestrator_hotkey = create_wallet(
             wallets, "orchestrator", "default", exist_ok=True
         ).hotkey.ss58_address
@@ -177,7 +177,7 @@ class LocalNetwork:
             self.miner_names.append(name)
         return name
 
-    def add_validator(self, name: str | None = None, weights_interval_s: float = 15.0) -> str:
+    def add_validator(self, name: str | None = None, weights_interval_s: float = 5.0) -> str:
         """Create a validator with a permit and stake on the local chain, and start it."""
         name = name or f"validator{sum(1 for n in self.procs if n.startswith('validator'))}"
         wallet = create_wallet(self.run_dir / "wallets", name, "default", exist_ok=True)
