@@ -2,10 +2,17 @@
 
 The draw uses the operating system's randomness (a miner cannot predict it) and is weighted by the work a miner
 claims this epoch, so claiming more means being watched more. A validator reads only the objects its task names.
+
+A failing verdict is not believed on one validator's word (iota.validator.scoring): it waits for confirmation.
+The next validator other than the accuser to ask for work replays the same miner's same epoch; when no other
+validator asks within `confirm_wait_s`, the orchestrator recomputes the audit itself (iota.orchestrator.recheck).
+The score log is mirrored to the bucket with every checkpoint, so a run resumed from its bucket keeps every
+miner's credit and every verdict.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -18,9 +25,11 @@ from iota.orchestrator.scheduler import Scheduler, SchedulingError
 from iota.orchestrator.state import StateStore
 from iota.protocol import Ack, AuditHop, AuditTask, AuditVerdict, EpochPlan, RunInfo
 from iota.storage import keys
-from iota.storage.base import ObjectStore
+from iota.storage.base import ObjectStore, StoreError
+from iota.validator.scoring import ORCHESTRATOR, standing
 
 MAX_AUDIT_HOPS = 512  # the replay stops at its calibrated depth long before this
+CONFIRMATIONS = "confirmations"  # kv: audit id of a failing verdict -> what confirming it needs
 
 
 class Auditor:
@@ -34,37 +43,67 @@ class Auditor:
         data_urls: Callable[[], dict[str, str]],
         url_ttl_s: int,
         clock: Callable[[], float] = time.time,
+        confirm_wait_s: float = 30.0,
     ):
         self.run, self.state, self.scheduler, self.store = run, state, scheduler, store
         self.plan, self.data_urls, self.url_ttl_s, self.clock = plan, data_urls, url_ttl_s, clock
+        self.confirm_wait_s = confirm_wait_s
         self.random = secrets.SystemRandom()
+        self._restore()
+
+    # -- tasks --------------------------------------------------------------------------------------------
 
     def task(self, validator: str) -> AuditTask | None:
-        """The next audit for this validator, or None when no miner has committed work this epoch."""
+        """The next audit for this validator: a failing verdict of another validator to confirm, else a draw;
+        None when no miner has committed work this epoch."""
+        lost = standing(self.state.verdicts())
+        if validator in lost:
+            raise SchedulingError(
+                403, f"you lost your standing: {lost[validator]} of your failing verdicts were refuted"
+            )
+        now = self.clock()
+        with self.state.transaction():
+            pending = self.state.get(CONFIRMATIONS, {})
+            for audit_id, claim in sorted(pending.items(), key=lambda item: item[1]["at"]):
+                taken = claim.get("assigned_at", 0.0) > now - self.confirm_wait_s
+                if claim["accuser"] != validator and not taken:
+                    pending[audit_id] = {**claim, "assigned_at": now}
+                    self.state.put(CONFIRMATIONS, pending)
+                    plan = EpochPlan.model_validate(claim["plan"])
+                    return self._issue(
+                        validator, claim["miner"], claim["epoch"], plan, claim["bf16"], audit_id
+                    )
         epoch = self.scheduler.epoch
-        shas = self.state.get(f"checkpoint_shas/{epoch}")
         rows = self.state.db.execute(
             "SELECT miner, COUNT(*) FROM hops WHERE epoch = ? AND status = 'done' GROUP BY miner ORDER BY miner",
             (epoch,),
         )
-        if not rows or shas is None:
+        if not rows or self.state.get(f"checkpoint_shas/{epoch}") is None:
             return None
-        miners = [str(r[0]) for r in rows]
-        chosen = self.random.choices(miners, weights=[int(r[1]) for r in rows])[0]
+        chosen = self.random.choices([str(r[0]) for r in rows], weights=[int(r[1]) for r in rows])[0]
         miner = self.state.miner(chosen)
         assert miner is not None
+        return self._issue(validator, chosen, epoch, self.plan(miner.stage), miner.device == "cuda", None)
+
+    def _issue(
+        self, validator: str, hotkey: str, epoch: int, plan: EpochPlan, bf16: bool, confirms: str | None
+    ) -> AuditTask:
+        miner = self.state.miner(hotkey)
+        shas = self.state.get(f"checkpoint_shas/{epoch}")
+        assert miner is not None and shas is not None
         audit_id = uuid.uuid4().hex
+        record = {
+            "validator": validator,
+            "miner": hotkey,
+            "epoch": epoch,
+            "stage": miner.stage,
+            "issued": self.clock(),
+            "plan": plan.model_dump(mode="json"),
+            "bf16": bf16,
+            "confirms": confirms,
+        }
         with self.state.transaction():
-            self.state.put(
-                f"audit/{audit_id}",
-                {
-                    "validator": validator,
-                    "miner": chosen,
-                    "epoch": epoch,
-                    "stage": miner.stage,
-                    "issued": self.clock(),
-                },
-            )
+            self.state.put(f"audit/{audit_id}", record)
         ttl = self.url_ttl_s
         hops = [
             AuditHop(
@@ -78,24 +117,26 @@ class Auditor:
                 loss=loss,
             )
             for _, direction, sample, step, in_key, in_sha, out_key, out_sha, loss in self.state.done_hops(
-                chosen, epoch, MAX_AUDIT_HOPS
+                hotkey, epoch, MAX_AUDIT_HOPS
             )
         ]
         return AuditTask(
             audit_id=audit_id,
             run_id=self.run.run_id,
-            miner=chosen,
+            miner=hotkey,
             stage=miner.stage,
             epoch=epoch,
-            bf16=miner.device == "cuda",
+            bf16=bf16,
             checkpoint_url=self.store.presign_get(
                 keys.checkpoint_stage(self.run.run_id, epoch, miner.stage), ttl
             ),
             checkpoint_sha256=str(shas[miner.stage]),
-            plan=self.plan(miner.stage),
+            plan=plan,
             hops=hops,
             data_urls=self.data_urls(),
         )
+
+    # -- verdicts -----------------------------------------------------------------------------------------
 
     def verdict(self, validator: str, verdict: AuditVerdict) -> Ack:
         now = self.clock()
@@ -112,35 +153,84 @@ class Auditor:
             ):
                 raise SchedulingError(400, "the verdict names another miner, epoch or stage than its audit")
             self.state.put(f"audit/{verdict.audit_id}", {**issued, "answered": now})
-            self.state.add_verdict(
-                now,
-                validator,
-                verdict.miner,
-                verdict.epoch,
-                verdict.stage,
-                verdict.passed,
-                verdict.hops_replayed,
-                verdict.depth,
-                {"reason": verdict.reason, "errors": verdict.errors},
-            )
-            self.state.bump("audits_passed" if verdict.passed else "audits_failed")
-            self.state.log(
-                now,
-                "audit",
-                verdict.miner,
-                validator=validator,
-                passed=verdict.passed,
-                epoch=verdict.epoch,
-                reason=verdict.reason,
-            )
-        if not verdict.passed:
-            logger.warning(
-                "audit of {} failed (validator {}): {}", verdict.miner[:10], validator[:10], verdict.reason
-            )
+            self._record(now, validator, verdict, issued)
         return Ack(detail="verdict recorded")
 
+    def _record(self, now: float, source: str, verdict: AuditVerdict, issued: dict[str, Any]) -> None:
+        """Append a verdict to the log; a failing one waits for confirmation, a confirmation settles its claim."""
+        confirms = issued.get("confirms")
+        self.state.add_verdict(
+            now,
+            source,
+            verdict.miner,
+            verdict.epoch,
+            verdict.stage,
+            verdict.passed,
+            verdict.hops_replayed,
+            verdict.depth,
+            {
+                "reason": verdict.reason,
+                "errors": verdict.errors,
+                "audit_id": verdict.audit_id,
+                "confirms": confirms,
+            },
+        )
+        pending = self.state.get(CONFIRMATIONS, {})
+        if confirms is not None:
+            pending.pop(confirms, None)
+        elif not verdict.passed:
+            pending[verdict.audit_id] = {
+                "miner": verdict.miner,
+                "epoch": verdict.epoch,
+                "stage": verdict.stage,
+                "accuser": source,
+                "at": now,
+                "plan": issued["plan"],
+                "bf16": issued["bf16"],
+            }
+        self.state.put(CONFIRMATIONS, pending)
+        self.state.bump("audits_passed" if verdict.passed else "audits_failed")
+        outcome = "confirmed" if confirms and not verdict.passed else "passed" if verdict.passed else "failed"
+        self.state.log(
+            now,
+            "audit",
+            verdict.miner,
+            validator=source,
+            passed=verdict.passed,
+            epoch=verdict.epoch,
+            reason=verdict.reason,
+            confirms=confirms,
+        )
+        if not verdict.passed:
+            logger.warning(
+                "audit of {} {} by {}: {}", verdict.miner[:10], outcome, source[:12], verdict.reason
+            )
+        elif confirms:
+            logger.warning("{} refuted by {}'s recomputation", confirms, source[:12])
+
+    def unconfirmed(self, now: float) -> list[tuple[str, dict[str, Any]]]:
+        """Failing verdicts no other validator took up within `confirm_wait_s`: the orchestrator's to recompute."""
+        pending = self.state.get(CONFIRMATIONS, {})
+        due = now - self.confirm_wait_s
+        return [
+            (audit_id, claim)
+            for audit_id, claim in sorted(pending.items(), key=lambda item: item[1]["at"])
+            if claim["at"] <= due and claim.get("assigned_at", 0.0) <= due
+        ]
+
+    def record_recomputation(self, audit_id: str, claim: dict[str, Any], verdict: AuditVerdict) -> None:
+        """The orchestrator's own verdict on a claim it recomputed."""
+        now = self.clock()
+        with self.state.transaction():
+            if audit_id in self.state.get(CONFIRMATIONS, {}):  # a validator may have settled it meanwhile
+                self._record(now, ORCHESTRATOR, verdict, {**claim, "confirms": audit_id})
+
+    # -- the score log ------------------------------------------------------------------------------------
+
     def score_log(self) -> dict[str, Any]:
-        """Everything the weights follow from: per-epoch work per miner, stage sizes, and every verdict."""
+        """Everything the weights follow from: per-epoch work per miner, stage sizes, and every verdict; what a
+        resumed run carried over from its bucket comes first."""
+        archive = self.state.get("score_archive") or {"work": {}, "verdicts": []}
         rows = self.state.db.execute(
             "SELECT epoch, miner, stage, COUNT(*) FROM hops WHERE status = 'done' GROUP BY epoch, miner, stage "
             "ORDER BY epoch, miner, stage"
@@ -153,7 +243,42 @@ class Auditor:
             "run_id": self.run.run_id,
             "epoch": self.scheduler.epoch,
             "stage_params": [s.n_params for s in self.run.stages],
-            "work": work,
-            "verdicts": self.state.verdicts(),
-            "uids": uids,
+            "work": {**archive["work"], **work},
+            "verdicts": archive["verdicts"] + self.state.verdicts(),
+            "uids": {**archive.get("uids", {}), **uids},
         }
+
+    def mirror_due(self) -> None:
+        """Mirror the score log once per checkpoint after the first (cheap to call on every sweep): the log kept
+        with checkpoint e holds every epoch before e, which is what a run resumed from checkpoint e keeps."""
+        checkpoint = self.state.get("checkpoint")
+        if checkpoint is not None and self.state.get("scores_mirrored", 0) < int(checkpoint["epoch"]):
+            self.mirror(int(checkpoint["epoch"]))
+
+    def mirror(self, epoch: int) -> None:
+        """Write the score log as it stands to the bucket under `epoch`; a store failure is retried later."""
+        try:
+            self.store.put(keys.scores(self.run.run_id, epoch), json.dumps(self.score_log()).encode())
+        except StoreError as error:
+            logger.warning("score log not mirrored to the bucket yet: {}", error)
+            return
+        self.state.put("scores_mirrored", epoch)
+
+    def _restore(self) -> None:
+        """A fresh state store over a run resumed from its bucket starts from the newest mirrored score log."""
+        checkpoint = self.state.get("checkpoint")
+        if checkpoint is None or self.state.get("score_archive") is not None or self.state.verdicts():
+            return
+        found = [
+            keys.parse_scores_epoch(k, self.run.run_id)
+            for k in self.store.list(keys.scores_prefix(self.run.run_id))
+        ]
+        usable = [e for e in found if e is not None and e <= int(checkpoint["epoch"])]
+        if not usable:
+            return
+        epoch = max(usable)
+        log = json.loads(self.store.get(keys.scores(self.run.run_id, epoch)))
+        with self.state.transaction():
+            self.state.put("score_archive", {k: log[k] for k in ("work", "verdicts", "uids")})
+            self.state.put("scores_mirrored", epoch)
+        logger.info("score log restored from the bucket's copy of epoch {}", epoch)

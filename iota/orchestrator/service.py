@@ -273,6 +273,8 @@ class Orchestrator:
         if now - self._last_sweep >= self.limits.sweep_interval_s:
             self._last_sweep = now
             self.scheduler.sweep(now)
+            if self.auditor is not None:
+                self.auditor.mirror_due()  # the score log goes to the bucket with each new checkpoint
 
     # -- views ------------------------------------------------------------------------------------------
 

@@ -184,6 +184,17 @@ def parse_checkpoint_epoch(key: str) -> int | None:
     return int(match["epoch"]) if match else None
 
 
+def scores_prefix(run: str) -> str:
+    return f"{_run(run)}/scores/"
+
+
 def scores(run: str, epoch: int) -> str:
-    """The validators' scores for `epoch`, kept so incentive survives restarts."""
-    return f"{_run(run)}/scores/{_index(epoch, 'epoch')}.json"
+    """The score log as it stood when checkpoint `epoch` was published, kept so credit survives restarts."""
+    return f"{scores_prefix(run)}{_index(epoch, 'epoch')}.json"
+
+
+def parse_scores_epoch(key: str, run: str) -> int | None:
+    """The epoch of a mirrored score log's key, or None if `key` is not one."""
+    name = key.removeprefix(scores_prefix(run))
+    stem = name.removesuffix(".json")
+    return int(stem) if name != key and stem != name and stem.isdigit() else None

@@ -22,15 +22,12 @@ from iota.chain.base import Chain, ChainError
 from iota.data import DataPlan
 from iota.merge import decode_f32
 from iota.miner.client import OrchestratorClient, Refused
-from iota.miner.main import fetch_data, get, stage_clip
-from iota.miner.worker import TrainFlags
-from iota.model import wire
-from iota.model.config import ModelConfig
-from iota.model.stages import StageSpec
+from iota.miner.main import fetch_data, get
+from iota.miner.worker import Batch
 from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
 from iota.train.run import batch_fn
-from iota.train.schedule import LRSchedule
-from iota.validator.replay import HopRecord, ReplaySetup, replay
+from iota.validator.audit import activation_limit, judge, replay_setup
+from iota.validator.replay import HopRecord, ReplaySetup
 from iota.validator.scoring import compute_scores
 
 VERSION_KEY = 1  # weights version this validator sets; bumped with incompatible scoring changes
@@ -93,16 +90,13 @@ class ValidatorDaemon:
         return AuditTask.model_validate_json(response.content)
 
     def audit(self, task: AuditTask) -> AuditVerdict:
-        """Replay the task's hops; any unreadable or mismatching object is a failure with its reason."""
-        base = dict(audit_id=task.audit_id, miner=task.miner, epoch=task.epoch, stage=task.stage)
-        try:
+        """Fetch the task's evidence by its URLs, replay it, and judge it (iota.validator.audit)."""
+
+        def load() -> tuple[ReplaySetup, torch.Tensor, list[HopRecord]]:
             setup = self._setup(task)
-            n = sum(s.n_params for s in self.run.stages if s.index == task.stage)
+            n = self.run.stages[task.stage].n_params
             start = decode_f32(get(task.checkpoint_url, task.checkpoint_sha256, 4 * n, self.http))
-            limit = wire.encoded_size(
-                (self.run.micro_batch, int(self.run.model["seq_len"]), setup.config.wire_width),
-                setup.flags.wire_dtype,
-            )
+            limit = activation_limit(self.run, setup)
             records = [
                 HopRecord(
                     task.epoch,
@@ -116,70 +110,28 @@ class ValidatorDaemon:
                 )
                 for hop in task.hops
             ]
-            result = replay(setup, records, start)
-        except (ValueError, KeyError, OSError, RuntimeError) as error:
-            return AuditVerdict(
-                **base,
-                passed=False,
-                hops_replayed=0,
-                depth=0,
-                reason=f"committed objects unusable: {type(error).__name__}: {error}",
-            )
-        errors: dict[str, float] = {}
-        for check in result.checks:
-            kind = check.verdict.kind
-            errors[kind] = max(errors.get(kind, 0.0), float(check.verdict.error))
-        reason = result.stopped or "; ".join(
-            f"{c.direction} of sample {c.sample_id}: {c.verdict.reason}" for c in result.failures[:3]
-        )
-        logger.info(
-            "audit of {} (stage {}, epoch {}): {} after {} hops, {} steps",
-            task.miner[:10],
-            task.stage,
-            task.epoch,
-            "passed" if result.passed else f"FAILED ({reason})",
-            result.hops,
-            result.end_step - result.start_step,
-        )
+            return setup, start, records
+
+        outcome = judge(load, "validator", task.miner)
         return AuditVerdict(
-            **base,
-            passed=result.passed,
-            hops_replayed=result.hops,
-            depth=result.end_step - result.start_step,
-            reason=reason,
-            errors=errors,
+            audit_id=task.audit_id,
+            miner=task.miner,
+            epoch=task.epoch,
+            stage=task.stage,
+            passed=outcome.passed,
+            hops_replayed=outcome.hops,
+            depth=outcome.depth,
+            reason=outcome.reason,
+            errors=outcome.errors,
         )
 
     def _setup(self, task: AuditTask) -> ReplaySetup:
-        run = self.run
-        info = run.stages[task.stage]
-        spec = StageSpec(info.index, len(run.stages), info.first_layer, info.last_layer)
-        batch = None
-        if spec.is_head or spec.is_tail:
-            batch = batch_fn(
-                fetch_data(DataPlan.from_dict(run.data), task.data_urls, self.cache_dir, self.http),
-                run.micro_batch,
-            )
-        flags = TrainFlags(
-            run.micro_batch,
-            run.accumulate,
-            run.optimizer,
-            run.weight_decay,
-            stage_clip(run, task.stage),
-            wire.wire_dtype(run.wire_dtype),
-        )
-        return ReplaySetup(
-            config=ModelConfig.from_dict(run.model),
-            spec=spec,
-            seed=run.seed,
-            flags=flags,
-            batch=batch or _no_batch,
-            schedule=LRSchedule.from_dict(run.schedule),
-            tokens_at_start=task.plan.tokens_at_start,
-            replicas=task.plan.replicas,
-            device=self.device,
-            bf16=task.bf16,
-        )
+        info = self.run.stages[task.stage]
+        batch: Batch = _no_batch
+        if info.index == 0 or info.index == len(self.run.stages) - 1:
+            data = fetch_data(DataPlan.from_dict(self.run.data), task.data_urls, self.cache_dir, self.http)
+            batch = batch_fn(data, self.run.micro_batch)
+        return replay_setup(self.run, task.stage, task.plan, task.bf16, batch, self.device)
 
     def set_weights(self) -> None:
         """Weights from the score log, set on the chain; a failure is logged, kept for status, and retried later."""

@@ -4,30 +4,70 @@ The log holds, per epoch, each miner's completed sample-hops and stage, and ever
 its validated useful work: hops weighted by its stage's compute (parameters relative to the mean stage), summed
 over a window of recent epochs with a decay; a confirmed failed audit in the window forfeits the miner's whole
 window. Registration alone earns nothing (no hops, no score).
+
+A failing verdict counts only once an independent replay confirms it: another validator's failing verdict on the
+same miner and epoch, or a recomputation of the same audit by another validator or by the orchestrator (verdicts
+whose detail names the audit they confirm). A failing verdict that such a recomputation passes is refuted; a
+validator with STRIKES refuted verdicts loses its standing and all its verdicts are ignored. So one permit holder
+cannot zero an honest miner, whether it audits alone or beside others.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 WINDOW_EPOCHS = 4
 DECAY = 0.5  # an epoch's work counts DECAY**age
+ORCHESTRATOR = "orchestrator"  # the source named by the orchestrator's own recomputations
+STRIKES = 2  # refuted failing verdicts after which a validator's verdicts stop counting
+
+Verdict = Mapping[str, Any]
 
 
-def confirmed_failures(verdicts: list[Mapping[str, Any]], validators_seen: int) -> set[tuple[str, int]]:
-    """(miner, epoch) pairs whose failure is confirmed: by two independent validators, or by the only one there is.
+def _detail(v: Verdict, key: str) -> Any:
+    return (v.get("detail") or {}).get(key)
 
-    A single permit holder therefore cannot zero an honest miner once a second validator audits the run: its
-    failing verdicts stand only when another validator's replay agrees.
-    """
-    failing: dict[tuple[str, int], set[str]] = defaultdict(set)
+
+def _judge(verdicts: Sequence[Verdict]) -> tuple[set[tuple[str, int]], dict[str, int]]:
+    """(confirmed failures as (miner, epoch), refuted failing verdicts per validator) over these verdicts."""
+    failing_sources: dict[tuple[str, int], set[str]] = defaultdict(set)
     for v in verdicts:
         if not v["passed"]:
-            failing[(v["miner"], int(v["epoch"]))].add(v["validator"])
-    needed = 1 if validators_seen <= 1 else 2
-    return {key for key, validators in failing.items() if len(validators) >= needed}
+            failing_sources[(v["miner"], int(v["epoch"]))].add(v["validator"])
+    confirmed = {key for key, sources in failing_sources.items() if len(sources) >= 2}
+    passed_by: dict[str, set[str]] = defaultdict(set)  # audit id -> sources whose recomputation passed it
+    for v in verdicts:
+        if v["passed"] and (audit := _detail(v, "confirms")):
+            passed_by[audit].add(v["validator"])
+    refuted: dict[str, int] = defaultdict(int)
+    for v in verdicts:
+        key = (v["miner"], int(v["epoch"]))
+        audit = _detail(v, "audit_id")
+        if v["passed"] or key in confirmed or audit is None:
+            continue
+        if passed_by[audit] - {v["validator"]}:
+            refuted[v["validator"]] += 1
+    return confirmed, dict(refuted)
+
+
+def standing(verdicts: Sequence[Verdict]) -> dict[str, int]:
+    """Validators that lost their standing -> how many of their failing verdicts were refuted."""
+    _, refuted = _judge(verdicts)
+    return {v: n for v, n in sorted(refuted.items()) if n >= STRIKES and v != ORCHESTRATOR}
+
+
+def counted(verdicts: Sequence[Verdict]) -> Sequence[Verdict]:
+    """The verdicts that count: all but those of validators without standing."""
+    lost = standing(verdicts)
+    return [v for v in verdicts if v["validator"] not in lost]
+
+
+def confirmed_failures(verdicts: Sequence[Verdict]) -> set[tuple[str, int]]:
+    """(miner, epoch) pairs whose failure two independent sources agree on, among the verdicts that count."""
+    confirmed, _ = _judge(counted(verdicts))
+    return confirmed
 
 
 def compute_scores(log: Mapping[str, Any]) -> dict[str, float]:
@@ -35,9 +75,7 @@ def compute_scores(log: Mapping[str, Any]) -> dict[str, float]:
     work: dict[str, list[dict[str, Any]]] = log["work"]  # epoch (str) -> list of {miner, stage, hops}
     stage_params: list[int] = log["stage_params"]
     current = int(log["epoch"])
-    verdicts = log["verdicts"]
-    validators = {v["validator"] for v in verdicts}
-    failed = confirmed_failures(verdicts, len(validators))
+    failed = confirmed_failures(log["verdicts"])
     mean_params = sum(stage_params) / len(stage_params)
     scores: dict[str, float] = defaultdict(float)
     forfeited = set()
@@ -56,3 +94,16 @@ def compute_scores(log: Mapping[str, Any]) -> dict[str, float]:
     if total <= 0:
         return {}
     return {miner: value / total for miner, value in sorted(scores.items()) if value > 0}
+
+
+def with_burn(weights: dict[int, float], burn_uid: int | None, burn_fraction: float) -> dict[int, float]:
+    """uid -> weight with `burn_fraction` of the total moved to `burn_uid` (the subnet's burn), the rest scaled."""
+    if burn_uid is None or burn_fraction <= 0:
+        return dict(weights)
+    if not 0 < burn_fraction <= 1:
+        raise ValueError(f"burn fraction must be in (0, 1], got {burn_fraction}")
+    scaled = {uid: w * (1 - burn_fraction) for uid, w in weights.items()} if weights else {}
+    if not weights:
+        burn_fraction = 1.0  # nobody earned anything: all of it is burnt rather than nothing set
+    scaled[burn_uid] = scaled.get(burn_uid, 0.0) + burn_fraction
+    return dict(sorted(scaled.items()))

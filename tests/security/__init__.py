@@ -40,7 +40,7 @@ from tests.support import running_server
 
 MINERS = ("head", "mid", "tail")  # registered in this order, they take stages 0, 1, 2
 TABLES = ("kv", "miners", "samples", "hops", "losses", "events")  # the run's state (strikes live apart)
-NAMES = ("orchestrator", "operator", "validator", "cold", "stranger", "idle", *MINERS)
+NAMES = ("orchestrator", "operator", "validator", "validator2", "cold", "stranger", "idle", *MINERS)
 
 
 class Clock:
@@ -194,7 +194,8 @@ def serve_net(
     chain = LocalChain(run_dir / "chain.json")
     for name in (*MINERS, "idle"):
         chain.register(keys[name].ss58_address, keys["cold"].ss58_address)
-    chain.register(keys["validator"].ss58_address, keys["cold"].ss58_address, 1e6, validator_permit=True)
+    for name in ("validator", "validator2"):
+        chain.register(keys[name].ss58_address, keys["cold"].ss58_address, 1e6, validator_permit=True)
     settings = run_settings(
         data_dir, run_dir / "run", operator_hotkey=keys["operator"].ss58_address, **overrides
     )
@@ -211,7 +212,7 @@ def serve_net(
             name: OrchestratorClient(
                 url, keys[name], keys["orchestrator"].ss58_address, timeout_s=10, give_up_s=5
             )
-            for name in ("operator", "validator", "idle", "stranger", *MINERS)
+            for name in ("operator", "validator", "validator2", "idle", "stranger", *MINERS)
         }
         try:
             yield Net(url, assembled.orchestrator, assembled.run, store, clock, clients, keys, assembled.app)

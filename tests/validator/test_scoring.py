@@ -6,7 +6,14 @@ import json
 import subprocess
 import sys
 
-from iota.validator.scoring import compute_scores, confirmed_failures
+from iota.validator.scoring import (
+    ORCHESTRATOR,
+    STRIKES,
+    compute_scores,
+    confirmed_failures,
+    standing,
+    with_burn,
+)
 
 LOG = {
     "epoch": 1,
@@ -27,8 +34,16 @@ LOG = {
 }
 
 
-def _verdict(validator: str, miner: str, passed: bool, epoch: int = 1) -> dict:
-    return {"validator": validator, "miner": miner, "epoch": epoch, "passed": passed}
+def _verdict(
+    validator: str,
+    miner: str,
+    passed: bool,
+    epoch: int = 1,
+    audit: str | None = None,
+    confirms: str | None = None,
+) -> dict:
+    detail = {"audit_id": audit, "confirms": confirms}
+    return {"validator": validator, "miner": miner, "epoch": epoch, "passed": passed, "detail": detail}
 
 
 def test_weights_are_validated_work_weighted_by_stage_size_with_decay() -> None:
@@ -60,23 +75,82 @@ def test_two_validators_compute_identical_weights_from_the_same_log() -> None:
 
 def test_a_lying_validator_cannot_zero_an_honest_miner() -> None:
     lies = [
-        _verdict("liar", "a", False, epoch=0),
-        _verdict("liar", "a", False, epoch=1),
+        _verdict("liar", "a", False, epoch=0, audit="x1"),
+        _verdict("liar", "a", False, epoch=1, audit="x2"),
         _verdict("honest", "a", True),
         _verdict("honest", "b", True),
     ]
     weights = compute_scores({**LOG, "verdicts": lies})
-    assert weights["a"] > 0  # two validators audit this run: one failing voice is not a confirmed failure
-    assert confirmed_failures(lies, validators_seen=2) == set()
+    assert weights["a"] > 0  # one failing voice, unconfirmed, is not a confirmed failure
+    assert confirmed_failures(lies) == set()
+
+
+def test_a_lone_validator_needs_the_orchestrators_recomputation() -> None:
+    accused = [_verdict("v1", "b", False, audit="x1")]
+    assert "b" in compute_scores({**LOG, "verdicts": accused})  # pending: not yet confirmed
+    confirmed = [*accused, _verdict(ORCHESTRATOR, "b", False, confirms="x1")]
+    assert "b" not in compute_scores({**LOG, "verdicts": confirmed})
+    refuted = [*accused, _verdict(ORCHESTRATOR, "b", True, confirms="x1")]
+    assert "b" in compute_scores({**LOG, "verdicts": refuted})
+    assert standing(refuted) == {}  # one refutation is not yet a lost standing
+
+
+def test_a_validator_whose_verdicts_are_refuted_loses_standing() -> None:
+    refuted = [
+        v
+        for i in range(STRIKES)
+        for v in (
+            _verdict("liar", "a", False, audit=f"x{i}"),
+            _verdict(ORCHESTRATOR, "a", True, confirms=f"x{i}"),
+        )
+    ]
+    assert standing(refuted) == {"liar": STRIKES}
+    # its later accusation of c, even seconded by an honest validator's own failing audit of another miner,
+    # and its "confirmation" of a colluder's verdict on b, no longer count
+    later = [
+        _verdict("colluder", "b", False, audit="y1"),
+        _verdict("liar", "b", False, confirms="y1"),
+        _verdict("liar", "c", False, audit="y2"),
+        _verdict("honest", "c", True),
+    ]
+    log = {**LOG, "verdicts": refuted + later}
+    assert confirmed_failures(log["verdicts"]) == set()
+    assert set(compute_scores(log)) == {"a", "b", "c"}
+    # while the same two failing voices from validators in standing would have confirmed b's failure
+    assert confirmed_failures(later) == {("b", 1)}
+
+
+def test_the_orchestrator_never_loses_standing() -> None:
+    verdicts = [
+        v
+        for i in range(STRIKES + 1)
+        for v in (
+            _verdict(ORCHESTRATOR, "a", False, audit=f"o{i}"),
+            _verdict("v", "a", True, confirms=f"o{i}"),
+        )
+    ]
+    assert standing(verdicts) == {}
 
 
 def test_a_confirmed_failure_forfeits_the_window() -> None:
     both = [
-        _verdict("v1", "c", False, epoch=0),
-        _verdict("v2", "c", False, epoch=0),
+        _verdict("v1", "c", False, epoch=0, audit="x1"),
+        _verdict("v2", "c", False, epoch=0, confirms="x1"),
         _verdict("v1", "a", True),
     ]
     weights = compute_scores({**LOG, "verdicts": both})
     assert "c" not in weights and weights["a"] > 0
-    alone = [_verdict("v1", "b", False)]  # with a single validator, its verdict stands
-    assert "b" not in compute_scores({**LOG, "verdicts": alone})
+    independent = [_verdict("v1", "b", False, audit="x2"), _verdict("v2", "b", False, audit="x3")]
+    assert "b" not in compute_scores({**LOG, "verdicts": independent})
+
+
+def test_burn_moves_its_fraction_to_the_burn_uid() -> None:
+    assert with_burn({1: 0.5, 2: 0.5}, None, 0.3) == {1: 0.5, 2: 0.5}
+    assert with_burn({1: 0.5, 2: 0.5}, 0, 0.2) == {0: 0.2, 1: 0.4, 2: 0.4}
+    assert with_burn({}, 7, 0.2) == {7: 1.0}
+    try:
+        with_burn({1: 1.0}, 0, 1.5)
+    except ValueError as error:
+        assert "burn fraction" in str(error)
+    else:
+        raise AssertionError("a burn fraction over 1 must be refused")

@@ -1,0 +1,108 @@
+"""The orchestrator's own recomputation of a failing verdict that no other validator took up in time.
+
+With one validator, nobody else can confirm its failing verdicts; the orchestrator then replays the same miner's
+same epoch itself, from the objects in its own store, with the validators' code (iota.validator.audit), and its
+verdict confirms or refutes the claim. It runs on a background thread on the CPU, one claim at a time; failing
+verdicts are rare, so this costs an honest run nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from loguru import logger
+
+from iota.merge import decode_f32
+from iota.miner.worker import Batch
+from iota.orchestrator.audits import MAX_AUDIT_HOPS, Auditor
+from iota.orchestrator.state import StateStore
+from iota.protocol import AuditVerdict, EpochPlan, RunInfo
+from iota.storage import keys
+from iota.storage.base import ObjectStore
+from iota.validator.audit import judge, replay_setup
+from iota.validator.replay import HopRecord, ReplaySetup
+
+
+class Rechecker:
+    def __init__(
+        self,
+        auditor: Auditor,
+        run: RunInfo,
+        state: StateStore,
+        store: ObjectStore,
+        batch: Batch,
+        interval_s: float = 5.0,
+    ):
+        self.auditor, self.run, self.state, self.store, self.batch = auditor, run, state, store, batch
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+
+    def run_once(self) -> int:
+        """Recompute every claim now due; returns how many were settled."""
+        done = 0
+        for audit_id, claim in self.auditor.unconfirmed(self.auditor.clock()):
+            outcome = judge(partial(self._load, claim), "orchestrator", claim["miner"])
+            verdict = AuditVerdict(
+                audit_id=uuid.uuid4().hex,
+                miner=claim["miner"],
+                epoch=claim["epoch"],
+                stage=claim["stage"],
+                passed=outcome.passed,
+                hops_replayed=outcome.hops,
+                depth=outcome.depth,
+                reason=outcome.reason,
+                errors=outcome.errors,
+            )
+            self.auditor.record_recomputation(audit_id, claim, verdict)
+            done += 1
+        return done
+
+    def _load(self, claim: dict[str, Any]) -> tuple[ReplaySetup, torch.Tensor, Sequence[HopRecord]]:
+        epoch, stage = int(claim["epoch"]), int(claim["stage"])
+        plan = EpochPlan.model_validate(claim["plan"])
+        setup = replay_setup(self.run, stage, plan, bool(claim["bf16"]), self.batch, torch.device("cpu"))
+        shas = self.state.get(f"checkpoint_shas/{epoch}")
+        start = decode_f32(self._get(keys.checkpoint_stage(self.run.run_id, epoch, stage), shas[stage]))
+        records = [
+            HopRecord(
+                epoch,
+                stage,
+                direction,
+                int(sample),
+                int(step or 0),
+                self._get(in_key, in_sha) if in_key else None,
+                self._get(out_key, out_sha) if out_key else None,
+                loss,
+            )
+            for _, direction, sample, step, in_key, in_sha, out_key, out_sha, loss in self.state.done_hops(
+                claim["miner"], epoch, MAX_AUDIT_HOPS
+            )
+        ]
+        return setup, start, records
+
+    def _get(self, key: str, sha: str | None) -> bytes:
+        data = self.store.get(key)
+        if sha is not None and hashlib.sha256(data).hexdigest() != sha:
+            raise ValueError(f"{key} does not match its committed sha256")
+        return data
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._loop, name="recheck", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 (a bug here must not stop the orchestrator: logged, retried)
+                logger.exception("recomputing failing verdicts failed; retrying in {} s", self.interval_s)

@@ -1,0 +1,147 @@
+"""A validator's failing verdict is not believed on its word: the orchestrator recomputes the audit when no other
+validator confirms it, a lie is refuted and costs the liar its standing, a true failure is confirmed; and the score
+log, mirrored to the bucket, survives a fresh orchestrator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from bittensor.keyfiles import Keypair
+
+from iota.chain.local import LocalChain
+from iota.merge import decode_f32
+from iota.orchestrator.app import assemble
+from iota.orchestrator.audits import Auditor
+from iota.orchestrator.recheck import Rechecker
+from iota.protocol import AuditTask, AuditVerdict
+from iota.storage import keys
+from iota.storage.transfer import upload
+from iota.validator.audit import replay_setup
+from iota.validator.scoring import ORCHESTRATOR, STRIKES, compute_scores
+from tests.orchestrator import run_settings
+from tests.security import Net, report_for, serve_net
+
+
+@pytest.fixture
+def net(data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path) -> Iterator[Net]:
+    with serve_net(data_dir, keypairs, tmp_path) as net:
+        net.orch.auditor.clock = net.clock
+        yield net
+
+
+def honest_head_forward(net: Net) -> None:
+    """The head computes its forward for real (the checkpoint's weights), uploads and reports it."""
+    orch = net.orch
+    work = net.work("head")
+    checkpoint = decode_f32(orch.store.get(keys.checkpoint_stage(orch.run.run_id, 0, 0)))
+    setup = replay_setup(orch.run, 0, orch.epochs.plan(0), False, net.run.batch, torch.device("cpu"))
+    assert work.sample_id is not None and work.output_url is not None
+    out, _ = setup.worker(checkpoint).forward(work.sample_id, None)
+    upload(work.output_url, out)
+    net.clients["head"].report(report_for(work, None, out))
+
+
+def audit(net: Net, validator: str = "validator") -> AuditTask:
+    response = net.signed(validator, "/validators/audit")
+    assert response.status_code == 200, response.text
+    return AuditTask.model_validate_json(response.content)
+
+
+def verdict(net: Net, task: AuditTask, passed: bool, validator: str = "validator") -> None:
+    body = AuditVerdict(
+        audit_id=task.audit_id,
+        miner=task.miner,
+        epoch=task.epoch,
+        stage=task.stage,
+        passed=passed,
+        hops_replayed=len(task.hops),
+        depth=1,
+        reason="" if passed else "claimed mismatch",
+    )
+    response = net.signed(validator, "/validators/verdict", body.model_dump_json().encode())
+    assert response.status_code == 200, response.text
+
+
+def recheck(net: Net) -> int:
+    net.clock.offset += net.orch.auditor.confirm_wait_s + 1  # nobody else took the claim up in time
+    return Rechecker(net.orch.auditor, net.orch.run, net.orch.state, net.orch.store, net.run.batch).run_once()
+
+
+def test_a_lone_validators_lies_are_refuted_and_cost_it_its_standing(net: Net) -> None:
+    net.join("head", "mid", "tail")
+    head = net.keys["head"].ss58_address
+    honest_head_forward(net)
+    for strike in range(STRIKES):
+        task = audit(net)
+        assert task.miner == head  # the only miner with committed work
+        verdict(net, task, passed=False)  # a lie
+        log = net.orch.auditor.score_log()
+        assert head in compute_scores(log)  # unconfirmed: it does not count yet
+        assert recheck(net) == 1
+        log = net.orch.auditor.score_log()
+        mine = [v for v in log["verdicts"] if v["validator"] == ORCHESTRATOR]
+        assert len(mine) == strike + 1 and mine[-1]["passed"], mine[-1]["detail"]["reason"]
+        assert mine[-1]["detail"]["confirms"] == task.audit_id
+        assert compute_scores(log)[head] == 1.0  # refuted: the honest head keeps its whole credit
+    response = net.signed("validator", "/validators/audit")
+    assert response.status_code == 403 and "standing" in response.text
+
+
+def test_a_true_failure_is_confirmed_by_the_orchestrators_recomputation(net: Net) -> None:
+    net.join("head", "mid", "tail")
+    head = net.keys["head"].ss58_address
+    work = net.work("head")
+    assert work.output_url is not None
+    out = net.activation(0.5)  # not what the stage computes
+    upload(work.output_url, out)
+    net.clients["head"].report(report_for(work, None, out))
+    verdict(net, audit(net), passed=False)
+    assert recheck(net) == 1
+    log = net.orch.auditor.score_log()
+    (mine,) = [v for v in log["verdicts"] if v["validator"] == ORCHESTRATOR]
+    assert not mine["passed"] and "forward" in mine["detail"]["reason"]
+    assert head not in compute_scores(log)
+    assert recheck(net) == 0  # settled: nothing left to recompute
+
+
+def test_another_validator_confirms_or_refutes_the_same_audit(net: Net) -> None:
+    net.join("head", "mid", "tail")
+    head = net.keys["head"].ss58_address
+    honest_head_forward(net)
+    accused = audit(net)
+    verdict(net, accused, passed=False)  # a lie about the honest head
+    own = audit(net)  # the accuser is not asked to confirm itself
+    assert net.orch.state.get(f"audit/{own.audit_id}")["confirms"] is None
+    verdict(net, own, passed=True)
+    check = audit(net, "validator2")
+    assert (check.miner, check.epoch) == (head, accused.epoch)
+    assert net.orch.state.get(f"audit/{check.audit_id}")["confirms"] == accused.audit_id
+    verdict(net, check, passed=True, validator="validator2")
+    assert recheck(net) == 0  # settled by the second validator: nothing for the orchestrator to do
+    log = net.orch.auditor.score_log()
+    assert compute_scores(log)[head] == 1.0
+    assert [v["validator"] for v in log["verdicts"]].count(ORCHESTRATOR) == 0
+
+
+def test_the_score_log_survives_a_fresh_orchestrator_through_the_bucket(
+    net: Net, data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    net.join("head", "mid", "tail")
+    honest_head_forward(net)
+    verdict(net, audit(net), passed=True)
+    net.orch.auditor.mirror(0)  # as when the next checkpoint is published
+    log = net.orch.auditor.score_log()
+    assert log["work"] and log["verdicts"]
+    assert net.orch.store.head(keys.scores(net.orch.run.run_id, 0)) is not None
+    # a new orchestrator with an empty state store over the same bucket
+    chain = LocalChain(tmp_path / "chain.json")
+    settings = run_settings(data_dir, tmp_path / "fresh-run")
+    fresh = assemble(settings, chain, keypairs["orchestrator"].ss58_address, store=net.store)
+    auditor: Auditor = fresh.orchestrator.auditor
+    restored = auditor.score_log()
+    assert restored["work"] == log["work"]
+    assert [v["detail"] for v in restored["verdicts"]] == [v["detail"] for v in log["verdicts"]]
+    assert compute_scores(restored) == compute_scores(log)
