@@ -396,6 +396,15 @@ class EpochDriver:
         for partition in plan.partitions:
             i = partition.index
             digests = {h: reports[h].get(str(i), {}).get("digest") for h in partition.owners}
+            for h, digest in digests.items():
+                # A report vouches only for what the bucket holds: else an owner that reports the honest digest
+                # over garbage (or NaN) slices would have them accepted whenever its partner agrees.
+                if digest and self._uploaded_digest(plan, i, h) != digest:
+                    why = "its uploaded slices differ from its report"
+                    self.state.log(
+                        now, "merge_mismatch", h, epoch=epoch, stage=plan.stage, partition=i, why=why
+                    )
+                    digests[h] = None
             present = [h for h, d in digests.items() if d]
             agreed = len(present) == len(partition.owners) and len({digests[h] for h in present}) == 1
             if agreed:
@@ -413,6 +422,15 @@ class EpochDriver:
                 sq_norms[i] = result.slice_sq_norms
             accepted[i] = (plan.output_key(i, owner, "weights"), plan.output_key(i, owner, "momentum"))
         return accepted, sq_norms
+
+    def _uploaded_digest(self, plan: MergePlan, partition: int, owner: str) -> str | None:
+        """PartitionResult.digest of the slices `owner` uploaded for `partition`; None if either is missing."""
+        try:
+            weights = self.store.get(plan.output_key(partition, owner, "weights"))
+            momentum = self.store.get(plan.output_key(partition, owner, "momentum"))
+        except KeyError:  # ObjectNotFound; other store errors fail the request, which is retried
+            return None
+        return sha256_hex(f"{sha256_hex(weights)}:{sha256_hex(momentum)}".encode())
 
     def _set_phase(self, epoch: int, phase: str, now: float) -> None:
         self.state.put("phase", phase)

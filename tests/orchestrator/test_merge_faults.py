@@ -1,0 +1,630 @@
+"""The end-of-epoch merge as the orchestrator drives it, with one fault injected per test at a named point.
+
+A real orchestrator app (SQLite state, the LocalStore it serves, sr25519-signed requests in process over ASGI) runs
+two stages of three replicas each. The replicas are the daemon's own `Miner` objects stepped one work item at a
+time: hops through their StageWorker as the daemon computes them, upload, merge and apply through `Miner.do`.
+Each case breaks one thing at a named point (torchft's style) and lets the run finish; the test then recomputes
+from the bucket's uploads, with the pure merge functions, what the new weights must be, and checks that every
+surviving replica holds exactly that, that the weights moved, and that the orchestrator's accounting (recomputed
+partitions, flags, events) says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from bittensor.keyfiles import Keypair
+
+import iota.miner.main as miner_main
+from iota.chain.local import LocalChain
+from iota.config import OrchestratorSettings
+from iota.merge import (
+    DictStore,
+    FlatRef,
+    MergePlan,
+    OuterConfig,
+    Submitter,
+    decode_f32,
+    encode_f32,
+    flatten,
+    make_plan,
+    merge_partition,
+    partition_bounds,
+    run_owner,
+    sha256_hex,
+)
+from iota.miner.client import OrchestratorClient
+from iota.miner.main import Miner
+from iota.model import wire
+from iota.model.stages import build_stage
+from iota.orchestrator.app import STORAGE_PREFIX, assemble
+from iota.orchestrator.epochs import ORCHESTRATOR
+from iota.orchestrator.service import Orchestrator
+from iota.protocol import Ack, Report, Work
+from iota.storage import LocalStore, keys
+from iota.storage.transfer import download, upload
+from iota.train.run import Run
+from iota.train.schedule import inner_step_lr
+from tests.orchestrator import run_settings
+
+RUN_ID = "run-merge"
+BASE_URL = "http://testserver"
+SECRET = b"merge-faults-url-secret!"  # a restarted orchestrator signs and verifies URLs with the same secret
+PARTITIONS = 4
+PHASE_TIMEOUT_S = 30.0
+SAMPLES = 6  # two per head replica
+# Registered in this order, the replicas take stages 0, 1, 0, 1, 0, 1 (an empty stage first, then the emptiest).
+NAMES = ("s0a", "s1a", "s0b", "s1b", "s0c", "s1c")
+VICTIM_SUBMITTER = "s0b"  # the replica whose pseudo-gradient goes wrong in the submitter cases
+FAULTY_STAGE = 0  # owner faults hit stage 0's merge; stage 1 merges honestly beside it
+
+
+class InProcess(httpx.BaseTransport):
+    """A sync transport into the ASGI app in this process; responses stay streamable (transfers use iter_raw)."""
+
+    def __init__(self, app: Any) -> None:
+        self.inner = httpx.ASGITransport(app=app, client=("127.0.0.1", 123))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def call() -> tuple[int, httpx.Headers, bytes]:
+            response = await self.inner.handle_async_request(request)
+            return response.status_code, response.headers, await response.aread()
+
+        status, headers, content = asyncio.run(call())
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content))
+
+
+class Clock:
+    """The orchestrator's clock: real time plus an offset the test moves past phase deadlines."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@dataclass
+class Net:
+    settings: OrchestratorSettings
+    chain: LocalChain
+    keypairs: dict[str, Keypair]
+    store_root: Path
+    clock: Clock = field(default_factory=Clock)
+    miners: dict[str, Miner] = field(default_factory=dict)
+    dead: set[str] = field(default_factory=set)  # replicas killed by the fault: never asked again
+    stopped: set[str] = field(default_factory=set)  # replicas told the run is complete
+    timed_out: list[str] = field(default_factory=list)  # phases that moved on by their deadline
+    restarts: int = 0
+    hops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NAMES, 0))  # reported by each replica
+    orch: Orchestrator = field(init=False)
+    run: Run = field(init=False)
+    store: LocalStore = field(init=False)
+    _transport: InProcess = field(init=False)
+
+    def boot(self) -> None:
+        """Start (or restart) the orchestrator over the same state database and bucket, as a new process would."""
+        self.store = LocalStore(self.store_root, BASE_URL + STORAGE_PREFIX, SECRET)
+        hotkey = self.keypairs["orchestrator"].ss58_address
+        assembled = assemble(self.settings, self.chain, hotkey, store=self.store, local_store=self.store)
+        assembled.orchestrator.clock = self.clock
+        self.orch, self.run = assembled.orchestrator, assembled.run
+        self._transport = InProcess(assembled.app)
+        for miner in self.miners.values():
+            self.connect(miner)
+
+    def restart(self) -> None:
+        self.orch.state.db.close()
+        self.restarts += 1
+        self.boot()
+
+    def connect(self, miner: Miner) -> None:
+        """Point a miner's signed client and its bucket transfers at the current app."""
+        miner.client.http.close()
+        miner.http.close()
+        miner.client.http = httpx.Client(
+            transport=self._transport, base_url=BASE_URL, auth=miner.client.auth, timeout=30, verify=False
+        )
+        miner.http = httpx.Client(transport=self._transport, timeout=30, verify=False)  # no TLS in process
+
+    def add_miner(self, name: str, cache_dir: Path) -> Miner:
+        client = OrchestratorClient(
+            BASE_URL, self.keypairs[name], self.keypairs["orchestrator"].ss58_address, give_up_s=5
+        )
+        miner = Miner(client, torch.device("cpu"), False, 8, 1 << 34, cache_dir)
+        self.connect(miner)
+        miner.start()
+        self.miners[name] = miner
+        return miner
+
+    def name_of(self, hotkey: str) -> str:
+        return next(n for n, m in self.miners.items() if m.client.hotkey == hotkey)
+
+    @property
+    def phase(self) -> str:
+        return self.orch.scheduler.phase
+
+    def state(self, key: str) -> Any:
+        return self.orch.state.get(key)
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.orch.state.events(limit=10_000) if e["kind"] == kind]
+
+
+# -- faults at named points ------------------------------------------------------------------------------
+
+
+class Fault:
+    """Does nothing: every replica is honest and alive."""
+
+    def on_work(self, net: Net, name: str, work: Work, monkeypatch: pytest.MonkeyPatch) -> bool:
+        """Called for every work item before the miner does it; True when the fault handled it instead."""
+        return False
+
+    def victim_name(self, net: Net) -> str | None:
+        """The replica the fault struck, if any."""
+        return None
+
+
+class OwnerFault(Fault):
+    """Strikes the first owner of partition 0 of the faulty stage when it receives its merge work."""
+
+    victim: str | None = None  # hotkey
+
+    def on_work(self, net: Net, name: str, work: Work, monkeypatch: pytest.MonkeyPatch) -> bool:
+        if work.kind != "merge" or work.stage != FAULTY_STAGE:
+            return False
+        plan = MergePlan.model_validate(work.extra["plan"])
+        self.victim = self.victim or plan.partitions[0].owners[0]
+        if net.miners[name].client.hotkey != self.victim:
+            return False
+        self.strike(net, name, work, plan, monkeypatch)
+        return True
+
+    def victim_name(self, net: Net) -> str | None:
+        assert self.victim is not None, "no merge work reached the faulty stage"
+        return net.name_of(self.victim)
+
+    def strike(
+        self, net: Net, name: str, work: Work, plan: MergePlan, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        raise NotImplementedError
+
+
+class OwnerDiesBeforeUpload(OwnerFault):
+    def strike(
+        self, net: Net, name: str, work: Work, plan: MergePlan, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        net.dead.add(name)
+
+
+class OwnerDiesAfterUpload(OwnerFault):
+    """Merges and uploads its slices, then dies before its report reaches the orchestrator."""
+
+    def strike(
+        self, net: Net, name: str, work: Work, plan: MergePlan, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        miner = net.miners[name]
+
+        def die(report: Report) -> Ack:
+            net.dead.add(name)  # the report is never sent
+            return Ack(detail="never sent")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(miner.client, "phase_report", die)
+            miner.do(work)
+        uploaded = plan.output_key(plan.partitions_of(miner.client.hotkey)[0], miner.client.hotkey, "weights")
+        assert name in net.dead and net.store.head(uploaded) is not None
+
+
+def garbage(values: torch.Tensor) -> torch.Tensor:
+    """Finite values of the right size and plausible scale that are not the merge."""
+    noise = torch.randn(values.shape, generator=torch.Generator().manual_seed(7))
+    return values + noise * values.abs().mean()
+
+
+def nan(values: torch.Tensor) -> torch.Tensor:
+    poisoned = values.clone()
+    poisoned[::97] = float("nan")
+    return poisoned
+
+
+class OwnerUploadsBadSlices(OwnerFault):
+    """Uploads `corrupt(merged weights)` for each of its partitions.
+
+    `honest_digest`: the report names the digest of the correct merge (a lying owner, or bytes corrupted on their
+    way to the bucket), so the two owners' reports agree and only the uploaded bytes betray it. Otherwise the report
+    names the digest of what was uploaded, and the owners disagree.
+    """
+
+    def __init__(self, corrupt: Callable[[torch.Tensor], torch.Tensor], honest_digest: bool):
+        self.corrupt, self.honest_digest = corrupt, honest_digest
+
+    def strike(
+        self, net: Net, name: str, work: Work, plan: MergePlan, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        corrupt, hotkey = self.corrupt, net.miners[name].client.hotkey
+        weights_keys = {plan.output_key(i, hotkey, "weights") for i in plan.partitions_of(hotkey)}
+
+        class CorruptingUrlStore(miner_main.UrlStore):
+            def put(self, key: str, data: bytes) -> None:
+                if key in weights_keys:
+                    data = encode_f32(corrupt(decode_f32(data)))
+                super().put(key, data)
+
+        def cheating_owner(store: Any, plan: MergePlan, hotkey: str, **kw: Any) -> Any:
+            done = run_owner(store, plan, hotkey, **kw)
+            for index, result in done.results.items():
+                result.weights = corrupt(result.weights)
+                result.weights_digest = sha256_hex(encode_f32(result.weights))
+                store.put(plan.output_key(index, hotkey, "weights"), encode_f32(result.weights))
+            return done
+
+        with monkeypatch.context() as patch:
+            if self.honest_digest:
+                patch.setattr(miner_main, "UrlStore", CorruptingUrlStore)
+            else:
+                patch.setattr(miner_main, "run_owner", cheating_owner)
+            net.miners[name].do(work)
+
+
+class SubmitterFault(Fault):
+    """Acts on VICTIM_SUBMITTER's upload work."""
+
+    def on_work(self, net: Net, name: str, work: Work, monkeypatch: pytest.MonkeyPatch) -> bool:
+        if work.kind != "upload" or name != VICTIM_SUBMITTER:
+            return False
+        self.strike(net, name, work)
+        return True
+
+    def victim_name(self, net: Net) -> str | None:
+        return VICTIM_SUBMITTER
+
+    def strike(self, net: Net, name: str, work: Work) -> None:
+        raise NotImplementedError
+
+
+class SubmitterDiesBeforeUpload(SubmitterFault):
+    def strike(self, net: Net, name: str, work: Work) -> None:
+        net.dead.add(name)
+
+
+class SubmitterUploadVanishes(SubmitterFault):
+    """Uploads and is recorded; then the object is gone from the bucket (or cut short) before the merge reads it."""
+
+    def __init__(self, truncate: bool):
+        self.truncate = truncate
+
+    def strike(self, net: Net, name: str, work: Work) -> None:
+        net.miners[name].do(work)
+        key = keys.pseudo_grad(RUN_ID, work.epoch, work.stage, net.miners[name].client.hotkey)
+        assert net.state(f"upload/{work.epoch}/{work.stage}/{net.miners[name].client.hotkey}") is not None
+        if self.truncate:
+            net.store.put(key, net.store.get(key)[:-12])
+        else:
+            net.store.delete(key)
+
+
+class OrchestratorRestartsMidMerge(Fault):
+    """The first merge owner uploads its slices; the orchestrator restarts before that owner's report arrives."""
+
+    def on_work(self, net: Net, name: str, work: Work, monkeypatch: pytest.MonkeyPatch) -> bool:
+        if work.kind != "merge" or net.restarts:
+            return False
+        client = net.miners[name].client
+        reported = []
+
+        def restart_then_report(report: Report) -> Ack:
+            net.restart()
+            reported.append(report)
+            return OrchestratorClient.phase_report(client, report)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(client, "phase_report", restart_then_report)
+            net.miners[name].do(work)
+        # The restarted orchestrator recorded the report sent to its predecessor's work item.
+        assert net.restarts == 1 and reported
+        assert net.state(f"merged/{work.epoch}/{work.stage}/{client.hotkey}") is not None
+        return True
+
+
+@dataclass(frozen=True)
+class Case:
+    fault: Callable[[], Fault]
+    timeouts: tuple[str, ...] = ()  # phases that must move on by their deadline
+    victim_uploads: bool = True  # the victim's pseudo-gradient is recorded and in the merge plan
+    victim_counts: bool = True  # the victim's pseudo-gradient is in the merge
+    victim_survives: bool = True  # the victim applies the new weights
+    recomputed: bool = False  # the orchestrator recomputes the victim's partitions (a third recomputation)
+    mismatch: bool = False  # and logs a merge_mismatch against the victim for each of them
+    flagged: bool = False  # the victim's upload is flagged (norm_mismatch)
+
+
+CASES = {
+    "all honest": Case(Fault),
+    "owner dies before upload": Case(
+        OwnerDiesBeforeUpload, timeouts=("merge", "apply"), victim_survives=False, recomputed=True
+    ),
+    "owner dies after upload": Case(
+        OwnerDiesAfterUpload, timeouts=("merge", "apply"), victim_survives=False, recomputed=True
+    ),
+    "owner uploads garbage": Case(
+        lambda: OwnerUploadsBadSlices(garbage, honest_digest=False), recomputed=True, mismatch=True
+    ),
+    "owner uploads NaN": Case(
+        lambda: OwnerUploadsBadSlices(nan, honest_digest=False), recomputed=True, mismatch=True
+    ),
+    "owner uploads garbage under the honest digest": Case(
+        lambda: OwnerUploadsBadSlices(garbage, honest_digest=True), recomputed=True, mismatch=True
+    ),
+    "owner uploads NaN under the honest digest": Case(
+        lambda: OwnerUploadsBadSlices(nan, honest_digest=True), recomputed=True, mismatch=True
+    ),
+    "submitter dies before upload": Case(
+        SubmitterDiesBeforeUpload,
+        timeouts=("upload", "apply"),
+        victim_uploads=False,
+        victim_counts=False,
+        victim_survives=False,
+    ),
+    "submitter upload missing": Case(
+        lambda: SubmitterUploadVanishes(truncate=False), victim_counts=False, flagged=True
+    ),
+    "submitter upload truncated": Case(
+        lambda: SubmitterUploadVanishes(truncate=True), victim_counts=False, flagged=True
+    ),
+    "orchestrator restarted mid-merge": Case(OrchestratorRestartsMidMerge),
+}
+
+
+# -- fixtures and the driver -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keypairs() -> dict[str, Keypair]:
+    return {
+        n: Keypair.create_from_mnemonic(Keypair.generate_mnemonic()) for n in ("orchestrator", "cold", *NAMES)
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The stages are tiny: on a loaded machine torch's thread pool costs 30x the compute (the merge is elementwise,
+    so its bits do not depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def miner_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by every miner of the module (the daemon keeps its data shards there)."""
+    return tmp_path_factory.mktemp("miner-cache")
+
+
+@pytest.fixture
+def net(data_dir: Path, keypairs: dict[str, Keypair], miner_cache: Path, tmp_path: Path) -> Iterator[Net]:
+    chain = LocalChain(tmp_path / "chain.json")
+    for name in NAMES:
+        chain.register(keypairs[name].ss58_address, keypairs["cold"].ss58_address)
+    settings = run_settings(
+        data_dir,
+        tmp_path / "run",
+        run_id=RUN_ID,
+        stages=2,
+        samples_per_epoch=SAMPLES,
+        partitions=PARTITIONS,
+        lr=1e-2,
+        warmup_tokens=0,
+        total_tokens=100_000,
+        phase_timeout_s=PHASE_TIMEOUT_S,
+        miner_timeout_s=1e6,  # deaths are settled by phase deadlines; heartbeats (every timeout / 4) never fire
+        rate_per_ip=0.0,
+        rate_per_hotkey=1e6,
+    )
+    net = Net(settings, chain, keypairs, tmp_path / "run" / "store")
+    net.boot()
+    # The miners' cache already holds the data shards (what fetch_data would download, digests checked): moving
+    # 3 MB through the in-process transport for each test would take longer than the test.
+    shards = miner_cache / "data" / net.run.plan.digest[:16]
+    shards.mkdir(parents=True, exist_ok=True)
+    for shard in net.run.plan.shards:
+        shutil.copyfile(net.run.prepared.directory / shard.file, shards / shard.file)
+    for name in NAMES:
+        miner = net.add_miner(name, miner_cache)
+        assert miner.stage == int(name[1]), (name, miner.stage)
+    yield net
+    for miner in net.miners.values():
+        miner.state.stopping = True
+        miner.http.close()
+        miner.client.close()
+    net.orch.state.db.close()
+
+
+def train_hop(net: Net, name: str, work: Work) -> None:
+    """A forward or backward hop as the daemon does it: fetch the input, compute, take the inner step it completes
+    (at the epoch plan's learning rate), upload the output, report."""
+    miner, run = net.miners[name], net.miners[name].run
+    worker = miner.worker
+    assert worker is not None and work.sample_id is not None and work.hop_id is not None
+    data = (
+        download(work.input_url, work.input_sha256, worker.max_bytes, miner.http) if work.input_url else None
+    )
+    out: bytes | None
+    if work.kind == "forward":
+        out, loss = worker.forward(work.sample_id, data)
+    else:
+        assert data is not None
+        out, loss = worker.backward(work.sample_id, data), None
+    if worker.step_due():
+        tokens = run.micro_batch * int(run.model["seq_len"])
+        plan = work.plan
+        worker.step(
+            inner_step_lr(
+                miner.schedule, plan.tokens_at_start, worker.inner_step, run.accumulate, tokens, plan.replicas
+            )
+        )
+    if out is not None:
+        assert work.output_url
+        upload(work.output_url, out, miner.http)
+    report = Report(
+        run_id=work.run_id,
+        epoch=work.epoch,
+        hop_id=work.hop_id,
+        inner_step=worker.inner_step,
+        input_sha256=wire.sha256(data) if data is not None else None,
+        output_sha256=wire.sha256(out) if out is not None else None,
+        output_md5=wire.md5_hex(out) if out is not None else None,
+        loss=loss,
+    )
+    miner.client.report(report)
+    net.hops[name] += 1
+
+
+def serve(net: Net, name: str, fault: Fault, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """One turn of a replica: ask for work and do it. True when there was work to do.
+
+    Hops are done by `train_hop`; the end-of-epoch work (upload, merge, apply) by the daemon's own `Miner.do`.
+    """
+    miner = net.miners[name]
+    assert miner.worker is not None
+    work = miner.client.work(forward=miner.worker.wants_forward())
+    if work.kind == "stop":
+        net.stopped.add(name)
+        return False
+    if work.kind == "wait":
+        if "holding" in work.extra:  # cached forwards whose backward will never come
+            holding = set(work.extra["holding"])
+            miner.worker.forget([s for s in list(miner.worker.cache) if s not in holding])
+        return False
+    if fault.on_work(net, name, work, monkeypatch):
+        return True
+    if work.kind in ("forward", "backward"):
+        train_hop(net, name, work)
+    else:
+        miner.do(work)
+    return True
+
+
+def run_epoch(net: Net, fault: Fault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round-robin over the live replicas until every one is told the run is complete. A round in which nobody
+    had work at the end of the epoch is a phase waiting for someone silent: move the clock past its deadline."""
+    for _ in range(500):
+        live = [n for n in NAMES if n not in net.dead | net.stopped]
+        if not live:
+            return
+        phase = net.phase
+        busy = [serve(net, name, fault, monkeypatch) for name in live]
+        if not any(busy) and net.phase == phase and phase in ("upload", "merge", "apply"):
+            net.timed_out.append(phase)
+            net.clock.offset += PHASE_TIMEOUT_S + 1
+    raise AssertionError(f"the run did not finish: phase {net.phase}, dead {net.dead}")
+
+
+# -- what the bucket's uploads determine ------------------------------------------------------------------
+
+
+def expected_merge(net: Net, stage: int, counted: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """New weights and outer momentum of `stage` from the seeded start and exactly the uploads in `counted`
+    (hotkey -> work weight), merged by the pure functions as one partition: clip off and trim 0 make the merge
+    elementwise, so partitioning cannot change a bit of it."""
+    seeded = build_stage(net.orch.epochs.model, net.orch.epochs.stages[stage], net.settings.seed)
+    start = flatten(
+        dict(seeded.named_parameters())
+    )  # checkpoint 0: what every replica started the epoch from
+    blobs = DictStore()
+    blobs.put("start", encode_f32(start))
+    submitters = []
+    for hotkey, weight in counted.items():
+        key = keys.pseudo_grad(RUN_ID, 0, stage, hotkey)
+        blobs.put(key, net.store.get(key))  # the upload as the bucket holds it
+        submitters.append(Submitter(hotkey=hotkey, upload_key=key, weight=weight, claimed_norm=0.0))
+    plan = make_plan(
+        run=RUN_ID,
+        epoch=0,
+        stage=stage,
+        n_params=start.numel(),
+        n_partitions=1,
+        submitters=submitters,
+        prev_weights=[FlatRef(key="start")],
+        outer=OuterConfig(lr=net.settings.outer_lr, momentum=net.settings.outer_momentum),
+    )
+    result = merge_partition(blobs, plan, 0, start, None)
+    assert result.used == sorted(counted)
+    moved = [
+        not torch.equal(result.weights[a:b], start[a:b])
+        for a, b in partition_bounds(start.numel(), PARTITIONS)
+    ]
+    assert all(moved), f"stage {stage}: partitions that did not move: {moved}"
+    return result.weights, result.momentum
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_fault(net: Net, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = CASES[case]
+    fault = spec.fault()
+    run_epoch(net, fault, monkeypatch)
+
+    victim = fault.victim_name(net)
+    assert net.phase == "done" and net.timed_out == list(spec.timeouts)
+    assert net.dead == (set() if spec.victim_survives else {victim})
+    assert int(net.state("merges")) == 1 and len(net.events("checkpoint")) == 2  # epoch 0's, then the merge's
+    assert net.orch.samples_lost() == 0 and int(net.state("samples_completed")) == SAMPLES
+    for stage in (0, 1):
+        check_stage(net, spec, stage, victim if stage == FAULTY_STAGE else None)
+
+
+def check_stage(net: Net, spec: Case, stage: int, victim: str | None) -> None:
+    """The stage's replicas, checkpoint and accounting after APPLY; `victim` is the replica the fault struck."""
+    plan = MergePlan.model_validate(net.state(f"plan/0/{stage}"))
+    names = [n for n in NAMES if int(n[1]) == stage]
+    hotkey = {n: net.miners[n].client.hotkey for n in names}
+    uploaded = [n for n in names if n != victim or spec.victim_uploads]
+    assert plan.hotkeys == sorted(hotkey[n] for n in uploaded)
+    for n in uploaded:  # work weights come from the orchestrator's ledger: the hops each replica reported
+        assert net.state(f"upload/0/{stage}/{hotkey[n]}")["weight"] == net.hops[n] > 0
+
+    counted = {hotkey[n]: float(net.hops[n]) for n in names if n != victim or spec.victim_counts}
+    weights, momentum = expected_merge(net, stage, counted)
+    data = encode_f32(weights)
+    manifest = json.loads(net.store.get(keys.checkpoint_manifest(RUN_ID, 1)))
+    assert net.store.get(keys.checkpoint_stage(RUN_ID, 1, stage)) == data
+    assert net.state("checkpoint_shas/1")[stage] == manifest["stages"][stage]["sha256"] == sha256_hex(data)
+    for n in names:
+        if n in net.dead:
+            continue
+        worker = net.miners[n].worker
+        assert worker is not None
+        assert torch.equal(worker.flat_weights(), weights), f"{n} holds other weights than the merge"
+        assert worker.inner_step == 0 and not worker.optimizer.state  # APPLY reset the inner optimizer
+        assert net.state(f"applied/0/{hotkey[n]}") == sha256_hex(data)
+    # The outer momentum the checkpoint points at (next epoch's merge reads it) is the merge's, slice by slice.
+    stage_momentum = manifest["momentum"][str(stage)]
+    for index, (a, b) in enumerate(partition_bounds(weights.numel(), PARTITIONS)):
+        assert decode_f32(net.store.get(stage_momentum[str(index)])).equal(momentum[a:b])
+
+    # Accounting: which partitions were recomputed, against whom a mismatch was logged, whose upload is flagged.
+    victim_key = hotkey[victim] if victim else None
+    victim_partitions = set(plan.partitions_of(victim_key)) if victim_key else set()
+    recomputed = {
+        p.index for p in plan.partitions if net.store.head(plan.output_key(p.index, ORCHESTRATOR, "weights"))
+    }
+    assert recomputed == (victim_partitions if spec.recomputed else set()), (recomputed, victim_partitions)
+    for index in recomputed:  # the recomputation picked the surviving owner's result
+        accepted = stage_momentum[str(index)]
+        assert accepted != plan.output_key(index, ORCHESTRATOR, "momentum") and victim_key not in accepted
+    mismatches = {(e["hotkey"], e["partition"]) for e in net.events("merge_mismatch") if e["stage"] == stage}
+    assert mismatches == ({(victim_key, i) for i in victim_partitions} if spec.mismatch else set())
+    flagged = {e["hotkey"] for e in net.events("norm_mismatch") if e["stage"] == stage}
+    assert flagged == ({victim_key} if spec.flagged and victim_key else set())
