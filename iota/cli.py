@@ -178,6 +178,8 @@ def cmd_validator(args: argparse.Namespace) -> int:
         _device(settings.device),
         settings.weights_interval_s,
         validator_dir,
+        burn_uid=settings.burn_uid if settings.burn_uid >= 0 else None,
+        burn_fraction=settings.burn_fraction,
     )
     if settings.health_port:
         from iota.miner.health import serve_health

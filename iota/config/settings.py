@@ -54,6 +54,9 @@ class RunSettings(_Base):
     lr: float = Field(3e-3, description="Peak inner learning rate")
     min_lr_ratio: float = Field(0.1, description="Final learning rate as a fraction of the peak")
     warmup_tokens: int = Field(50_000, description="Tokens of linear learning-rate warm-up")
+    rewarm_steps: int = Field(
+        4, ge=0, description="Inner steps over which the lr ramps back up after APPLY resets the optimizer"
+    )
     weight_decay: float = Field(0.0, description="AdamW weight decay")
     clip: float = Field(1.0, description="Inner gradient-norm clip; 0 turns it off")
     total_tokens: int = Field(1_000_000, description="Tokens the learning-rate schedule spans")
@@ -103,6 +106,13 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     rate_per_hotkey: float = Field(50.0, description="Requests per second allowed per hotkey")
     rate_per_ip: float = Field(200.0, description="Requests per second allowed per IP before authentication")
     trusted_proxies: str = Field("", description="Comma-separated proxy IPs whose X-Forwarded-For is trusted")
+    max_requests_in_progress: int = Field(
+        128, ge=0, description="Requests in progress beyond which new ones get 503 and Retry-After; 0: no bound"
+    )
+    confirm_wait_s: float = Field(
+        30.0, description="A failing verdict no other validator confirms this soon is recomputed here"
+    )
+    recheck: bool = Field(True, description="Recompute unconfirmed failing verdicts in the orchestrator")
 
 
 class MinerSettings(ChainSettings, WalletSettings):
@@ -126,6 +136,8 @@ class ValidatorSettings(ChainSettings, WalletSettings):
     orchestrator_hotkey: str = Field("", description="ss58 of the orchestrator")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     weights_interval_s: float = Field(600.0, description="Seconds between setting weights")
+    burn_uid: int = Field(-1, description="uid that receives burn_fraction of the weights; -1: no burn")
+    burn_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the weights burnt to burn_uid")
     health_port: int = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
     validator_dir: Path = Field(Path("runs/validator"), description="Where the validator keeps its cache")
 

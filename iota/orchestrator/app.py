@@ -24,6 +24,7 @@ from iota.merge import OuterConfig
 from iota.model import wire
 from iota.orchestrator.abuse import AbusePolicy, BodyLimitMiddleware, guarded_h11
 from iota.orchestrator.audits import Auditor
+from iota.orchestrator.recheck import Rechecker
 from iota.orchestrator.epochs import EpochDriver, EpochSettings
 from iota.orchestrator.routes import dashboard, miners, run, validators
 from iota.orchestrator.scheduler import Policy, Scheduler
@@ -126,6 +127,7 @@ class Assembled:
     app: FastAPI
     orchestrator: Orchestrator
     run: Run
+    rechecker: Rechecker | None = None  # recomputes unconfirmed failing verdicts on a background thread
 
 
 def public_url(settings: OrchestratorSettings) -> str:
@@ -302,8 +304,19 @@ def assemble(
         abuse=abuse,
     )
     orchestrator.auditor = Auditor(
-        info, state, scheduler, store, epochs.plan, epochs.data_urls, settings.url_ttl_s
+        info,
+        state,
+        scheduler,
+        store,
+        epochs.plan,
+        epochs.data_urls,
+        settings.url_ttl_s,
+        confirm_wait_s=settings.confirm_wait_s,
     )
+    rechecker = None
+    if settings.recheck:
+        rechecker = Rechecker(orchestrator.auditor, info, state, store, run.batch)
+        rechecker.start()
     authenticator = Authenticator(
         receiver_hotkey=hotkey,
         lookup=lookup,
@@ -329,4 +342,4 @@ def assemble(
         scheduler.epoch,
         scheduler.phase,
     )
-    return Assembled(app, orchestrator, run)
+    return Assembled(app, orchestrator, run, rechecker)

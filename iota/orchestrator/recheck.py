@@ -101,6 +101,7 @@ class Rechecker:
         self._stop.set()
 
     def _loop(self) -> None:
+        torch.set_num_threads(1)  # process-wide, but this thread is the orchestrator's only torch compute
         while not self._stop.wait(self.interval_s):
             try:
                 self.run_once()

@@ -82,6 +82,7 @@ def build_run(settings: RunSettings) -> Run:
         warmup_tokens=min(settings.warmup_tokens, settings.total_tokens),
         total_tokens=settings.total_tokens,
         min_lr_ratio=settings.min_lr_ratio,
+        rewarm_steps=settings.rewarm_steps,
     )
     return Run(settings, model, stages, prepared, plan, data, schedule)
 

@@ -11,12 +11,17 @@ from typing import Any
 class LRSchedule:
     """Linear warmup from 0 to `peak_lr` over `warmup_tokens`, then cosine decay to `peak_lr * min_lr_ratio`
     at `total_tokens`, flat after. Indexed by tokens rather than steps because the number of replicas, and so
-    the tokens per inner step, changes from epoch to epoch."""
+    the tokens per inner step, changes from epoch to epoch.
+
+    `rewarm_steps`: every epoch after the first begins with a fresh inner optimizer (APPLY resets it), whose
+    first AdamW steps are as large as lr * sign(g); its learning rate ramps back up linearly over this many
+    inner steps (0: no ramp). See `inner_step_lr`."""
 
     peak_lr: float
     warmup_tokens: int
     total_tokens: int
     min_lr_ratio: float = 0.1
+    rewarm_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.peak_lr <= 0:
@@ -28,6 +33,8 @@ class LRSchedule:
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.rewarm_steps < 0:
+            raise ValueError(f"rewarm_steps must be >= 0, got {self.rewarm_steps}")
 
     @property
     def min_lr(self) -> float:
@@ -52,6 +59,7 @@ class LRSchedule:
             warmup_tokens=int(d["warmup_tokens"]),
             total_tokens=int(d["total_tokens"]),
             min_lr_ratio=float(d.get("min_lr_ratio", 0.1)),
+            rewarm_steps=int(d.get("rewarm_steps", 0)),
         )
 
 
@@ -76,5 +84,12 @@ def inner_step_lr(
     replicas: int,
 ) -> float:
     """DESIGN.md's rule: inner step t of epoch e uses lr(tokens_at_start(e) + t * k * micro_batch_tokens *
-    replicas(e)); the baseline is the case replicas = 1."""
-    return schedule.lr(inner_step_tokens(tokens_at_epoch_start, step, k, micro_batch_tokens, replicas))
+    replicas(e)); the baseline is the case replicas = 1 and tokens_at_start 0 (one epoch, never reset).
+
+    An epoch that starts after an APPLY (tokens_at_start > 0) scales that by min(1, (t + 1) / rewarm_steps):
+    its inner optimizer starts afresh, and the ramp keeps its first, poorly normalised steps small.
+    """
+    lr = schedule.lr(inner_step_tokens(tokens_at_epoch_start, step, k, micro_batch_tokens, replicas))
+    if tokens_at_epoch_start > 0 and schedule.rewarm_steps > 0:
+        lr *= min(1.0, (step + 1) / schedule.rewarm_steps)
+    return lr

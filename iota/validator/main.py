@@ -28,7 +28,7 @@ from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
 from iota.train.run import batch_fn
 from iota.validator.audit import activation_limit, judge, replay_setup
 from iota.validator.replay import HopRecord, ReplaySetup
-from iota.validator.scoring import compute_scores
+from iota.validator.scoring import compute_scores, with_burn
 
 VERSION_KEY = 1  # weights version this validator sets; bumped with incompatible scoring changes
 
@@ -42,9 +42,12 @@ class ValidatorDaemon:
         device: torch.device,
         weights_interval_s: float,
         cache_dir: Path,
+        burn_uid: int | None = None,
+        burn_fraction: float = 0.0,
     ):
         self.client, self.chain, self.keypair, self.device = client, chain, keypair, device
         self.weights_interval_s = weights_interval_s
+        self.burn_uid, self.burn_fraction = burn_uid, burn_fraction
         self.cache_dir = cache_dir
         self.http = httpx.Client(timeout=120.0)
         self.stopping = False
@@ -143,7 +146,8 @@ class ValidatorDaemon:
             return
         weights = compute_scores(log)
         uids = {hk: uid for hk, uid in log["uids"].items() if uid is not None}
-        pairs = sorted((uids[hk], w) for hk, w in weights.items() if hk in uids)
+        by_uid = {uids[hk]: w for hk, w in weights.items() if hk in uids}
+        pairs = sorted(with_burn(by_uid, self.burn_uid, self.burn_fraction).items())
         if not pairs:
             return
         try:

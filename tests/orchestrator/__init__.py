@@ -22,6 +22,7 @@ def run_settings(data_dir: Path, run_dir: Path, **overrides: Any) -> Orchestrato
         "wire_dtype": "fp32",  # activations travel exactly, so the pipeline's loss equals the unsplit model's
         "lease_s": 60.0,
         "miner_timeout_s": 600.0,  # the tests move the orchestrator's clock past leases, never past this
+        "recheck": False,  # tests that recompute verdicts drive a Rechecker themselves
         **overrides,
     }
     return OrchestratorSettings(_env_file=None, **fields)

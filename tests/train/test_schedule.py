@@ -49,3 +49,18 @@ def test_inner_step_lr_follows_design_formula() -> None:
     assert inner_step_lr(SCHEDULE, 0, 0, 2, 64, 4) == 0.0
     with pytest.raises(ValueError):
         inner_step_tokens(0, 0, 0, 64, 1)
+
+
+def test_epochs_after_an_apply_ramp_back_up_over_rewarm_steps() -> None:
+    ramped = LRSchedule(1e-3, 1_000, 11_000, 0.1, rewarm_steps=4)
+    plain = [inner_step_lr(SCHEDULE, 2_000, t, 2, 64, 4) for t in range(6)]
+    after_apply = [inner_step_lr(ramped, 2_000, t, 2, 64, 4) for t in range(6)]
+    assert after_apply == pytest.approx([plain[t] * min(1.0, (t + 1) / 4) for t in range(6)])
+    assert after_apply[3:] == plain[3:]  # full rate from the 4th step on
+    # the first epoch (and the baseline, one epoch from token 0) has no optimizer reset behind it: no ramp
+    assert [inner_step_lr(ramped, 0, t, 2, 64, 4) for t in range(6)] == [
+        inner_step_lr(SCHEDULE, 0, t, 2, 64, 4) for t in range(6)
+    ]
+    assert LRSchedule.from_dict(ramped.to_dict()) == ramped
+    with pytest.raises(ValueError, match="rewarm_steps"):
+        LRSchedule(1e-3, 0, 10, rewarm_steps=-1)
