@@ -37,6 +37,7 @@ from iota.orchestrator.state import Miner, StateStore
 from iota.protocol import EpochPlan, Report, Work
 from iota.storage import keys
 from iota.storage.base import ObjectStore
+from iota.validator.scoring import confirmed_failures
 
 ORCHESTRATOR = "orchestrator"  # owner name under which the orchestrator writes partitions it recomputed
 
@@ -303,6 +304,8 @@ class EpochDriver:
                 self.scheduler.next_epoch(now)
 
     def _start_merge(self, epoch: int, now: float) -> None:
+        # A miner whose audit failed this epoch, confirmed by an independent replay, contributes no update.
+        failed = {miner for miner, e in confirmed_failures(self.state.verdicts()) if e == epoch}
         for spec in self.stages:
             submitters = []
             for m in self.state.miners():
@@ -311,7 +314,14 @@ class EpochDriver:
                     if m.stage == spec.index
                     else None
                 )
-                if up is not None:
+                if up is not None and m.hotkey in failed:
+                    self.state.log(
+                        now, "merge_excluded", m.hotkey, epoch=epoch, reason="confirmed failed audit"
+                    )
+                    logger.warning(
+                        "epoch {}: {}'s pseudo-gradient is left out (failed audit)", epoch, m.hotkey[:10]
+                    )
+                elif up is not None:
                     submitters.append(
                         Submitter(
                             hotkey=m.hotkey,

@@ -45,6 +45,7 @@ from iota.merge import (
 )
 from iota.miner.client import OrchestratorClient
 from iota.miner.main import Miner
+from iota.miner.worker import sketch_seed
 from iota.model import wire
 from iota.model.stages import build_stage
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
@@ -467,6 +468,7 @@ def train_hop(net: Net, name: str, work: Work) -> None:
     else:
         assert data is not None
         out, loss = worker.backward(work.sample_id, data), None
+    sketch = None
     if worker.step_due():
         tokens = run.micro_batch * int(run.model["seq_len"])
         plan = work.plan
@@ -475,6 +477,7 @@ def train_hop(net: Net, name: str, work: Work) -> None:
                 miner.schedule, plan.tokens_at_start, worker.inner_step, run.accumulate, tokens, plan.replicas
             )
         )
+        sketch = worker.sketch(sketch_seed(run.seed, work.epoch, worker.inner_step))
     if out is not None:
         assert work.output_url
         upload(work.output_url, out, miner.http)
@@ -487,6 +490,7 @@ def train_hop(net: Net, name: str, work: Work) -> None:
         output_sha256=wire.sha256(out) if out is not None else None,
         output_md5=wire.md5_hex(out) if out is not None else None,
         loss=loss,
+        sketch=sketch,
     )
     miner.client.report(report)
     net.hops[name] += 1
