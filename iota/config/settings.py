@@ -107,12 +107,20 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     rate_per_ip: float = Field(200.0, description="Requests per second allowed per IP before authentication")
     trusted_proxies: str = Field("", description="Comma-separated proxy IPs whose X-Forwarded-For is trusted")
     max_requests_in_progress: int = Field(
-        128, ge=0, description="Requests in progress beyond which new ones get 503 and Retry-After; 0: no bound"
+        128,
+        ge=0,
+        description="Requests in progress beyond which new ones get 503 and Retry-After; 0: no bound",
     )
     confirm_wait_s: float = Field(
         30.0, description="A failing verdict no other validator confirms this soon is recomputed here"
     )
     recheck: bool = Field(True, description="Recompute unconfirmed failing verdicts in the orchestrator")
+    snapshot_rate: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Chance that a miner's inner step is challenged for an exact snapshot",
+    )
 
 
 class MinerSettings(ChainSettings, WalletSettings):

@@ -26,7 +26,7 @@ from loguru import logger
 from iota.data import DataPlan, TokenData
 from iota.merge import MergePlan, decode_f32, encode_f32, run_owner
 from iota.miner.client import OrchestratorClient, Refused
-from iota.miner.worker import StageWorker, TrainFlags
+from iota.miner.worker import StageWorker, TrainFlags, sketch_seed
 from iota.model import wire
 from iota.model.config import ModelConfig
 from iota.model.stages import StageSpec
@@ -35,6 +35,7 @@ from iota.storage.base import StoreError
 from iota.storage.transfer import DigestMismatch, TooLarge, TransferError, download, upload
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule, inner_step_lr
+from iota.validator.replay import snapshot_to_f32, take_snapshot
 
 TRANSFER_PATIENCE_S = (
     180.0  # how long a transfer keeps trying through an unreachable store (a restarting orchestrator)
@@ -302,6 +303,7 @@ class Miner:
 
     def _finish(self, work: Work, data: bytes | None, out: bytes | None, loss: float | None) -> None:
         assert self.worker is not None and work.hop_id is not None
+        sketch = None  # of the weights after the step this hop completes, if it does: a commitment
         if out is not None:
             assert work.output_url
             put(work.output_url, out, self.http)
@@ -316,6 +318,7 @@ class Miner:
                 plan.replicas,
             )
             self.worker.step(lr)
+            sketch = self.worker.sketch(sketch_seed(self.run.seed, work.epoch, self.worker.inner_step))
         self.client.report(
             Report(
                 run_id=work.run_id,
@@ -327,6 +330,7 @@ class Miner:
                 output_md5=wire.md5_hex(out) if out is not None else None,
                 loss=loss,
                 tokens=self.run.micro_batch * int(self.run.model["seq_len"]),
+                sketch=sketch,
             )
         )
         self.state.hops_done += 1
@@ -349,6 +353,28 @@ class Miner:
                 output_md5=wire.md5_hex(data),
                 extra={"kind": "upload", "norm": float(pseudo.double().norm())},
             )
+        )
+
+    def _snapshot(self, work: Work) -> None:
+        """A challenge: the exact state as it stands since the last step (iota.orchestrator.challenges)."""
+        assert self.worker is not None and work.output_url
+        snapshot = take_snapshot(self.worker)
+        data = encode_f32(snapshot_to_f32(snapshot))
+        put(work.output_url, data, self.http)
+        self.client.phase_report(
+            Report(
+                run_id=work.run_id,
+                epoch=work.epoch,
+                hop_id=-1,
+                inner_step=snapshot.inner_step,
+                input_sha256=None,
+                output_sha256=wire.sha256(data),
+                output_md5=wire.md5_hex(data),
+                extra={"kind": "snapshot", "step": snapshot.inner_step},
+            )
+        )
+        logger.info(
+            "snapshot of inner step {} uploaded (challenged at {})", snapshot.inner_step, work.extra["step"]
         )
 
     def _merge(self, work: Work) -> None:

@@ -23,6 +23,11 @@ Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # sample id -> (toke
 SKETCH_SIZE = 8  # seeded projections in a weight sketch
 
 
+def sketch_seed(run_seed: int, epoch: int, step: int) -> int:
+    """The seed of the sketch a miner commits for inner step `step` of `epoch`: public, and new at every step."""
+    return ((run_seed * 1_000_003 + epoch) * 1_000_003 + step) % (1 << 62)
+
+
 @dataclass(frozen=True)
 class TrainFlags:
     micro_batch: int

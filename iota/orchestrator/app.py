@@ -24,8 +24,8 @@ from iota.merge import OuterConfig
 from iota.model import wire
 from iota.orchestrator.abuse import AbusePolicy, BodyLimitMiddleware, guarded_h11
 from iota.orchestrator.audits import Auditor
-from iota.orchestrator.recheck import Rechecker
 from iota.orchestrator.epochs import EpochDriver, EpochSettings
+from iota.orchestrator.recheck import Rechecker
 from iota.orchestrator.routes import dashboard, miners, run, validators
 from iota.orchestrator.scheduler import Policy, Scheduler
 from iota.orchestrator.service import Limits, Orchestrator
@@ -302,6 +302,7 @@ def assemble(
         limits,
         uid_of=lambda hk: n.uid if (n := lookup(hk)) else None,
         abuse=abuse,
+        challenge_rate=settings.snapshot_rate,
     )
     orchestrator.auditor = Auditor(
         info,
@@ -312,10 +313,11 @@ def assemble(
         epochs.data_urls,
         settings.url_ttl_s,
         confirm_wait_s=settings.confirm_wait_s,
+        challenges=orchestrator.challenges,
     )
     rechecker = None
     if settings.recheck:
-        rechecker = Rechecker(orchestrator.auditor, info, state, store, run.batch)
+        rechecker = Rechecker(orchestrator.auditor, info, state, store, run.batch, orchestrator.challenges)
         rechecker.start()
     authenticator = Authenticator(
         receiver_hotkey=hotkey,

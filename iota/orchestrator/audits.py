@@ -21,11 +21,13 @@ from typing import Any
 
 from loguru import logger
 
+from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.scheduler import Scheduler, SchedulingError
 from iota.orchestrator.state import StateStore
-from iota.protocol import Ack, AuditHop, AuditTask, AuditVerdict, EpochPlan, RunInfo
+from iota.protocol import Ack, AuditHop, AuditSnapshot, AuditTask, AuditVerdict, EpochPlan, RunInfo
 from iota.storage import keys
 from iota.storage.base import ObjectStore, StoreError
+from iota.validator.compare import thresholds
 from iota.validator.scoring import ORCHESTRATOR, standing
 
 MAX_AUDIT_HOPS = 512  # the replay stops at its calibrated depth long before this
@@ -44,10 +46,11 @@ class Auditor:
         url_ttl_s: int,
         clock: Callable[[], float] = time.time,
         confirm_wait_s: float = 30.0,
+        challenges: Challenges | None = None,
     ):
         self.run, self.state, self.scheduler, self.store = run, state, scheduler, store
         self.plan, self.data_urls, self.url_ttl_s, self.clock = plan, data_urls, url_ttl_s, clock
-        self.confirm_wait_s = confirm_wait_s
+        self.confirm_wait_s, self.challenges = confirm_wait_s, challenges
         self.random = secrets.SystemRandom()
         self._restore()
 
@@ -71,7 +74,13 @@ class Auditor:
                     self.state.put(CONFIRMATIONS, pending)
                     plan = EpochPlan.model_validate(claim["plan"])
                     return self._issue(
-                        validator, claim["miner"], claim["epoch"], plan, claim["bf16"], audit_id
+                        validator,
+                        claim["miner"],
+                        claim["epoch"],
+                        plan,
+                        claim["bf16"],
+                        audit_id,
+                        claim.get("start_step", 0),
                     )
         epoch = self.scheduler.epoch
         rows = self.state.db.execute(
@@ -83,14 +92,29 @@ class Auditor:
         chosen = self.random.choices([str(r[0]) for r in rows], weights=[int(r[1]) for r in rows])[0]
         miner = self.state.miner(chosen)
         assert miner is not None
-        return self._issue(validator, chosen, epoch, self.plan(miner.stage), miner.device == "cuda", None)
+        return self._issue(
+            validator, chosen, epoch, self.plan(miner.stage), miner.device == "cuda", None, None
+        )
 
     def _issue(
-        self, validator: str, hotkey: str, epoch: int, plan: EpochPlan, bf16: bool, confirms: str | None
+        self,
+        validator: str,
+        hotkey: str,
+        epoch: int,
+        plan: EpochPlan,
+        bf16: bool,
+        confirms: str | None,
+        start_step: int | None,
     ) -> AuditTask:
+        """An audit of `hotkey`'s epoch whose replay starts at `start_step` (None: drawn here, among the
+        checkpoint and the miner's answered snapshot challenges)."""
         miner = self.state.miner(hotkey)
         shas = self.state.get(f"checkpoint_shas/{epoch}")
         assert miner is not None and shas is not None
+        depth = thresholds(bf16).depth
+        start, snapshots = 0, list[AuditSnapshot]()
+        if self.challenges is not None:
+            start, snapshots = self.challenges.for_audit(hotkey, epoch, depth, start_step)
         audit_id = uuid.uuid4().hex
         record = {
             "validator": validator,
@@ -101,6 +125,7 @@ class Auditor:
             "plan": plan.model_dump(mode="json"),
             "bf16": bf16,
             "confirms": confirms,
+            "start_step": start,
         }
         with self.state.transaction():
             self.state.put(f"audit/{audit_id}", record)
@@ -134,6 +159,8 @@ class Auditor:
             plan=plan,
             hops=hops,
             data_urls=self.data_urls(),
+            start_step=start,
+            snapshots=snapshots,
         )
 
     # -- verdicts -----------------------------------------------------------------------------------------
@@ -187,6 +214,7 @@ class Auditor:
                 "at": now,
                 "plan": issued["plan"],
                 "bf16": issued["bf16"],
+                "start_step": issued.get("start_step", 0),
             }
         self.state.put(CONFIRMATIONS, pending)
         self.state.bump("audits_passed" if verdict.passed else "audits_failed")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -21,12 +20,14 @@ from loguru import logger
 from iota.merge import decode_f32
 from iota.miner.worker import Batch
 from iota.orchestrator.audits import MAX_AUDIT_HOPS, Auditor
+from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.state import StateStore
-from iota.protocol import AuditVerdict, EpochPlan, RunInfo
+from iota.protocol import AuditVerdict, EpochPlan, RunInfo, WeightSketch
 from iota.storage import keys
 from iota.storage.base import ObjectStore
-from iota.validator.audit import judge, replay_setup
-from iota.validator.replay import HopRecord, ReplaySetup
+from iota.validator.audit import Evidence, decode_challenged, judge, replay_setup
+from iota.validator.compare import thresholds
+from iota.validator.replay import HopRecord
 
 
 class Rechecker:
@@ -37,9 +38,11 @@ class Rechecker:
         state: StateStore,
         store: ObjectStore,
         batch: Batch,
+        challenges: Challenges | None = None,
         interval_s: float = 5.0,
     ):
         self.auditor, self.run, self.state, self.store, self.batch = auditor, run, state, store, batch
+        self.challenges = challenges
         self.interval_s = interval_s
         self._stop = threading.Event()
 
@@ -47,7 +50,7 @@ class Rechecker:
         """Recompute every claim now due; returns how many were settled."""
         done = 0
         for audit_id, claim in self.auditor.unconfirmed(self.auditor.clock()):
-            outcome = judge(partial(self._load, claim), "orchestrator", claim["miner"])
+            outcome = judge(partial(self._load, claim), "orchestrator", claim["miner"], int(claim["epoch"]))
             verdict = AuditVerdict(
                 audit_id=uuid.uuid4().hex,
                 miner=claim["miner"],
@@ -63,12 +66,13 @@ class Rechecker:
             done += 1
         return done
 
-    def _load(self, claim: dict[str, Any]) -> tuple[ReplaySetup, torch.Tensor, Sequence[HopRecord]]:
-        epoch, stage = int(claim["epoch"]), int(claim["stage"])
+    def _load(self, claim: dict[str, Any]) -> Evidence:
+        """The claim's evidence from the orchestrator's own store: the same window the accuser replayed."""
+        epoch, stage, hotkey = int(claim["epoch"]), int(claim["stage"]), str(claim["miner"])
         plan = EpochPlan.model_validate(claim["plan"])
         setup = replay_setup(self.run, stage, plan, bool(claim["bf16"]), self.batch, torch.device("cpu"))
         shas = self.state.get(f"checkpoint_shas/{epoch}")
-        start = decode_f32(self._get(keys.checkpoint_stage(self.run.run_id, epoch, stage), shas[stage]))
+        checkpoint = decode_f32(self._get(keys.checkpoint_stage(self.run.run_id, epoch, stage), shas[stage]))
         records = [
             HopRecord(
                 epoch,
@@ -81,10 +85,23 @@ class Rechecker:
                 loss,
             )
             for _, direction, sample, step, in_key, in_sha, out_key, out_sha, loss in self.state.done_hops(
-                claim["miner"], epoch, MAX_AUDIT_HOPS
+                hotkey, epoch, MAX_AUDIT_HOPS
             )
         ]
-        return setup, start, records
+        first = int(claim.get("start_step", 0))
+        if not first or self.challenges is None:
+            return Evidence(setup, checkpoint, records)
+        depth = thresholds(bool(claim["bf16"])).depth
+        snapshots = {
+            step: decode_challenged(setup, self._get(snap["key"], snap["sha256"]))
+            for step, snap in self.challenges.snapshots(hotkey, epoch).items()
+            if first <= step <= first + depth
+        }
+        sketch = self.challenges.snapshots(hotkey, epoch)[first]["sketch"]
+        later = {step: snap.weights for step, snap in snapshots.items() if step > first}
+        return Evidence(
+            setup, checkpoint, records, snapshots[first], WeightSketch.model_validate(sketch), later
+        )
 
     def _get(self, key: str, sha: str | None) -> bytes:
         data = self.store.get(key)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.epochs import EpochDriver
 from iota.orchestrator.scheduler import BACKWARD, FORWARD, TRAIN, Scheduler, SchedulingError
 from iota.orchestrator.state import Hop, StateStore
@@ -30,6 +31,7 @@ from iota.protocol import (
     Work,
 )
 from iota.storage.base import ObjectStore
+from iota.validator.replay import snapshot_size
 
 if TYPE_CHECKING:
     from iota.orchestrator.abuse import AbusePolicy
@@ -54,6 +56,7 @@ class Orchestrator:
         uid_of: Callable[[str], int | None],
         clock: Callable[[], float] = time.time,
         abuse: AbusePolicy | None = None,
+        challenge_rate: float = 0.0,
     ):
         self.run = run
         self.state = state
@@ -65,6 +68,11 @@ class Orchestrator:
         self.clock = clock
         self.abuse = abuse  # strikes for refusals that are the caller's fault (applied by the routes)
         self.auditor: Any = None  # set by the app: audits and the score log
+        sizes = [
+            snapshot_size(n, len(tensors), run.optimizer)
+            for n, tensors in zip(epochs.n_params, epochs.tensors, strict=True)
+        ]
+        self.challenges = Challenges(run.run_id, state, store, sizes, challenge_rate, limits.url_ttl_s)
         self._last_sweep = 0.0
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -105,6 +113,11 @@ class Orchestrator:
         if phase != TRAIN:
             with self.state.transaction():
                 return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now)
+        if self.challenges.pending(hotkey) and (challenged := self.state.miner(hotkey)) is not None:
+            plan = self.epochs.plan(challenged.stage)
+            order = self.challenges.work(challenged, self.scheduler.epoch, plan, self.run.run_id)
+            if order is not None:
+                return order  # before any other work: the miner's state must not move past the step
         assignment = self.scheduler.next_work(hotkey, now, forward)
         current = self.state.miner(hotkey)
         assert current is not None
@@ -182,6 +195,7 @@ class Orchestrator:
                 raise SchedulingError(400, f"the loss must be a finite number, got {loss}", fault=True)
             tokens = self.run.micro_batch * int(self.run.model["seq_len"])
             self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now, report.inner_step)
+            self.challenges.on_report(hotkey, hop.stage, hop.epoch, report.inner_step, report.sketch, now)
             if hop.direction == BACKWARD and hop.stage == 0:
                 self.state.bump("tokens_trained", tokens)
         return Ack(detail=f"item {hop_id} recorded")
@@ -227,6 +241,8 @@ class Orchestrator:
             )
         with self.state.transaction():
             miner = self.scheduler.live_miner(hotkey, now)
+            if report.extra.get("kind") == "snapshot":
+                return Ack(detail=self.challenges.answer(miner, report, now))
             self.epochs.report(miner, report, now)
         return Ack(detail=f"{report.extra.get('kind')} recorded")
 

@@ -64,7 +64,7 @@ class EpochPlan(BaseModel):
     replicas: int  # replicas of the stage this plan is sent to
 
 
-WorkKind = Literal["forward", "backward", "wait", "upload", "merge", "apply", "stop"]
+WorkKind = Literal["forward", "backward", "wait", "upload", "merge", "apply", "snapshot", "stop"]
 
 
 class WorkRequest(Message):
@@ -165,6 +165,15 @@ class AuditHop(BaseModel):
     loss: float | None
 
 
+class AuditSnapshot(BaseModel):
+    """A challenged snapshot of the audited miner: its exact state after `step`, and the sketch it had committed."""
+
+    step: int
+    url: str
+    sha256: str
+    sketch: WeightSketch
+
+
 class AuditTask(Message):
     """A miner's epoch so far, for a validator to replay: the checkpoint it started from and its hops in order."""
 
@@ -179,6 +188,9 @@ class AuditTask(Message):
     plan: EpochPlan
     hops: list[AuditHop]
     data_urls: dict[str, str]
+    # The replay starts from the checkpoint (0) or from the snapshot of this step: the orchestrator's draw.
+    start_step: int = 0
+    snapshots: list[AuditSnapshot] = Field(default_factory=list)  # the start's and those its window reaches
 
 
 class AuditVerdict(Message):

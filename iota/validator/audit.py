@@ -9,14 +9,23 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 
+from iota.merge import decode_f32
 from iota.miner.main import stage_clip
-from iota.miner.worker import Batch, TrainFlags
+from iota.miner.worker import Batch, TrainFlags, sketch_seed
 from iota.model import wire
 from iota.model.config import ModelConfig
-from iota.model.stages import StageSpec
-from iota.protocol import EpochPlan, RunInfo
+from iota.model.stages import StageSpec, build_stage
+from iota.protocol import EpochPlan, RunInfo, WeightSketch
 from iota.train.schedule import LRSchedule
-from iota.validator.replay import HopRecord, ReplaySetup, replay
+from iota.validator.replay import (
+    HopRecord,
+    ReplaySetup,
+    Snapshot,
+    check_snapshot,
+    replay,
+    snapshot_from_f32,
+    snapshot_size,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,37 @@ class Outcome:
     depth: int  # inner steps replayed
     reason: str = ""
     errors: dict[str, float] = field(default_factory=dict)  # largest relative error per claim kind
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What an audit replays: the stage's setup, the epoch's checkpoint, the miner's records in commit order,
+    and, for a window that starts at a challenged step, that snapshot with the sketch committed for it and the
+    weights of later snapshots the window reaches (step -> flat fp32)."""
+
+    setup: ReplaySetup
+    checkpoint: torch.Tensor
+    records: Sequence[HopRecord]
+    start: Snapshot | None = None
+    start_sketch: WeightSketch | None = None
+    later: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def stage_size(setup: ReplaySetup) -> tuple[int, int]:
+    """(parameters, tensors) of the stage: what a snapshot's layout depends on."""
+    with torch.device("meta"):
+        model = build_stage(setup.config, setup.spec, seed=0, device="meta")
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), len(params)
+
+
+def decode_challenged(setup: ReplaySetup, data: bytes) -> Snapshot:
+    """A challenged snapshot's bytes (flat fp32, `snapshot_to_f32`'s layout), size checked before decoding."""
+    n_params, n_tensors = stage_size(setup)
+    expected = snapshot_size(n_params, n_tensors, setup.flags.optimizer)
+    if len(data) != expected:
+        raise ValueError(f"snapshot is {len(data)} bytes, a snapshot of this stage is {expected}")
+    return snapshot_from_f32(decode_f32(data), n_params, n_tensors, setup.flags.optimizer)
 
 
 def replay_setup(
@@ -61,14 +101,24 @@ def activation_limit(run: RunInfo, setup: ReplaySetup) -> int:
     return wire.encoded_size(shape, setup.flags.wire_dtype)
 
 
-def judge(
-    load: Callable[[], tuple[ReplaySetup, torch.Tensor, Sequence[HopRecord]]], who: str, miner: str
-) -> Outcome:
-    """Replay what `load` fetches (setup, checkpoint weights, the miner's records) and judge it. Evidence that
-    cannot be fetched or decoded is a failure with its reason: committing to unusable objects is the miner's."""
+def judge(load: Callable[[], Evidence], who: str, miner: str, epoch: int) -> Outcome:
+    """Replay what `load` fetches and judge it. Evidence that cannot be fetched or decoded is a failure with its
+    reason: committing to unusable objects is the miner's doing. A window from a snapshot first checks the
+    snapshot against the sketch the miner committed for that step."""
     try:
-        setup, start, records = load()
-        result = replay(setup, records, start)
+        evidence = load()
+        setup, start = evidence.setup, evidence.start
+        if start is not None:
+            if evidence.start_sketch is None:
+                raise ValueError(f"no sketch was committed for step {start.inner_step}")
+            seed = sketch_seed(setup.seed, epoch, start.inner_step)
+            bound = check_snapshot(setup, start, evidence.start_sketch, seed)
+            if not bound.passed:
+                reason = f"snapshot of step {start.inner_step} does not match its sketch: {bound.reason}"
+                return Outcome(False, 0, 0, reason, {"sketch": float(bound.error)})
+        result = replay(
+            setup, evidence.records, evidence.checkpoint, snapshot=start, claimed_weights=evidence.later
+        )
     except (ValueError, KeyError, OSError, RuntimeError) as error:
         return Outcome(False, 0, 0, f"committed objects unusable: {type(error).__name__}: {error}")
     errors: dict[str, float] = {}
@@ -79,10 +129,11 @@ def judge(
         f"{c.direction} of sample {c.sample_id}: {c.verdict.reason}" for c in result.failures[:3]
     )
     logger.info(
-        "{}: audit of {} (stage {}): {} after {} hops, {} steps",
+        "{}: audit of {} (stage {}, from step {}): {} after {} hops, {} steps",
         who,
         miner[:10],
         setup.spec.index,
+        result.start_step,
         "passed" if result.passed else f"FAILED ({reason})",
         result.hops,
         result.end_step - result.start_step,

@@ -26,7 +26,7 @@ from iota.miner.main import fetch_data, get
 from iota.miner.worker import Batch
 from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
 from iota.train.run import batch_fn
-from iota.validator.audit import activation_limit, judge, replay_setup
+from iota.validator.audit import Evidence, activation_limit, decode_challenged, judge, replay_setup
 from iota.validator.replay import HopRecord, ReplaySetup
 from iota.validator.scoring import compute_scores, with_burn
 
@@ -95,10 +95,10 @@ class ValidatorDaemon:
     def audit(self, task: AuditTask) -> AuditVerdict:
         """Fetch the task's evidence by its URLs, replay it, and judge it (iota.validator.audit)."""
 
-        def load() -> tuple[ReplaySetup, torch.Tensor, list[HopRecord]]:
+        def load() -> Evidence:
             setup = self._setup(task)
             n = self.run.stages[task.stage].n_params
-            start = decode_f32(get(task.checkpoint_url, task.checkpoint_sha256, 4 * n, self.http))
+            checkpoint = decode_f32(get(task.checkpoint_url, task.checkpoint_sha256, 4 * n, self.http))
             limit = activation_limit(self.run, setup)
             records = [
                 HopRecord(
@@ -113,9 +113,18 @@ class ValidatorDaemon:
                 )
                 for hop in task.hops
             ]
-            return setup, start, records
+            snapshots = {
+                s.step: decode_challenged(setup, get(s.url, s.sha256, 16 * n + (1 << 20), self.http))
+                for s in task.snapshots
+            }
+            start = snapshots.pop(task.start_step, None) if task.start_step else None
+            if task.start_step and start is None:
+                raise ValueError(f"the task starts at step {task.start_step} but names no snapshot of it")
+            sketches = {s.step: s.sketch for s in task.snapshots}
+            later = {step: snap.weights for step, snap in snapshots.items() if step > task.start_step}
+            return Evidence(setup, checkpoint, records, start, sketches.get(task.start_step), later)
 
-        outcome = judge(load, "validator", task.miner)
+        outcome = judge(load, "validator", task.miner, task.epoch)
         return AuditVerdict(
             audit_id=task.audit_id,
             miner=task.miner,

@@ -122,9 +122,8 @@ class Snapshot:
 
 
 def take_snapshot(worker: StageWorker) -> Snapshot:
-    """The worker's weights and inner optimizer state; call it right after a step."""
-    if worker.micro_batches:
-        raise ValueError("a snapshot is taken at a step boundary, not with gradients accumulated")
+    """The worker's weights and inner optimizer state as they stand since its last step (gradients accumulated
+    since do not change them until the next step, and are not part of a snapshot)."""
     params = [p for _, p in sorted(worker.model.named_parameters())]
     names = MOMENTS[worker.flags.optimizer]
     moments: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -174,6 +173,39 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
     }
     tensors.update({f"moment.{name}": flat for name, flat in snapshot.moments.items()})
     return wire.encode_state(tensors)
+
+
+def snapshot_size(n_params: int, n_tensors: int, optimizer: str) -> int:
+    """Bytes of a snapshot in the flat layout the live protocol uploads (exact, so its PUT URL can sign it)."""
+    return 4 * (1 + n_tensors + n_params * (1 + len(MOMENTS[optimizer])))
+
+
+def snapshot_to_f32(snapshot: Snapshot) -> torch.Tensor:
+    """[inner_step, steps per tensor, weights, moments in MOMENTS order] as one flat fp32 vector."""
+    head = torch.tensor([float(snapshot.inner_step)], dtype=torch.float32)
+    moments = [snapshot.moments[name] for name in sorted(snapshot.moments, key=_moment_order)]
+    return torch.cat([head, snapshot.steps.float(), snapshot.weights.float(), *[m.float() for m in moments]])
+
+
+def snapshot_from_f32(flat: torch.Tensor, n_params: int, n_tensors: int, optimizer: str) -> Snapshot:
+    """The inverse of `snapshot_to_f32`, for a stage of `n_params` in `n_tensors` tensors; the size is checked."""
+    names = MOMENTS[optimizer]
+    expected = snapshot_size(n_params, n_tensors, optimizer) // 4
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise ValueError(f"a snapshot of this stage has {expected} values, got {tuple(flat.shape)}")
+    step = float(flat[0])
+    if not step.is_integer() or step < 0:
+        raise ValueError(f"snapshot inner step {step} is not a step count")
+    steps = flat[1 : 1 + n_tensors].clone()
+    body = flat[1 + n_tensors :]
+    parts = body.split(n_params)
+    return Snapshot(
+        int(step), parts[0].clone(), steps, {n: p.clone() for n, p in zip(names, parts[1:], strict=True)}
+    )
+
+
+def _moment_order(name: str) -> int:
+    return [n for names in MOMENTS.values() for n in names].index(name)
 
 
 def decode_snapshot(data: bytes, worker: StageWorker) -> Snapshot:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from iota.local import LocalNetwork, LocalOptions, run_local
+from iota.validator.scoring import ORCHESTRATOR
 
 pytestmark = pytest.mark.slow
 
@@ -56,13 +58,21 @@ def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path) -> 
         net.add_validator(weights_interval_s=5.0)
         net.wait_until(lambda s: s.phase == "done", timeout_s=300)
         net.stop(["validator0"], timeout_s=60)
+        # With one validator, its failing verdicts count once the orchestrator's own recomputation confirms them.
+        deadline = time.monotonic() + 120
         log = net.scores_log()
+        while not any(v["validator"] == ORCHESTRATOR for v in log["verdicts"]):
+            assert time.monotonic() < deadline, "the orchestrator never recomputed the failing verdict"
+            time.sleep(2)
+            log = net.scores_log()
     finally:
         net.stop()
     from iota.validator.scoring import compute_scores
 
     hotkey = {name: net.hotkey(name) for name in [*honest, cheater]}
     failed = {v["miner"] for v in log["verdicts"] if not v["passed"]}
+    confirmed = {v["miner"] for v in log["verdicts"] if v["validator"] == ORCHESTRATOR and not v["passed"]}
+    assert confirmed == {hotkey[cheater]}
     passed = {v["miner"] for v in log["verdicts"] if v["passed"]}
     assert hotkey[cheater] in failed
     assert not failed & {hotkey[h] for h in honest}, "an honest miner was flagged"

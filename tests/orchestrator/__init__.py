@@ -23,6 +23,7 @@ def run_settings(data_dir: Path, run_dir: Path, **overrides: Any) -> Orchestrato
         "lease_s": 60.0,
         "miner_timeout_s": 600.0,  # the tests move the orchestrator's clock past leases, never past this
         "recheck": False,  # tests that recompute verdicts drive a Rechecker themselves
+        "snapshot_rate": 0.0,  # tests of snapshot challenges ask for them
         **overrides,
     }
     return OrchestratorSettings(_env_file=None, **fields)

@@ -1,0 +1,145 @@
+"""Snapshot challenges: at times a miner cannot predict, the orchestrator asks for its exact state.
+
+Every report that completes an inner step carries a sketch of the weights after that step (a commitment made
+before the miner can know whether it will be challenged). With probability `rate` per step the orchestrator then
+challenges the miner: its next work item is a `snapshot` order, which comes before any other work. The miner
+answers with its weights and inner optimizer state as they stand (a flat fp32 object,
+iota.validator.replay.snapshot_to_f32) and the inner step t they are at, which may be past the challenged step
+(items it had already fetched may have stepped); the snapshot is worth something only against the sketch
+committed for t, which validators check before they replay from it. So an audit can start anywhere in an epoch,
+not only at its checkpoint.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from iota.orchestrator.scheduler import SchedulingError
+from iota.orchestrator.state import Miner, StateStore
+from iota.protocol import AuditSnapshot, EpochPlan, Report, WeightSketch, Work
+from iota.storage import keys
+from iota.storage.base import ObjectStore
+
+
+class Challenges:
+    def __init__(
+        self,
+        run_id: str,
+        state: StateStore,
+        store: ObjectStore,
+        sizes: list[int],
+        rate: float,
+        url_ttl_s: int,
+    ):
+        """`sizes`: the exact bytes of a snapshot of each stage."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"snapshot challenge rate must be in [0, 1], got {rate}")
+        self.run_id, self.state, self.store, self.sizes = run_id, state, store, sizes
+        self.rate, self.url_ttl_s = rate, url_ttl_s
+        self.random = secrets.SystemRandom()
+
+    def on_report(
+        self, hotkey: str, stage: int, epoch: int, inner_step: int, sketch: WeightSketch | None, now: float
+    ) -> None:
+        """Record the sketch of a report that completes a step, and perhaps challenge that step. Call it inside
+        the report's transaction, after the hop is accepted."""
+        last = int(self.state.get(f"step/{epoch}/{hotkey}", 0))
+        if inner_step <= last:
+            return
+        if sketch is None:
+            raise SchedulingError(
+                400,
+                f"a report that reaches inner step {inner_step} must carry the sketch of the weights",
+                fault=True,
+            )
+        self.state.put(f"step/{epoch}/{hotkey}", inner_step)
+        self.state.put(f"sketch/{epoch}/{hotkey}/{inner_step}", sketch.model_dump())
+        if self.state.get(f"challenge/{hotkey}") is None and self.random.random() < self.rate:
+            key = keys.snapshot(self.run_id, epoch, stage, hotkey, inner_step)
+            self.state.put(f"challenge/{hotkey}", {"epoch": epoch, "step": inner_step, "key": key, "at": now})
+            self.state.bump("challenges_issued")
+
+    def pending(self, hotkey: str) -> bool:
+        return self.state.get(f"challenge/{hotkey}") is not None
+
+    def work(self, miner: Miner, epoch: int, plan: EpochPlan, run_id: str) -> Work | None:
+        """The miner's pending challenge, which comes before any other work; a challenge of an epoch that has
+        closed is dropped (counted as missed)."""
+        challenge = self.state.get(f"challenge/{miner.hotkey}")
+        if challenge is None:
+            return None
+        if challenge["epoch"] != epoch:
+            with self.state.transaction():
+                self.state.put(f"challenge/{miner.hotkey}", None)
+                self.state.bump("challenges_missed")
+            return None
+        return Work(
+            kind="snapshot",
+            run_id=run_id,
+            epoch=epoch,
+            stage=miner.stage,
+            plan=plan,
+            output_url=self.store.presign_put(challenge["key"], self.url_ttl_s, self.sizes[miner.stage]),
+            output_size=self.sizes[miner.stage],
+            extra={"step": challenge["step"]},
+        )
+
+    def answer(self, miner: Miner, report: Report, now: float) -> str:
+        """A miner's snapshot, uploaded at its current step (checked for size and digest). Call it inside a
+        transaction."""
+        challenge = self.state.get(f"challenge/{miner.hotkey}")
+        step = report.extra.get("step")
+        if challenge is None or challenge["epoch"] != report.epoch:
+            raise SchedulingError(409, "no snapshot challenge is pending for you")
+        if not isinstance(step, int) or step < challenge["step"]:
+            raise SchedulingError(
+                400, f"a snapshot answers for step {challenge['step']} or later, not {step!r}", fault=True
+            )
+        info = self.store.head(challenge["key"])
+        size = self.sizes[miner.stage]
+        if info is None or info.size != size:
+            raise SchedulingError(400, f"snapshot missing or not {size} bytes", fault=True)
+        if not report.output_sha256 or (info.sha256 and info.sha256 != report.output_sha256):
+            raise SchedulingError(400, "snapshot does not match the reported sha256", fault=True)
+        epoch = challenge["epoch"]
+        self.state.put(f"challenge/{miner.hotkey}", None)
+        self.state.put(
+            f"snapshot/{epoch}/{miner.hotkey}/{step}",
+            {"key": challenge["key"], "sha256": report.output_sha256},
+        )
+        steps = self.state.get(f"snapshots/{epoch}/{miner.hotkey}", [])
+        self.state.put(f"snapshots/{epoch}/{miner.hotkey}", sorted({*steps, step}))
+        self.state.bump("challenges_answered")
+        self.state.log(now, "snapshot", miner.hotkey, epoch=epoch, step=step, challenged=challenge["step"])
+        return "snapshot recorded"
+
+    def snapshots(self, hotkey: str, epoch: int) -> dict[int, dict[str, Any]]:
+        """step -> {key, sha256, sketch} of every answered challenge of this miner in this epoch whose sketch has
+        been committed (a snapshot taken past the last reported step waits for that step's report)."""
+        found = {}
+        for step in self.state.get(f"snapshots/{epoch}/{hotkey}", []):
+            sketch = self.state.get(f"sketch/{epoch}/{hotkey}/{step}")
+            if sketch is not None:
+                found[step] = {**self.state.get(f"snapshot/{epoch}/{hotkey}/{step}"), "sketch": sketch}
+        return found
+
+    def for_audit(
+        self, hotkey: str, epoch: int, depth: int, start: int | None = None
+    ) -> tuple[int, list[AuditSnapshot]]:
+        """A window start (given, or drawn at random among the checkpoint, 0, and the answered snapshots), and
+        the snapshots a replay of `depth` steps from there needs: its start's and the later ones it reaches."""
+        found = self.snapshots(hotkey, epoch)
+        if start is None:
+            start = self.random.choice([0, *found])
+        chosen = [
+            AuditSnapshot(
+                step=step,
+                url=self.store.presign_get(snap["key"], self.url_ttl_s),
+                sha256=snap["sha256"],
+                sketch=WeightSketch.model_validate(snap["sketch"]),
+            )
+            for step, snap in sorted(found.items())
+            if start <= step <= start + depth
+        ]
+        return start, chosen

@@ -1,0 +1,96 @@
+"""Snapshot challenges through the real orchestrator: a report that completes a step must commit a sketch, a
+challenged step is the miner's next order before any other work, its snapshot is checked for size and digest,
+and audits start their replay from it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from bittensor.keyfiles import Keypair
+
+from iota.protocol import AuditTask, Report, WeightSketch
+from iota.storage.transfer import download, upload
+from iota.validator.replay import snapshot_size
+from tests.security import MINERS, Net, refused, report_for, serve_net
+
+SKETCH = WeightSketch(norms=[1.0], projection=[0.0] * 8)
+
+
+def tail_reaches_step_one(net: Net, sketch: WeightSketch | None) -> None:
+    net.join(*MINERS)
+    net.forward("head", fill=0.5)
+    net.forward("mid", fill=0.5)
+    work = net.work("tail")
+    assert work.input_url and work.output_url
+    data = download(work.input_url, work.input_sha256, 1 << 24)
+    out = net.activation(0.1)
+    upload(work.output_url, out)
+    net.clients["tail"].report(report_for(work, data, out, loss=2.0, inner_step=1, sketch=sketch))
+
+
+def answer(net: Net, step: int, blob: bytes, **extra: object) -> str:
+    report = Report(
+        run_id=net.orch.run.run_id,
+        epoch=0,
+        hop_id=0,
+        inner_step=step,
+        input_sha256=None,
+        output_sha256=hashlib.sha256(blob).hexdigest(),
+        output_md5=None,
+        extra={"kind": "snapshot", "step": step, **extra},
+    )
+    return net.clients["tail"].phase_report(report).detail
+
+
+def test_a_step_without_a_sketch_is_refused(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        refused(lambda: tail_reaches_step_one(net, None), 400, "sketch")
+
+
+def test_a_challenged_step_is_answered_first_and_audited_from(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        tail = net.keys["tail"].ss58_address
+        tail_reaches_step_one(net, SKETCH)
+        order = net.work("tail", kind="snapshot")
+        stage = net.orch.epochs
+        size = snapshot_size(stage.n_params[2], len(stage.tensors[2]), net.run.settings.optimizer)
+        assert order.extra["step"] == 1 and order.output_size == size and order.output_url
+        assert net.work("tail", kind="snapshot").extra["step"] == 1  # nothing else until it is answered
+        refused(lambda: answer(net, 1, bytes(size)), 400, "snapshot missing")  # not uploaded yet
+        blob = bytes(size)
+        upload(order.output_url, blob)
+        assert answer(net, 1, blob) == "snapshot recorded"
+        assert net.clients["tail"].work().kind == "wait"
+        (found,) = net.orch.challenges.snapshots(tail, 0).items()
+        assert found[0] == 1 and found[1]["sketch"] == SKETCH.model_dump()
+        starts = set()
+        for _ in range(40):  # the window start is drawn among the checkpoint and the snapshot
+            response = net.signed("validator", "/validators/audit")
+            task = AuditTask.model_validate_json(response.content)
+            if task.miner != tail:
+                continue
+            starts.add(task.start_step)
+            assert [s.step for s in task.snapshots] == [1] and task.snapshots[0].sketch == SKETCH
+            assert download(task.snapshots[0].url, task.snapshots[0].sha256, size) == blob
+        assert starts == {0, 1}
+
+
+def test_a_miner_past_the_step_answers_with_its_current_one(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        tail = net.keys["tail"].ss58_address
+        tail_reaches_step_one(net, SKETCH)
+        order = net.work("tail", kind="snapshot")
+        assert order.output_url and order.output_size
+        blob = b"\x01" * order.output_size
+        upload(order.output_url, blob)
+        refused(lambda: answer(net, 0, blob), 400, "step 1 or later")
+        assert answer(net, 3, blob) == "snapshot recorded"  # items fetched before the order had stepped
+        assert net.orch.challenges.snapshots(tail, 0) == {}  # no sketch committed for step 3 yet: not usable
+        assert net.orch.state.get("snapshots/0/" + tail) == [3]
