@@ -67,6 +67,9 @@ class RunSettings(_Base):
     )
     outer_momentum: float = Field(0.9, description="Outer Nesterov momentum")
     partitions: int = Field(16, description="Partitions of each stage in the butterfly merge")
+    merge_clip: float = Field(
+        0.0, ge=0.0, description="L2 norm each pseudo-gradient is clipped to at the merge; 0 turns it off"
+    )
     wire_dtype: Literal["bf16", "fp32"] = Field(
         "bf16", description="Dtype of activations and their gradients"
     )

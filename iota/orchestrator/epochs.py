@@ -4,6 +4,11 @@ Checkpoint N (flat fp32 per stage, and a manifest written last) holds the weight
 from; checkpoint 0 is the seeded initialisation, written here before anyone trains. The orchestrator never
 trains: it only plans, compares digests, recomputes a partition whose owners disagree or vanished (the merge is
 cheap and deterministic), and assembles the next checkpoint from the accepted slices.
+
+Deadlines are soft for uploads: a pseudo-gradient upload granted before the UPLOAD deadline holds a lease of that
+deadline plus its size over `min_upload_bytes_per_s`, and the phase waits for it until then, never longer. What the
+checkpoint points at (weights and outer momentum) is written by the orchestrator alone, from the bytes it checked:
+an owner's merge outputs stay writable through its presigned URLs, so they are never read again after acceptance.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from iota.merge import (
     FlatRef,
     MergePlan,
     OuterConfig,
+    Partition,
     Submitter,
-    apply_merged,
+    decode_f32,
     encode_f32,
     make_plan,
+    read_slice,
     run_owner,
 )
 from iota.merge.butterfly import check_claimed_norms, sha256_hex
@@ -50,6 +57,16 @@ class EpochSettings:
     url_ttl_s: int
     phase_timeout_s: float  # an end-of-epoch phase moves on without miners that have not answered by then
     min_upload_bytes_per_s: float  # a granted upload gets this much extra time for its size (soft deadline)
+    merge_clip: float = 0.0  # global L2 norm C each pseudo-gradient is clipped to at the merge; 0: off
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """One partition's merge result as the orchestrator checked it: the bytes themselves, never a key to re-read."""
+
+    owner: str  # whose result it is: an owner, or ORCHESTRATOR when it recomputed and neither owner matched
+    weights: bytes
+    momentum: bytes
 
 
 class EpochDriver:
@@ -180,15 +197,16 @@ class EpochDriver:
         if phase == DONE:
             return Work(kind="stop", reason="the run is complete", **base)
         if phase == UPLOAD and self.state.get(self._upload_name(epoch, miner)) is None:
+            lease = self._upload_lease(epoch, miner, now)
+            if lease is None:
+                return Work(kind="wait", wait_s=0.2, reason="the upload deadline has passed", **base)
             key = keys.pseudo_grad(self.run_id, epoch, miner.stage, miner.hotkey)
             size = 4 * self.n_params[miner.stage]
             return Work(
                 kind="upload",
-                output_url=self.store.presign_put(key, ttl, size),
+                output_url=self.store.presign_put(key, max(ttl, math.ceil(lease - now)), size),
                 output_size=size,
-                lease_expires=now
-                + self.settings.phase_timeout_s
-                + size / self.settings.min_upload_bytes_per_s,
+                lease_expires=lease,
                 **base,
             )
         if phase == MERGE:
@@ -209,6 +227,26 @@ class EpochDriver:
 
     def _upload_name(self, epoch: int, miner: Miner) -> str:
         return f"upload/{epoch}/{miner.stage}/{miner.hotkey}"
+
+    def _upload_lease(self, epoch: int, miner: Miner, now: float) -> float | None:
+        """When `miner`'s upload must be reported by: granted once, before the UPLOAD deadline, for the deadline
+        plus a grace of its size over the minimum bandwidth (asking again never extends it); None once that has
+        passed, or when the deadline passed before it asked."""
+        name = f"upload_lease/{epoch}/{miner.stage}/{miner.hotkey}"
+        lease = self.state.get(name)
+        if lease is None:
+            deadline = self._phase_started(epoch, UPLOAD, now) + self.settings.phase_timeout_s
+            if now > deadline:
+                return None
+            lease = deadline + 4 * self.n_params[miner.stage] / self.settings.min_upload_bytes_per_s
+            self.state.put(name, lease)
+        return float(lease) if now <= float(lease) else None
+
+    def _phase_started(self, epoch: int, phase: str, now: float) -> float:
+        """When `phase` of `epoch` began: the first time anyone looked, if it was not set when it began."""
+        started = float(self.state.get(f"phase_started/{epoch}/{phase}", now))
+        self.state.put(f"phase_started/{epoch}/{phase}", started)
+        return started
 
     def _merge_payload(self, plan: MergePlan, hotkey: str, mine: list[int]) -> dict[str, Any]:
         ttl = self.settings.url_ttl_s
@@ -236,6 +274,12 @@ class EpochDriver:
         if report.epoch != epoch:
             raise SchedulingError(409, f"epoch {report.epoch} is closed (current {epoch})")
         if kind == "upload" and phase == UPLOAD:
+            lease = self.state.get(f"upload_lease/{epoch}/{miner.stage}/{miner.hotkey}")
+            if lease is None or now > float(lease):
+                why = "no upload was granted" if lease is None else f"its lease ended {now - lease:.1f} s ago"
+                raise SchedulingError(
+                    409, f"upload of epoch {epoch} refused: {why}; the merge goes on without it"
+                )
             self._record_upload(miner, report, now)
         elif kind == "merge" and phase == MERGE:
             self.state.put(f"merged/{epoch}/{miner.stage}/{miner.hotkey}", report.extra.get("partitions", {}))
@@ -274,13 +318,13 @@ class EpochDriver:
     def advance(self, now: float) -> None:
         """Move to the next phase once everyone expected has answered, or the phase has timed out."""
         phase, epoch = self.scheduler.phase, self.scheduler.epoch
-        started = float(self.state.get(f"phase_started/{epoch}/{phase}", now))
-        self.state.put(f"phase_started/{epoch}/{phase}", started)
-        timed_out = now - started > self.settings.phase_timeout_s
+        timed_out = now - self._phase_started(epoch, phase, now) > self.settings.phase_timeout_s
         alive = self.state.miners(alive_only=True)
         if phase == UPLOAD:
             waiting = [m for m in alive if self.state.get(self._upload_name(epoch, m)) is None]
-            if not waiting or timed_out:
+            # Past the deadline, only uploads granted before it are waited for, each until its own lease ends.
+            uploading = [m for m in waiting if timed_out and self._upload_lease(epoch, m, now) is not None]
+            if not waiting or (timed_out and not uploading):
                 self._start_merge(epoch, now)
         elif phase == MERGE:
             pending = []
@@ -345,6 +389,7 @@ class EpochDriver:
                 prev_weights=self._prev_weights(epoch, spec.index),
                 prev_momentum=self._prev_momentum(spec.index),
                 outer=self.settings.outer,
+                clip=self.settings.merge_clip or None,
                 output_template=keys.merged_template(self.run_id, epoch, spec.index),
             )
             self.state.put(f"plan/{epoch}/{spec.index}", plan.model_dump(mode="json"))
@@ -386,39 +431,72 @@ class EpochDriver:
                 shas.append(sha256_hex(data))
                 continue
             accepted, sq_norms = self._settle(plan, epoch, now)
-            flat = apply_merged(self.store, plan, {p: k for p, (k, _) in accepted.items()})
-            data = encode_f32(flat)
+            data = encode_f32(self._assemble(plan, accepted))
             self.store.put(keys.checkpoint_stage(self.run_id, epoch + 1, spec.index), data)
             shas.append(sha256_hex(data))
-            momentum[str(spec.index)] = {str(p): mk for p, (_, mk) in accepted.items()}
+            # The next merge reads its momentum from copies under the checkpoint, which only we write.
+            stage_momentum = {}
+            for index, result in accepted.items():
+                key = keys.checkpoint_momentum(self.run_id, epoch + 1, spec.index, index)
+                self.store.put(key, result.momentum)
+                stage_momentum[str(index)] = key
+            momentum[str(spec.index)] = stage_momentum
+            self.state.put(f"accepted/{epoch}/{spec.index}", {str(i): a.owner for i, a in accepted.items()})
             for hotkey in check_claimed_norms(plan, sq_norms):
                 self.state.log(now, "norm_mismatch", hotkey, epoch=epoch, stage=spec.index)
         self._publish(epoch + 1, shas, momentum, now)
         self.state.bump("merges")
         self._set_phase(epoch, APPLY, now)
 
+    def _assemble(self, plan: MergePlan, accepted: dict[int, _Accepted]) -> torch.Tensor:
+        """The stage's new flat weights: each accepted partition from its checked bytes; a partition nobody merged
+        keeps last epoch's values (from the previous checkpoint, which only we write)."""
+        flat = torch.empty(plan.n_params, dtype=torch.float32)
+        for partition in plan.partitions:
+            result = accepted.get(partition.index)
+            if result is None:
+                logger.warning(
+                    "epoch {}: partition {} keeps last epoch's values", plan.epoch, partition.index
+                )
+                values = read_slice(self.store, partition.prev_weights, partition.start, partition.end)
+            else:
+                values = decode_f32(result.weights)
+            flat[partition.start : partition.end] = values
+        return flat
+
     def _settle(
         self, plan: MergePlan, epoch: int, now: float
-    ) -> tuple[dict[int, tuple[str, str]], dict[int, dict[str, float]]]:
+    ) -> tuple[dict[int, _Accepted], dict[int, dict[str, float]]]:
         reports = {h: self.state.get(f"merged/{epoch}/{plan.stage}/{h}") or {} for h in plan.hotkeys}
-        accepted: dict[int, tuple[str, str]] = {}
+        accepted: dict[int, _Accepted] = {}
         sq_norms: dict[int, dict[str, float]] = {}
         for partition in plan.partitions:
             i = partition.index
             digests = {h: reports[h].get(str(i), {}).get("digest") for h in partition.owners}
+            uploaded: dict[str, tuple[bytes, bytes]] = {}
             for h, digest in digests.items():
+                if not digest:
+                    continue
                 # A report vouches only for what the bucket holds: else an owner that reports the honest digest
                 # over garbage (or NaN) slices would have them accepted whenever its partner agrees.
-                if digest and self._uploaded_digest(plan, i, h) != digest:
-                    why = "its uploaded slices differ from its report"
+                slices = self._uploaded(partition, plan, h)
+                if slices is None or _result_digest(*slices) != digest:
+                    why = (
+                        "its uploaded slices are missing, the wrong size or not finite"
+                        if slices is None
+                        else "its uploaded slices differ from its report"
+                    )
                     self.state.log(
                         now, "merge_mismatch", h, epoch=epoch, stage=plan.stage, partition=i, why=why
                     )
                     digests[h] = None
+                else:
+                    uploaded[h] = slices
             present = [h for h, d in digests.items() if d]
             agreed = len(present) == len(partition.owners) and len({digests[h] for h in present}) == 1
             if agreed:
                 owner = present[0]
+                weights, momentum = uploaded[owner]
                 sq_norms[i] = reports[owner][str(i)].get("sq_norms", {})
             else:
                 # Disagreement, or an owner that never answered: recompute here and keep whichever matches.
@@ -430,23 +508,35 @@ class EpochDriver:
                     if digests[h] != result.digest:
                         self.state.log(now, "merge_mismatch", h, epoch=epoch, stage=plan.stage, partition=i)
                 sq_norms[i] = result.slice_sq_norms
-            accepted[i] = (plan.output_key(i, owner, "weights"), plan.output_key(i, owner, "momentum"))
+                weights, momentum = encode_f32(result.weights), encode_f32(result.momentum)
+            accepted[i] = _Accepted(owner=owner, weights=weights, momentum=momentum)
         return accepted, sq_norms
 
-    def _uploaded_digest(self, plan: MergePlan, partition: int, owner: str) -> str | None:
-        """PartitionResult.digest of the slices `owner` uploaded for `partition`; None if either is missing."""
+    def _uploaded(self, partition: Partition, plan: MergePlan, owner: str) -> tuple[bytes, bytes] | None:
+        """The weights and momentum slices `owner` uploaded for `partition`, read once; None if either is missing,
+        the wrong size or not finite (two colluding owners must not carry NaN momentum into every later epoch)."""
         try:
-            weights = self.store.get(plan.output_key(partition, owner, "weights"))
-            momentum = self.store.get(plan.output_key(partition, owner, "momentum"))
+            slices = (
+                self.store.get(plan.output_key(partition.index, owner, "weights")),
+                self.store.get(plan.output_key(partition.index, owner, "momentum")),
+            )
         except KeyError:  # ObjectNotFound; other store errors fail the request, which is retried
             return None
-        return sha256_hex(f"{sha256_hex(weights)}:{sha256_hex(momentum)}".encode())
+        for data in slices:
+            if len(data) != 4 * partition.size or not bool(torch.isfinite(decode_f32(data)).all()):
+                return None
+        return slices
 
     def _set_phase(self, epoch: int, phase: str, now: float) -> None:
         self.state.put("phase", phase)
         self.state.put(f"phase_started/{epoch}/{phase}", now)
         self.state.log(now, "phase", None, epoch=epoch, phase=phase)
         logger.info("epoch {}: phase {}", epoch, phase)
+
+
+def _result_digest(weights: bytes, momentum: bytes) -> str:
+    """PartitionResult.digest of a partition's two output slices: what an owner reports."""
+    return sha256_hex(f"{sha256_hex(weights)}:{sha256_hex(momentum)}".encode())
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:

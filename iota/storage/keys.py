@@ -9,6 +9,7 @@ Layout (all under `runs/{run}/`):
     epochs/{epoch}/merged/{stage}/{partition}/{owner}-{kind}.f32      merged_slice (kind: weights, momentum)
     epochs/{epoch}/snapshots/{stage}/{hotkey}/{step}.safetensors      snapshot
     checkpoints/{epoch}/stage-{stage}.f32                             checkpoint_stage
+    checkpoints/{epoch}/momentum-{stage}-{partition}.f32              checkpoint_momentum
     checkpoints/{epoch}/manifest.json                                 checkpoint_manifest
     scores/{epoch}.json                                               scores
 
@@ -171,6 +172,15 @@ def checkpoint_prefix(run: str, epoch: int) -> str:
 def checkpoint_stage(run: str, epoch: int, stage: int) -> str:
     """The global weights of one stage at the start of `epoch`, flat fp32."""
     return f"{checkpoint_prefix(run, epoch)}stage-{_index(stage, 'stage')}.f32"
+
+
+def checkpoint_momentum(run: str, epoch: int, stage: int, partition: int) -> str:
+    """The outer momentum of one partition at the start of `epoch`, flat fp32 (the partition's slice only).
+
+    The orchestrator copies each accepted merge slice here: only it writes under checkpoints/, so an owner's
+    still-valid PUT URL for its merge output cannot change what the next epoch's merge reads.
+    """
+    return f"{checkpoint_prefix(run, epoch)}momentum-{_index(stage, 'stage')}-{_index(partition, 'partition')}.f32"
 
 
 def checkpoint_manifest(run: str, epoch: int) -> str:

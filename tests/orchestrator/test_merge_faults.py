@@ -5,8 +5,9 @@ two stages of three replicas each. The replicas are the daemon's own `Miner` obj
 time: hops through their StageWorker as the daemon computes them, upload, merge and apply through `Miner.do`.
 Each case breaks one thing at a named point (torchft's style) and lets the run finish; the test then recomputes
 from the bucket's uploads, with the pure merge functions, what the new weights must be, and checks that every
-surviving replica holds exactly that, that the weights moved, and that the orchestrator's accounting (recomputed
-partitions, flags, events) says what happened.
+surviving replica holds exactly that, that the weights moved, that the outer momentum the next epoch's merge will
+read is the merge's, and that the orchestrator's accounting (recomputed partitions, flags, events) says what
+happened.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,11 @@ from iota.merge import (
     make_plan,
     merge_partition,
     partition_bounds,
+    read_slice,
     run_owner,
     sha256_hex,
 )
-from iota.miner.client import OrchestratorClient
+from iota.miner.client import OrchestratorClient, Refused
 from iota.miner.main import Miner
 from iota.miner.worker import sketch_seed
 from iota.model import wire
@@ -63,6 +65,8 @@ BASE_URL = "http://testserver"
 SECRET = b"merge-faults-url-secret!"  # a restarted orchestrator signs and verifies URLs with the same secret
 PARTITIONS = 4
 PHASE_TIMEOUT_S = 30.0
+SLOW_UPLOADS = {"min_upload_bytes_per_s": 25_000.0}  # a stage's ~0.5 MB upload gets ~20 s past the deadline
+MERGE_CLIP = 3.0  # below every pseudo-gradient norm here (~4.7-5.5): each upload is clipped in some partition
 SAMPLES = 6  # two per head replica
 # Registered in this order, the replicas take stages 0, 1, 0, 1, 0, 1 (an empty stage first, then the emptiest).
 NAMES = ("s0a", "s1a", "s0b", "s1b", "s0c", "s1c")
@@ -119,6 +123,9 @@ class Net:
         hotkey = self.keypairs["orchestrator"].ss58_address
         assembled = assemble(self.settings, self.chain, hotkey, store=self.store, local_store=self.store)
         assembled.orchestrator.clock = self.clock
+        epochs = assembled.orchestrator.epochs
+        # Until iota.orchestrator.app.assemble passes the setting itself.
+        epochs.settings = replace(epochs.settings, merge_clip=self.settings.merge_clip)
         self.orch, self.run = assembled.orchestrator, assembled.run
         self._transport = InProcess(assembled.app)
         for miner in self.miners.values():
@@ -174,6 +181,11 @@ class Fault:
 
     def victim_name(self, net: Net) -> str | None:
         """The replica the fault struck, if any."""
+        return None
+
+    def busy(self, net: Net, name: str, monkeypatch: pytest.MonkeyPatch) -> bool | None:
+        """Called before a replica asks for work: None to let it ask; else it asks nothing this turn, and the
+        value says whether it was busy (a round in which nobody was busy moves the clock past a deadline)."""
         return None
 
 
@@ -339,6 +351,110 @@ class OrchestratorRestartsMidMerge(Fault):
         return True
 
 
+class OwnerOverwritesAfterAcceptance(OwnerFault):
+    """Merges honestly; once its result is accepted (its APPLY work proves it), PUTs garbage over its weights and
+    momentum slices through its merge work's URLs, which are still valid."""
+
+    urls: dict[str, str] | None = None
+
+    def on_work(self, net: Net, name: str, work: Work, monkeypatch: pytest.MonkeyPatch) -> bool:
+        miner = net.miners[name]
+        if work.kind == "apply" and self.urls and miner.client.hotkey == self.victim:
+            for key, url in self.urls.items():
+                accepted = net.store.get(key)
+                upload(url, encode_f32(garbage(decode_f32(accepted))), miner.http)
+                assert net.store.get(key) != accepted  # the overwrite landed
+            self.urls = {}
+            return False  # and it applies the new weights as usual
+        return super().on_work(net, name, work, monkeypatch)
+
+    def strike(
+        self, net: Net, name: str, work: Work, plan: MergePlan, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        net.miners[name].do(work)
+        self.urls = dict(work.extra["put"])
+
+
+class SubmitterUploadsLate(SubmitterFault):
+    """Is granted its upload before the UPLOAD deadline and is still uploading when the others have finished; the
+    clock passes the deadline (not its lease) while they keep asking; then its upload arrives."""
+
+    held: Work | None = None
+
+    def strike(self, net: Net, name: str, work: Work) -> None:
+        self.held = work  # under way: the replica asks nothing until it is done
+
+    def busy(self, net: Net, name: str, monkeypatch: pytest.MonkeyPatch) -> bool | None:
+        work = self.held
+        if name != VICTIM_SUBMITTER or work is None:
+            return None
+        if not others_uploaded(net, name):
+            return True
+        deadline, lease = upload_deadline(net, work), upload_lease(work)
+        net.clock.offset += (deadline + lease) / 2 - net.clock()
+        poll_others(net, name, expect_phase="upload")
+        net.miners[name].do(work)
+        assert net.state(upload_name(net, name)) is not None and net.phase == "merge"
+        self.held = None
+        return True
+
+
+class SubmitterStallsPastLease(SubmitterFault):
+    """Is granted its upload and stalls: UPLOAD waits for it past its deadline until its lease ends, and not a
+    second longer; the upload it finishes after that is refused, and it applies the merge of the others."""
+
+    held: Work | None = None
+
+    def strike(self, net: Net, name: str, work: Work) -> None:
+        self.held = work
+
+    def busy(self, net: Net, name: str, monkeypatch: pytest.MonkeyPatch) -> bool | None:
+        work = self.held
+        if name != VICTIM_SUBMITTER or work is None:
+            return None
+        if not others_uploaded(net, name):
+            return True
+        deadline, lease = upload_deadline(net, work), upload_lease(work)
+        for at in (deadline + 1, lease - 1):
+            net.clock.offset += at - net.clock()
+            poll_others(net, name, expect_phase="upload")
+        net.clock.offset += lease + 1 - net.clock()
+        with pytest.raises(Refused, match="lease ended"):
+            net.miners[name]._upload(work)  # reported before anyone else asks: UPLOAD has not ended yet
+        assert net.state(upload_name(net, name)) is None
+        poll_others(net, name, expect_phase="merge")
+        self.held = None
+        return True
+
+
+def upload_name(net: Net, name: str) -> str:
+    return f"upload/0/{int(name[1])}/{net.miners[name].client.hotkey}"
+
+
+def others_uploaded(net: Net, name: str) -> bool:
+    return all(net.state(upload_name(net, n)) is not None for n in NAMES if n != name)
+
+
+def upload_deadline(net: Net, work: Work) -> float:
+    return float(net.state(f"phase_started/{work.epoch}/upload")) + PHASE_TIMEOUT_S
+
+
+def upload_lease(work: Work) -> float:
+    """The lease of an upload granted before the deadline: the deadline plus its size over the minimum bandwidth."""
+    assert work.lease_expires is not None and work.output_size is not None
+    grace = work.output_size / SLOW_UPLOADS["min_upload_bytes_per_s"]
+    assert 5 < grace < PHASE_TIMEOUT_S  # what the cases' clock moves assume
+    return work.lease_expires
+
+
+def poll_others(net: Net, name: str, expect_phase: str) -> None:
+    """Every other replica asks for work (each request advances the phases); none has any yet."""
+    for other in NAMES:
+        if other != name:
+            assert net.miners[other].client.work().kind in ("wait", "merge")
+    assert net.phase == expect_phase
+
+
 @dataclass(frozen=True)
 class Case:
     fault: Callable[[], Fault]
@@ -349,6 +465,8 @@ class Case:
     recomputed: bool = False  # the orchestrator recomputes the victim's partitions (a third recomputation)
     mismatch: bool = False  # and logs a merge_mismatch against the victim for each of them
     flagged: bool = False  # the victim's upload is flagged (norm_mismatch)
+    clipped: bool = False  # the merge clips every upload somewhere
+    settings: Mapping[str, Any] = field(default_factory=dict)  # overrides of the run's settings
 
 
 CASES = {
@@ -385,6 +503,12 @@ CASES = {
         lambda: SubmitterUploadVanishes(truncate=True), victim_counts=False, flagged=True
     ),
     "orchestrator restarted mid-merge": Case(OrchestratorRestartsMidMerge),
+    "owner overwrites its slices after acceptance": Case(OwnerOverwritesAfterAcceptance),
+    "submitter uploads past the deadline within its lease": Case(SubmitterUploadsLate, settings=SLOW_UPLOADS),
+    "submitter stalls past its lease": Case(
+        SubmitterStallsPastLease, settings=SLOW_UPLOADS, victim_uploads=False, victim_counts=False
+    ),
+    "pseudo-gradients clipped at the merge": Case(Fault, clipped=True, settings={"merge_clip": MERGE_CLIP}),
 }
 
 
@@ -414,8 +538,15 @@ def miner_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("miner-cache")
 
 
+@pytest.fixture(params=list(CASES))
+def case(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def net(data_dir: Path, keypairs: dict[str, Keypair], miner_cache: Path, tmp_path: Path) -> Iterator[Net]:
+def net(
+    data_dir: Path, keypairs: dict[str, Keypair], miner_cache: Path, tmp_path: Path, case: str
+) -> Iterator[Net]:
     chain = LocalChain(tmp_path / "chain.json")
     for name in NAMES:
         chain.register(keypairs[name].ss58_address, keypairs["cold"].ss58_address)
@@ -433,6 +564,7 @@ def net(data_dir: Path, keypairs: dict[str, Keypair], miner_cache: Path, tmp_pat
         miner_timeout_s=1e6,  # deaths are settled by phase deadlines; heartbeats (every timeout / 4) never fire
         rate_per_ip=0.0,
         rate_per_hotkey=1e6,
+        **CASES[case].settings,
     )
     net = Net(settings, chain, keypairs, tmp_path / "run" / "store")
     net.boot()
@@ -503,6 +635,9 @@ def serve(net: Net, name: str, fault: Fault, monkeypatch: pytest.MonkeyPatch) ->
     """
     miner = net.miners[name]
     assert miner.worker is not None
+    busy = fault.busy(net, name, monkeypatch)
+    if busy is not None:
+        return busy
     work = miner.client.work(forward=miner.worker.wants_forward())
     if work.kind == "stop":
         net.stopped.add(name)
@@ -539,10 +674,12 @@ def run_epoch(net: Net, fault: Fault, monkeypatch: pytest.MonkeyPatch) -> None:
 # -- what the bucket's uploads determine ------------------------------------------------------------------
 
 
-def expected_merge(net: Net, stage: int, counted: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def expected_merge(
+    net: Net, stage: int, counted: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
     """New weights and outer momentum of `stage` from the seeded start and exactly the uploads in `counted`
-    (hotkey -> work weight), merged by the pure functions as one partition: clip off and trim 0 make the merge
-    elementwise, so partitioning cannot change a bit of it."""
+    (hotkey -> work weight), merged partition by partition by the pure functions with the run's clip; and the
+    hotkeys whose upload was clipped in some partition."""
     seeded = build_stage(net.orch.epochs.model, net.orch.epochs.stages[stage], net.settings.seed)
     start = flatten(
         dict(seeded.named_parameters())
@@ -554,27 +691,27 @@ def expected_merge(net: Net, stage: int, counted: dict[str, float]) -> tuple[tor
         key = keys.pseudo_grad(RUN_ID, 0, stage, hotkey)
         blobs.put(key, net.store.get(key))  # the upload as the bucket holds it
         submitters.append(Submitter(hotkey=hotkey, upload_key=key, weight=weight, claimed_norm=0.0))
+    bounds = partition_bounds(start.numel(), PARTITIONS)
     plan = make_plan(
         run=RUN_ID,
         epoch=0,
         stage=stage,
         n_params=start.numel(),
-        n_partitions=1,
+        n_partitions=PARTITIONS,
         submitters=submitters,
-        prev_weights=[FlatRef(key="start")],
+        prev_weights=[FlatRef(key="start")] * len(bounds),
         outer=OuterConfig(lr=net.settings.outer_lr, momentum=net.settings.outer_momentum),
+        clip=net.settings.merge_clip or None,
     )
-    result = merge_partition(blobs, plan, 0, start, None)
-    assert result.used == sorted(counted)
-    moved = [
-        not torch.equal(result.weights[a:b], start[a:b])
-        for a, b in partition_bounds(start.numel(), PARTITIONS)
-    ]
+    results = [merge_partition(blobs, plan, i, start[a:b], None) for i, (a, b) in enumerate(bounds)]
+    assert all(r.used == sorted(counted) for r in results)
+    weights = torch.cat([r.weights for r in results])
+    moved = [not torch.equal(weights[a:b], start[a:b]) for a, b in bounds]
     assert all(moved), f"stage {stage}: partitions that did not move: {moved}"
-    return result.weights, result.momentum
+    clipped = {h for r in results for h in r.clipped}
+    return weights, torch.cat([r.momentum for r in results]), clipped
 
 
-@pytest.mark.parametrize("case", list(CASES))
 def test_merge_fault(net: Net, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = CASES[case]
     fault = spec.fault()
@@ -600,7 +737,8 @@ def check_stage(net: Net, spec: Case, stage: int, victim: str | None) -> None:
         assert net.state(f"upload/0/{stage}/{hotkey[n]}")["weight"] == net.hops[n] > 0
 
     counted = {hotkey[n]: float(net.hops[n]) for n in names if n != victim or spec.victim_counts}
-    weights, momentum = expected_merge(net, stage, counted)
+    weights, momentum, clipped = expected_merge(net, stage, counted)
+    assert clipped == (set(counted) if spec.clipped else set())
     data = encode_f32(weights)
     manifest = json.loads(net.store.get(keys.checkpoint_manifest(RUN_ID, 1)))
     assert net.store.get(keys.checkpoint_stage(RUN_ID, 1, stage)) == data
@@ -613,10 +751,15 @@ def check_stage(net: Net, spec: Case, stage: int, victim: str | None) -> None:
         assert torch.equal(worker.flat_weights(), weights), f"{n} holds other weights than the merge"
         assert worker.inner_step == 0 and not worker.optimizer.state  # APPLY reset the inner optimizer
         assert net.state(f"applied/0/{hotkey[n]}") == sha256_hex(data)
-    # The outer momentum the checkpoint points at (next epoch's merge reads it) is the merge's, slice by slice.
+    # The outer momentum the next epoch's merge will read is the merge's, slice by slice, under keys only the
+    # orchestrator writes (an owner's merge URLs stay valid after its result is accepted).
     stage_momentum = manifest["momentum"][str(stage)]
+    next_refs = net.orch.epochs._prev_momentum(stage)
     for index, (a, b) in enumerate(partition_bounds(weights.numel(), PARTITIONS)):
-        assert decode_f32(net.store.get(stage_momentum[str(index)])).equal(momentum[a:b])
+        assert stage_momentum[str(index)] == keys.checkpoint_momentum(RUN_ID, 1, stage, index)
+        ref = next_refs[index]
+        assert ref is not None and ref.key == stage_momentum[str(index)]
+        assert read_slice(net.store, ref, a, b).equal(momentum[a:b])
 
     # Accounting: which partitions were recomputed, against whom a mismatch was logged, whose upload is flagged.
     victim_key = hotkey[victim] if victim else None
@@ -625,9 +768,10 @@ def check_stage(net: Net, spec: Case, stage: int, victim: str | None) -> None:
         p.index for p in plan.partitions if net.store.head(plan.output_key(p.index, ORCHESTRATOR, "weights"))
     }
     assert recomputed == (victim_partitions if spec.recomputed else set()), (recomputed, victim_partitions)
+    accepted = net.state(f"accepted/0/{stage}")
+    assert all(accepted[str(p.index)] in p.owners for p in plan.partitions)  # no partition needed us alone
     for index in recomputed:  # the recomputation picked the surviving owner's result
-        accepted = stage_momentum[str(index)]
-        assert accepted != plan.output_key(index, ORCHESTRATOR, "momentum") and victim_key not in accepted
+        assert accepted[str(index)] != victim_key
     mismatches = {(e["hotkey"], e["partition"]) for e in net.events("merge_mismatch") if e["stage"] == stage}
     assert mismatches == ({(victim_key, i) for i in victim_partitions} if spec.mismatch else set())
     flagged = {e["hotkey"] for e in net.events("norm_mismatch") if e["stage"] == stage}
