@@ -62,6 +62,7 @@ class Scheduler:
         self.state = state
         self.policy = policy
         self.output_key = output_key
+        self._refused_for_load_at = float("-inf")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -119,13 +120,9 @@ class Scheduler:
                 400,
                 f"not enough memory for any stage: {memory_bytes / 2**30:.1f} GiB, needs {smallest:.1f} GiB",
             )
-        alive = self.state.miners(alive_only=True)
-        count = {s: 0 for s in fits}
-        work = {s: 0 for s in fits}
-        for m in alive:
-            if m.stage in count:
-                count[m.stage] += 1
-                work[m.stage] += m.hops_done
+        load = self.state.stage_load()  # stage -> (live miners, their hops done)
+        count = {s: load.get(s, (0, 0))[0] for s in fits}
+        work = {s: load.get(s, (0, 0))[1] for s in fits}
         # Empty stages first, then the stage with the least work done per miner (the slowest), then the lowest.
         return min(fits, key=lambda s: (count[s] > 0, work[s] / max(count[s], 1), count[s], s))
 
@@ -156,13 +153,18 @@ class Scheduler:
     def _inflow_blocked(self, miner: Miner) -> str:
         if self.paused:
             return "the run is paused by its operator"
-        staffed = {m.stage for m in self.state.miners(alive_only=True)}
+        # Asked on most requests for work: indexed lookups, never a pass over every miner or every hop.
+        staffed = self.state.staffed_stages(self.policy.n_stages)
         empty = [s for s in range(self.policy.n_stages) if s not in staffed]
         if empty:
             return f"waiting for miners on stage(s) {', '.join(map(str, empty))}"
-        holding = len(self.state.samples_waiting_on(miner.hotkey, self.policy.n_stages - 1))
-        if miner.stage < self.policy.n_stages - 1 and holding >= self.policy.max_in_flight:
-            return f"holding {holding} forward graphs awaiting backward (limit {self.policy.max_in_flight})"
+        tail = self.policy.n_stages - 1
+        if miner.stage < tail:
+            holding = len(self.state.samples_waiting_on(miner.hotkey, tail))
+            if holding >= self.policy.max_in_flight:
+                return (
+                    f"holding {holding} forward graphs awaiting backward (limit {self.policy.max_in_flight})"
+                )
         return ""
 
     def _new_sample(self, now: float) -> Hop | None:
@@ -267,6 +269,7 @@ class Scheduler:
         if hop.stage == last and loss is not None:
             self.state.record_loss(hop.sample_id, hop.epoch, tokens, loss)
         if hop.direction == FORWARD and hop.stage < last:
+            self.state.hold_graph(hop.miner or "", hop.sample_id, hop.attempt, hop.stage)
             self.state.add_hop(
                 sample_id=hop.sample_id,
                 attempt=hop.attempt,
@@ -279,6 +282,8 @@ class Scheduler:
                 created_at=now,
             )
         elif hop.stage > 0:
+            if hop.direction == BACKWARD:
+                self.state.release_graph(hop.sample_id, hop.attempt, hop.stage)
             # The tail's hop and every backward hop send a gradient to the miner holding the previous stage's graph.
             holder = self.state.forward_miner(hop.sample_id, hop.attempt, hop.stage - 1)
             self.state.add_hop(
@@ -294,6 +299,7 @@ class Scheduler:
                 created_at=now,
             )
         else:
+            self.state.release_graphs(hop.sample_id)
             self.state.set_sample(hop.sample_id, status="done", done_at=now)
             self.state.bump("samples_completed")
             self._maybe_end_train(now)
@@ -304,13 +310,22 @@ class Scheduler:
 
     # -- failures ---------------------------------------------------------------------------------------
 
+    def refused_for_load(self, now: float) -> None:
+        """The server turned requests away unread because it is overloaded (iota.orchestrator.app.Admission): for
+        the next ``miner_timeout_s`` a miner's silence is no sign that it is gone, since its requests may be the
+        ones refused. (Leases still expire, so no work waits on a miner that did die meanwhile.)"""
+        self._refused_for_load_at = max(self._refused_for_load_at, now)
+
     def sweep(self, now: float) -> None:
         """Expire leases and time out silent miners; cheap enough to run on every request."""
+        timeout = self.policy.miner_timeout_s
         with self.state.transaction():
             for hop in self.state.expired_leases(now):
                 self._requeue(hop, now, "lease expired")
-            for hotkey in self.state.stale_miners(now - self.policy.miner_timeout_s):
-                self.miner_gone(hotkey, now, f"silent for {self.policy.miner_timeout_s:.0f} s")
+            if now - self._refused_for_load_at < timeout:
+                return
+            for hotkey in self.state.stale_miners(now - timeout):
+                self.miner_gone(hotkey, now, f"silent for {timeout:.0f} s")
 
     def _requeue(self, hop: Hop, now: float, why: str) -> None:
         if why == "lease expired":
@@ -347,6 +362,7 @@ class Scheduler:
         for hop in self.state.hops_of_sample(sample_id, attempt):
             if hop.status in ("queued", "leased"):
                 self.state.set_hop(hop.id, status="dropped")
+        self.state.release_graphs(sample_id)
         self.state.set_sample(sample_id, attempt=attempt + 1)
         self.state.add_hop(
             sample_id=sample_id,

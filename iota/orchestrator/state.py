@@ -57,6 +57,28 @@ MIGRATIONS = [
             "CREATE INDEX verdicts_miner ON verdicts (miner, epoch)",
         ],
     ),
+    (
+        3,
+        "per-request lookups by index",
+        [
+            # Which stages have a live miner, and each stage's load, without reading every miner row.
+            "CREATE INDEX miners_alive_stage ON miners (alive, stage, hops_done)",
+            # The forward graphs a miner holds for a backward still to come: one row per (sample, attempt, stage)
+            # from the forward's report until that backward is done or the attempt ends, so asking what a miner
+            # holds costs what it holds, not every hop it ever did. Derived from hops and samples (filled below
+            # from them for a run in progress); the samples join stays in the read, so a stale row is harmless.
+            """CREATE TABLE held_graphs (
+                sample_id BIGINT NOT NULL, attempt BIGINT NOT NULL, stage BIGINT NOT NULL, miner TEXT NOT NULL,
+                PRIMARY KEY (sample_id, attempt, stage))""",
+            "CREATE INDEX held_graphs_miner ON held_graphs (miner, stage)",
+            "INSERT INTO held_graphs (sample_id, attempt, stage, miner) "
+            "SELECT h.sample_id, h.attempt, h.stage, h.miner FROM hops h "
+            "JOIN samples s ON s.id = h.sample_id AND s.attempt = h.attempt "
+            "WHERE h.direction = 'forward' AND h.status = 'done' AND s.status = 'active' AND h.miner IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM hops b WHERE b.sample_id = h.sample_id AND b.attempt = h.attempt "
+            "AND b.stage = h.stage AND b.direction = 'backward' AND b.status = 'done')",
+        ],
+    ),
 ]
 
 OPEN = ("queued", "leased")
@@ -179,6 +201,21 @@ class StateStore:
 
     def set_banned(self, hotkey: str, reason: str | None) -> None:
         self.db.execute("UPDATE miners SET banned = ? WHERE hotkey = ?", (reason, hotkey))
+
+    def staffed_stages(self, n_stages: int) -> set[int]:
+        """The stages below ``n_stages`` with at least one live miner: one index probe per stage."""
+        return {
+            s
+            for s in range(n_stages)
+            if self.db.one("SELECT 1 FROM miners WHERE alive = 1 AND stage = ? LIMIT 1", (s,)) is not None
+        }
+
+    def stage_load(self) -> dict[int, tuple[int, int]]:
+        """Live miners and their hops done, per stage (from the index, no miner rows read)."""
+        rows = self.db.execute(
+            "SELECT stage, COUNT(*), SUM(hops_done) FROM miners WHERE alive = 1 GROUP BY stage"
+        )
+        return {int(r[0]): (int(r[1]), int(r[2] or 0)) for r in rows}
 
     def stale_miners(self, before: float) -> list[str]:
         rows = self.db.execute("SELECT hotkey FROM miners WHERE alive = 1 AND last_seen < ?", (before,))
@@ -338,14 +375,30 @@ class StateStore:
         The tail does its forward and backward in one hop, so it holds no graph that a sample waits on.
         """
         rows = self.db.execute(
-            "SELECT DISTINCT h.sample_id FROM hops h JOIN samples s ON s.id = h.sample_id AND s.attempt = h.attempt "
-            "WHERE h.miner = ? AND h.direction = 'forward' AND h.status = 'done' AND s.status = 'active' "
-            "AND h.stage < ? "
-            "AND NOT EXISTS (SELECT 1 FROM hops b WHERE b.sample_id = h.sample_id AND b.attempt = h.attempt "
-            "AND b.stage = h.stage AND b.direction = 'backward' AND b.status = 'done')",
+            "SELECT DISTINCT g.sample_id FROM held_graphs g "
+            "JOIN samples s ON s.id = g.sample_id AND s.attempt = g.attempt "
+            "WHERE g.miner = ? AND g.stage < ? AND s.status = 'active' ORDER BY g.sample_id",
             (hotkey, tail_stage),
         )
         return [int(r[0]) for r in rows]
+
+    def hold_graph(self, hotkey: str, sample_id: int, attempt: int, stage: int) -> None:
+        """A miner's forward of a sample is done: it holds the graph until that stage's backward is done."""
+        self.db.execute(
+            "INSERT INTO held_graphs (sample_id, attempt, stage, miner) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (sample_id, attempt, stage) DO UPDATE SET miner = excluded.miner",
+            (sample_id, attempt, stage, hotkey),
+        )
+
+    def release_graph(self, sample_id: int, attempt: int, stage: int) -> None:
+        self.db.execute(
+            "DELETE FROM held_graphs WHERE sample_id = ? AND attempt = ? AND stage = ?",
+            (sample_id, attempt, stage),
+        )
+
+    def release_graphs(self, sample_id: int) -> None:
+        """Every graph held for any attempt of a sample (it completed, or restarts with a new attempt)."""
+        self.db.execute("DELETE FROM held_graphs WHERE sample_id = ?", (sample_id,))
 
     def expired_leases(self, now: float) -> list[Hop]:
         rows = self.db.execute(
