@@ -1,7 +1,7 @@
 """Hotkey-signed requests: client signing (``signing``), server verification as FastAPI dependencies (``verify``,
 ``roles``), replay protection (``nonces``), rate limits (``ratelimit``) and wallets on disk (``wallet``)."""
 
-from iota.auth.nonces import MemoryNonceStore, NonceStore, SqliteNonceStore
+from iota.auth.nonces import JournaledNonceStore, MemoryNonceStore, NonceStore, SqliteNonceStore
 from iota.auth.ratelimit import IPRateLimitMiddleware, RateLimiter, client_ip
 from iota.auth.roles import Miner, Operator, Validator, require_miner, require_operator, require_validator
 from iota.auth.signing import AUTH_ERROR_HEADER, HotkeyAuth, sign_headers
@@ -22,6 +22,7 @@ __all__ = [
     "Caller",
     "HotkeyAuth",
     "IPRateLimitMiddleware",
+    "JournaledNonceStore",
     "MemoryNonceStore",
     "Miner",
     "NonceStore",

@@ -115,7 +115,8 @@ class IPRateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         peer = scope["client"][0] if scope.get("client") else None
-        forwarded = _header(scope, b"x-forwarded-for")
+        # Only a trusted proxy's X-Forwarded-For counts: without any, the headers need not be searched.
+        forwarded = _header(scope, b"x-forwarded-for") if self.trusted_proxies else None
         ip = client_ip(peer, forwarded, self.trusted_proxies)
         wait_s = self.limiter.acquire(ip)
         if wait_s == 0.0:

@@ -175,6 +175,8 @@ class Authenticator:
         except ValueError:
             return  # missing or malformed: http_auth.verify names the header
         offset_s = (nonce_ns - now_ns) / 1e9
+        if -self.max_age_s <= offset_s <= self.max_future_s and nonce_ns >= self.started_ns:
+            return  # the common case, decided before any message is formatted
         server_time = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds")
         clock = {"server_time": now, "offset_s": round(offset_s, 3)}
         if -offset_s > self.max_age_s:
@@ -225,6 +227,10 @@ async def check_protocol_version(request: Request) -> None:
     reject(426, "protocol_mismatch", message, extra=extra)
 
 
+_SERVER_TIME = SERVER_TIME_HEADER.lower().encode()
+_PROTOCOL = (VERSION_HEADER.lower().encode(), str(PROTOCOL_VERSION).encode())
+
+
 class ServerHeadersMiddleware:
     """ASGI middleware: every response says the server's time (``Date``, ``X-Iota-Server-Time``) and protocol."""
 
@@ -232,6 +238,15 @@ class ServerHeadersMiddleware:
         self.app = app
         self.clock = clock
         self.date = date
+        self._date_second: int | None = None
+        self._date_value = b""
+
+    def _date(self, now: float) -> bytes:
+        # Date has one-second resolution: formatted once per second, not once per response.
+        second = int(now)
+        if second != self._date_second:
+            self._date_second, self._date_value = second, email.utils.formatdate(second, usegmt=True).encode()
+        return self._date_value
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -242,11 +257,10 @@ class ServerHeadersMiddleware:
             if message["type"] == "http.response.start":
                 now = self.clock()
                 headers = list(message.get("headers", []))
-                names = {name.lower() for name, _ in headers}
-                if self.date and b"date" not in names:
-                    headers.append((b"date", email.utils.formatdate(now, usegmt=True).encode()))
-                headers.append((SERVER_TIME_HEADER.lower().encode(), f"{now:.3f}".encode()))
-                headers.append((VERSION_HEADER.lower().encode(), str(PROTOCOL_VERSION).encode()))
+                if self.date and not any(name.lower() == b"date" for name, _ in headers):
+                    headers.append((b"date", self._date(now)))
+                headers.append((_SERVER_TIME, f"{now:.3f}".encode()))
+                headers.append(_PROTOCOL)
                 message = {**message, "headers": headers}
             await send(message)
 
