@@ -109,8 +109,11 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     rate_per_hotkey: float = Field(50.0, description="Requests per second allowed per hotkey")
     rate_per_ip: float = Field(200.0, description="Requests per second allowed per IP before authentication")
     trusted_proxies: str = Field("", description="Comma-separated proxy IPs whose X-Forwarded-For is trusted")
+    max_connections: int = Field(
+        2048, ge=1, description="Open connections beyond which uvicorn answers 503; keep ulimit -n above it"
+    )
     max_requests_in_progress: int = Field(
-        128,
+        32,
         ge=0,
         description="Requests in progress beyond which new ones get 503 and Retry-After; 0: no bound",
     )

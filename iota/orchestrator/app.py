@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +18,8 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from loguru import logger
-from starlette.concurrency import run_in_threadpool
 
-from iota.auth import Authenticator, RateLimiter, SqliteNonceStore, install_auth
+from iota.auth import Authenticator, JournaledNonceStore, RateLimiter, install_auth
 from iota.chain.base import Chain, Neuron
 from iota.config import OrchestratorSettings
 from iota.merge import OuterConfig
@@ -27,6 +29,7 @@ from iota.orchestrator.audits import Auditor
 from iota.orchestrator.epochs import EpochDriver, EpochSettings
 from iota.orchestrator.recheck import Rechecker
 from iota.orchestrator.routes import dashboard, miners, run, validators
+from iota.orchestrator.routes.deps import CallRunner
 from iota.orchestrator.scheduler import Policy, Scheduler
 from iota.orchestrator.service import Limits, Orchestrator
 from iota.orchestrator.state import Hop, StateStore
@@ -42,8 +45,23 @@ MAX_BODY_BYTES = 1024 * 1024  # the largest JSON request (a report with its weig
 HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS_PER_IP = 64  # a machine with 8 GPUs runs 8 miners of about 2 connections each
-MAX_CONNECTIONS = 2048  # beyond, uvicorn answers 503 at once (keep `ulimit -n` above it)
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers: a signed request needs under 1 KiB
+
+# The answer to a request refused because too many are in progress (Admission): the same bytes every time.
+OVERLOADED_RETRY_S = 1  # a second drains a queue of this length many times over
+OVERLOADED_BODY = json.dumps(
+    {
+        "detail": {
+            "code": "overloaded",
+            "message": f"the orchestrator is at capacity; retry in {OVERLOADED_RETRY_S} s",
+        }
+    }
+).encode()
+OVERLOADED_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(OVERLOADED_BODY)).encode()),
+    (b"retry-after", str(OVERLOADED_RETRY_S).encode()),
+]
 
 
 def create_app(
@@ -54,13 +72,49 @@ def create_app(
     rate_per_ip: float = 0.0,
     trusted_proxies: tuple[str, ...] = (),
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_in_progress: int = 0,
+    inline_calls: bool = False,
+    on_shutdown: Callable[[], None] = lambda: None,
 ) -> FastAPI:
+    """The orchestrator's HTTP API. ``max_in_progress`` > 0 bounds the requests in progress (see Admission);
+    ``inline_calls``: the orchestrator's backends are all in this process, so its calls run on the event loop (see
+    CallRunner); ``on_shutdown`` runs when the server stops, after the last call into the orchestrator."""
+    runner = CallRunner(inline=inline_calls)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        runner.close()
+        on_shutdown()
+
     app = FastAPI(
-        title="iota orchestrator", version="1", description="Routes work between miners and validators."
+        title="iota orchestrator",
+        version="1",
+        description="Routes work between miners and validators.",
+        lifespan=lifespan,
+        # FastAPI's native OpenTelemetry looks its providers up on every request (a share of the CPU under load);
+        # the orchestrator's own figures are at GET /metrics.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.orchestrator = orchestrator
+    app.state.call_runner = runner
     # Added before install_auth, so it sits inside the per-IP limit: a flood is turned away before this.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, exempt_prefixes=(STORAGE_PREFIX + "/",))
+    app.state.admission = None
+    if max_in_progress > 0:
+        # Outside the body limit and the routes (a refusal costs neither), inside the per-IP limit.
+        # A miner whose requests are refused is not silent: the scheduler holds off timing miners out meanwhile.
+        scheduler = orchestrator.scheduler
+        app.state.admission = Admission(
+            max_in_progress,
+            exempt=finishes_work,
+            on_refusal=lambda: scheduler.refused_for_load(orchestrator.clock()),
+        )
+        # Object transfers are not the orchestrator's work and may take long on a slow link (an upload of a
+        # leased item's output): neither counted nor refused.
+        app.add_middleware(
+            AdmissionMiddleware, admission=app.state.admission, skip_prefixes=(STORAGE_PREFIX + "/",)
+        )
     app.add_exception_handler(RequestValidationError, _malformed_request)
     limiter = RateLimiter(rate_per_ip, burst=2 * rate_per_ip) if rate_per_ip > 0 else None
     install_auth(
@@ -94,9 +148,85 @@ async def _malformed_request(request: Request, error: Exception) -> JSONResponse
             hotkey = None  # not a verified caller: nobody to hold to account
     if hotkey is not None and orchestrator.abuse is not None:
         why = f"malformed request to {request.url.path}"
-        await run_in_threadpool(orchestrator.abuse.strike, hotkey, why, orchestrator.clock())
+        runner: CallRunner = request.app.state.call_runner
+        await runner.run(orchestrator.abuse.strike, hotkey, why, orchestrator.clock())
     assert isinstance(error, RequestValidationError)
     return await request_validation_exception_handler(request, error)
+
+
+def finishes_work(path: str) -> bool:
+    """Requests that complete work already handed out (a report, a release, leaving): refusing them under load
+    would waste that work, since its lease runs out and the sample restarts."""
+    return path.endswith(("/report", "/release")) or path == "/miners/leave"
+
+
+class Admission:
+    """A bound on the requests in progress: once ``max_in_progress`` are, further ones are refused (503 with
+    Retry-After, by ``AdmissionMiddleware``) at once, before their body is read or their signature checked.
+
+    An overloaded server that queues every request answers each one later, until answers come after the client's
+    timeout: miners are then declared gone, their samples restart and they register again, which adds work just
+    when there is none to spare. Refusing the excess early keeps the answered requests fast, and the miner client
+    backs off on 503. Requests for which ``exempt(path)`` holds (those that finish work already handed out) are
+    counted but never refused.
+    """
+
+    def __init__(
+        self,
+        max_in_progress: int,
+        exempt: Callable[[str], bool] = lambda _: False,
+        on_refusal: Callable[[], None] = lambda: None,
+    ) -> None:
+        if max_in_progress < 1:
+            raise ValueError(f"max_in_progress must be at least 1, got {max_in_progress}")
+        self.max_in_progress = max_in_progress
+        self.exempt = exempt
+        self.on_refusal = on_refusal
+        self.in_progress = 0  # touched only on the event loop: no lock
+        self.refused = 0
+
+    def admit(self, path: str) -> bool:
+        """Whether a request for ``path`` may go in now; a refusal is counted and reported to ``on_refusal``."""
+        if self.in_progress < self.max_in_progress or self.exempt(path):
+            return True
+        self.refused += 1
+        self.on_refusal()
+        return False
+
+    def metrics(self) -> str:
+        return (
+            f"iota_requests_in_progress {self.in_progress}\n"
+            f"iota_requests_in_progress_limit {self.max_in_progress}\n"
+            f"iota_requests_refused_overloaded_total {self.refused}\n"
+        )
+
+
+class AdmissionMiddleware:
+    """ASGI middleware applying an ``Admission``; paths under ``skip_prefixes`` are neither counted nor refused."""
+
+    def __init__(self, app: Any, admission: Admission, skip_prefixes: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.admission = admission
+        self.skip_prefixes = skip_prefixes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.skip_prefixes):
+            await self.app(scope, receive, send)
+            return
+        admission = self.admission
+        if not admission.admit(scope.get("path", "")):
+            # No need to close the connection: the server discards the unread body of an answered request.
+            await send({"type": "http.response.start", "status": 503, "headers": OVERLOADED_HEADERS})
+            await send({"type": "http.response.body", "body": OVERLOADED_BODY})
+            return
+        admission.in_progress += 1
+        try:
+            # Yield once before serving: requests that reached the server together are all counted before the
+            # first is served, even where serving one never waits (CallRunner inline), so a backlog shows.
+            await asyncio.sleep(0)
+            await self.app(scope, receive, send)
+        finally:
+            admission.in_progress -= 1
 
 
 def server_options(
@@ -104,11 +234,13 @@ def server_options(
     *,
     header_timeout_s: float = HEADER_TIMEOUT_S,
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
-    max_connections: int = MAX_CONNECTIONS,
+    max_connections: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run(app, **server_options(settings))``: the address, and the limits that keep
     slow or crowding clients (slowloris) from starving the others; see iota.orchestrator.abuse.guarded_h11."""
     proxies = [p for p in settings.trusted_proxies.split(",") if p.strip()]
+    if max_connections is None:
+        max_connections = settings.max_connections
     return {
         "host": settings.host,
         "port": settings.port,
@@ -118,6 +250,9 @@ def server_options(
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "backlog": max_connections,
         "date_header": False,  # ServerHeadersMiddleware writes Date from the verifier's clock
+        # The client address stays the connection's peer: iota.auth reads X-Forwarded-For itself, from the
+        # configured trusted proxies only (uvicorn would trust any local process's header, and costs a layer).
+        "proxy_headers": False,
         "log_level": "warning",
     }
 
@@ -192,28 +327,28 @@ def upload_data(run: Run, run_id: str, store: ObjectStore, state: StateStore) ->
     state.put("data_shards", names)
 
 
-def cached_lookup(chain: Chain, ttl_s: float = 5.0) -> Callable[[str], Neuron | None]:
-    """chain.neuron as a lookup in the whole registry, refreshed every `ttl_s`: auth runs on every request, and
-    reading the registry once per interval (not once per hotkey) keeps that O(1) however many miners there are."""
+def cached_lookup(
+    chain: Chain, ttl_s: float = 5.0, miss_refresh_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+) -> Callable[[str], Neuron | None]:
+    """chain.neuron as a lookup in the whole registry, read once per ``ttl_s``: auth runs on every request, and
+    reading the registry once per interval (not once per hotkey) keeps that O(1) however many miners there are.
+
+    A hotkey not in the registry makes it re-read at once, but at most once per ``miss_refresh_s``: a miner that
+    just registered is known within a second, and a flood of requests signed by unregistered keys costs one read
+    per second, not one per request."""
     lock = threading.Lock()
-    cache: dict[str, Neuron | None] = {}  # None: looked up since the refresh and not registered
+    registry: dict[str, Neuron] = {}
     loaded_at = [float("-inf")]
 
     def lookup(hotkey: str) -> Neuron | None:
-        now = time.monotonic()
+        now = clock()
         with lock:
-            if now - loaded_at[0] > ttl_s:
-                cache.clear()
-                cache.update({n.hotkey: n for n in chain.neurons()})
+            age = now - loaded_at[0]
+            if age > ttl_s or (hotkey not in registry and age >= miss_refresh_s):
+                registry.clear()
+                registry.update({n.hotkey: n for n in chain.neurons()})
                 loaded_at[0] = now
-            if hotkey in cache:
-                return cache[hotkey]
-        neuron = chain.neuron(
-            hotkey
-        )  # perhaps registered since the refresh; asked once per refresh either way
-        with lock:
-            cache[hotkey] = neuron
-        return neuron
+            return registry.get(hotkey)
 
     return lookup
 
@@ -319,10 +454,13 @@ def assemble(
     if settings.recheck:
         rechecker = Rechecker(orchestrator.auditor, info, state, store, run.batch, orchestrator.challenges)
         rechecker.start()
+    # One process serves the run, so its nonces are decided in memory, with no write on each request's path, and
+    # journaled to the run directory so that a restarted orchestrator still refuses them.
+    nonces = JournaledNonceStore(run_dir / "nonces.sqlite")
     authenticator = Authenticator(
         receiver_hotkey=hotkey,
         lookup=lookup,
-        nonce_store=SqliteNonceStore(run_dir / "nonces.sqlite"),
+        nonce_store=nonces,
         operator_hotkey=settings.operator_hotkey or None,
         min_stake=settings.min_validator_stake,
         hotkey_limiter=RateLimiter(settings.rate_per_hotkey, burst=2 * settings.rate_per_hotkey),
@@ -334,6 +472,10 @@ def assemble(
         local_store=local_store,
         rate_per_ip=settings.rate_per_ip,
         trusted_proxies=proxies,
+        max_in_progress=settings.max_requests_in_progress,
+        # Nothing a call does waits on the network: SQLite, this process's store, a chain file.
+        inline_calls=state.db.dialect == "sqlite" and store is local_store and settings.chain == "local",
+        on_shutdown=nonces.close,
     )
     logger.info(
         "run {}: {} stages of {} ({} params), epoch {}, phase {}",

@@ -1,10 +1,14 @@
-"""What every route needs: the orchestrator behind the app, and refusals turned into HTTP errors."""
+"""What every route needs: the orchestrator behind the app, where its calls run, and refusals as HTTP errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import functools
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, Request
 
@@ -12,12 +16,61 @@ from iota.auth.ratelimit import retry_after_header
 from iota.orchestrator.scheduler import SchedulingError
 from iota.orchestrator.service import Orchestrator
 
-
-def orchestrator(request: Request) -> Orchestrator:
-    return request.app.state.orchestrator  # type: ignore[no-any-return]
+T = TypeVar("T")
 
 
-Orch = Annotated[Orchestrator, Depends(orchestrator)]
+class CallRunner:
+    """Where the routes' calls into the orchestrator run: in arrival order, one at a time.
+
+    Every call reads and writes the state behind one database lock, so a pool of threads would only queue on that
+    lock, handing the GIL and the lock from thread to thread on every request. With ``inline`` (every backend is
+    in this process: SQLite, a local store, a local chain) a call runs on the event loop itself, which costs no
+    hand-over at all; otherwise calls run on one worker thread, so that a network round trip (Postgres, an S3
+    HEAD, the chain) does not stop the event loop from parsing and authenticating the next requests meanwhile.
+    """
+
+    def __init__(self, inline: bool = False) -> None:
+        self.inline = inline
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orchestrator")
+
+    async def run(self, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)``, inline or on the worker thread."""
+        if self.inline:
+            return call(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(call, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a route is handed: the orchestrator behind the app, and the runner its calls go through."""
+
+    orchestrator: Orchestrator
+    runner: CallRunner
+
+    async def run(self, call: Callable[..., T], *args: object) -> T:
+        return await self.runner.run(call, *args)
+
+    async def serve(self, hotkey: str | None, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` inside ``refusals`` for the verified caller ``hotkey`` (None: no caller to hold to
+        account)."""
+
+        def guarded() -> T:
+            with refusals(self.orchestrator, hotkey):
+                return call(*args)
+
+        return await self.runner.run(guarded)
+
+
+async def served(request: Request) -> Served:
+    state = request.app.state
+    return Served(state.orchestrator, state.call_runner)
+
+
+Orch = Annotated[Served, Depends(served)]
 
 # Ids and epochs are BIGINT in the state database: a larger number is refused here (422), not by the driver (500).
 MAX_ID = 2**63 - 1

@@ -5,56 +5,49 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from iota.auth import Miner, check_protocol_version
-from iota.orchestrator.routes.deps import EpochNumber, ItemId, Orch, refusals
+from iota.orchestrator.routes.deps import EpochNumber, ItemId, Orch
 from iota.protocol import Ack, RegisterRequest, Registration, Report, Work, WorkRequest
 
 router = APIRouter(tags=["miners"], dependencies=[Depends(check_protocol_version)])
 
 
 @router.post("/miners/register")
-def register(body: RegisterRequest, caller: Miner, orch: Orch) -> Registration:
+async def register(body: RegisterRequest, caller: Miner, orch: Orch) -> Registration:
     """Join the run: the answer names the miner's stage, its weights and the data it needs."""
-    with refusals(orch, caller.hotkey):
-        return orch.register(caller.hotkey, body)
+    return await orch.serve(caller.hotkey, orch.orchestrator.register, caller.hotkey, body)
 
 
 @router.post("/miners/heartbeat")
-def heartbeat(caller: Miner, orch: Orch) -> Ack:
+async def heartbeat(caller: Miner, orch: Orch) -> Ack:
     """I am alive (sent on a timer, also while loading weights or computing a long item)."""
-    with refusals(orch, caller.hotkey):
-        return orch.heartbeat(caller.hotkey)
+    return await orch.serve(caller.hotkey, orch.orchestrator.heartbeat, caller.hotkey)
 
 
 @router.post("/miners/leave")
-def leave(caller: Miner, orch: Orch) -> Ack:
+async def leave(caller: Miner, orch: Orch) -> Ack:
     """The miner is stopping: everything it holds is requeued now, not when its leases expire."""
-    with refusals(orch, caller.hotkey):
-        return orch.leave(caller.hotkey)
+    return await orch.serve(caller.hotkey, orch.orchestrator.leave, caller.hotkey)
 
 
 @router.post("/work")
-def work(body: WorkRequest, caller: Miner, orch: Orch) -> Work:
+async def work(body: WorkRequest, caller: Miner, orch: Orch) -> Work:
     """The next unit of work for this miner (backward first), or how long to wait and why."""
-    with refusals(orch, caller.hotkey):
-        return orch.work(caller.hotkey, body.forward)
+    return await orch.serve(caller.hotkey, orch.orchestrator.work, caller.hotkey, body.forward)
 
 
 @router.post("/work/{hop_id}/report")
-def report(hop_id: ItemId, body: Report, caller: Miner, orch: Orch) -> Ack:
+async def report(hop_id: ItemId, body: Report, caller: Miner, orch: Orch) -> Ack:
     """Report a finished item with its commitments; the orchestrator checks the uploaded object first."""
-    with refusals(orch, caller.hotkey):
-        return orch.report(caller.hotkey, hop_id, body)
+    return await orch.serve(caller.hotkey, orch.orchestrator.report, caller.hotkey, hop_id, body)
 
 
 @router.post("/work/{hop_id}/release")
-def release(hop_id: ItemId, epoch: EpochNumber, caller: Miner, orch: Orch) -> Ack:
+async def release(hop_id: ItemId, epoch: EpochNumber, caller: Miner, orch: Orch) -> Ack:
     """Hand an item back unfinished (the miner is stopping): it is requeued at once."""
-    with refusals(orch, caller.hotkey):
-        return orch.release(caller.hotkey, hop_id, epoch)
+    return await orch.serve(caller.hotkey, orch.orchestrator.release, caller.hotkey, hop_id, epoch)
 
 
 @router.post("/phase/report")
-def phase_report(body: Report, caller: Miner, orch: Orch) -> Ack:
+async def phase_report(body: Report, caller: Miner, orch: Orch) -> Ack:
     """Report end-of-epoch work: an uploaded pseudo-gradient, merged partitions, or applied weights."""
-    with refusals(orch, caller.hotkey):
-        return orch.phase_report(caller.hotkey, body)
+    return await orch.serve(caller.hotkey, orch.orchestrator.phase_report, caller.hotkey, body)

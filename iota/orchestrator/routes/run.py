@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from iota.auth import Operator, check_protocol_version
-from iota.orchestrator.routes.deps import Orch, refusals
+from iota.orchestrator.routes.deps import Orch
 from iota.protocol import Ack, RunInfo, Status
 
 router = APIRouter(tags=["run"])
@@ -14,31 +14,32 @@ control = APIRouter(tags=["operator"], dependencies=[Depends(check_protocol_vers
 
 
 @router.get("/run")
-def run_info(orch: Orch) -> RunInfo:
+async def run_info(orch: Orch) -> RunInfo:
     """Model config, stage plan, data plan, schedule and flags: clients never guess them."""
-    return orch.run
+    return orch.orchestrator.run
 
 
 @router.get("/status")
-def status(orch: Orch) -> Status:
+async def status(orch: Orch) -> Status:
     """Epoch, phase, stages with their miners and queues, tokens trained, latest loss."""
-    return orch.status()
+    return await orch.run(orch.orchestrator.status)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(orch: Orch) -> str:
+async def metrics(orch: Orch, request: Request) -> str:
     """Prometheus text format."""
-    return orch.metrics()
+    text = await orch.run(orch.orchestrator.metrics)
+    admission = request.app.state.admission  # requests in progress and refused under load, when bounded
+    return text if admission is None else text + admission.metrics()
 
 
 @router.get("/events")
-def events(orch: Orch, limit: int = 100) -> list[dict]:
+async def events(orch: Orch, limit: int = 100) -> list[dict]:
     """The operator's log, newest first: registrations, requeues, phases, bans."""
-    return orch.state.events(min(max(limit, 1), 1000))
+    return await orch.run(orch.orchestrator.state.events, min(max(limit, 1), 1000))
 
 
 @control.post("/operator/{action}")
-def operator(action: str, caller: Operator, orch: Orch, target: str = "", value: str = "") -> Ack:
+async def operator(action: str, caller: Operator, orch: Orch, target: str = "", value: str = "") -> Ack:
     """pause, resume, close-epoch, ban (target=hotkey, value=reason), unban (target=hotkey), set-flag."""
-    with refusals():
-        return orch.operate(caller.hotkey, action, target, value)
+    return await orch.serve(None, orch.orchestrator.operate, caller.hotkey, action, target, value)
