@@ -6,20 +6,22 @@ settings, rate limits raised out of the way, an epoch too long to end during the
 input -> PUT output -> POST /work/{id}/report, signed with its own sr25519 hotkey, paced so the offered load is
 N * rate requests/s (storage transfers count as requests: with a LocalStore they are served by the same process).
 
-Measured over a window that opens once every miner is registered plus a warm-up: requests/s achieved (all, and
-those answered < 400), p50/p99 latency per route, errors by status, how late the generator sent (if it falls
-behind its own schedule the offered load was not offered: its CPU use is shown next to the orchestrator's), and
-afterwards GET /status and the state database for the accounting: samples_lost == 0 and
-completed + in flight == allocated (the allocation cursor). With py-spy installed, the same load then runs on for
---profile-s seconds, unmeasured, while `py-spy record` (active threads, 50 Hz, non-blocking) samples the
-orchestrator (it slows the process down: measured alone at 100 miners on a loaded machine, p99 went from 0.2 s to
-1.3 s, so it never runs inside the measured window); its samples are put in categories by the innermost frame (chain lookup, nonce store, signature check, state database, storage, scheduler/service,
-pydantic, HTTP stack).
+Measured over a window that opens once every miner is registered plus a warm-up: requests/s achieved (all, those
+answered < 400, and those refused with 503 by the orchestrator's admission control, which the simulated miners
+honour), p50/p99 latency per route, errors by status, how late the generator sent (if it falls behind its own
+schedule the offered load was not offered), CPU of both processes (the orchestrator's per request is the figure to
+compare across machines), and afterwards GET /status and the state database for the accounting: samples_lost == 0
+and completed + in flight == allocated (the allocation cursor). With py-spy installed, the same load then runs on
+for --profile-s seconds, unmeasured, while `py-spy record --gil` (the thread holding the GIL, 100 Hz, non-blocking)
+samples the orchestrator (attaching slows the process, so it never runs inside the measured window); its samples
+are put in categories by the innermost frame (chain lookup, nonce store, signature check, state database, storage,
+scheduler/service, pydantic, HTTP stack). Time in C code that releases the GIL (SQLite's statements) is not in it.
 
 Keys (random seeds) are generated once and cached in the work dir with one LocalChain file per N (registering 5000
 hotkeys through LocalChain.register takes a couple of minutes, once).
 
-Run:  python -m bench.orchestrator_load [--miners 100,1000,5000] [--seconds 30] [--rate 1] [--json FILE]
+Run:  python -m bench.orchestrator_load [--miners 100,1000,5000] [--seconds 30] [--rate 1] [--max-in-progress N]
+                                       [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from bench.pipeline import Profile, cpu_seconds, machine, py_spy, read_profile, start_profiles, top_frames
+from bench.pipeline import Profile, cpu_seconds, machine, py_spy, read_profile, top_frames
 
 # Orchestrator stack categories, by the innermost frame that matches (leaf first).
 ORCH_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -58,6 +60,16 @@ ORCH_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 # Leaf frames of threads that wait (py-spy counts some of them as active): the event loop in epoll, idle workers
 # of the thread pool.
 IDLE_LEAVES = ("EpollSelector.select (", "Queue.get (", "Condition.wait (", "Event.wait (", "Thread.join (")
+
+
+def start_gil_profile(pid: int, seconds: float, out_dir: Path) -> subprocess.Popen[bytes]:
+    """`py-spy record` of the thread holding the GIL, 100 Hz, without pausing the process: where its one core of
+    Python goes. (Time in C code that releases the GIL, such as SQLite's statements, is not in it.)"""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(py_spy()), "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "100", "--gil"]
+    cmd += ["--nonblocking", "--format", "raw", "-o", str(out_dir / "orchestrator.txt")]
+    log = open(out_dir / "orchestrator.log", "wb")  # noqa: SIM115 (the child writes it)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def classify_orchestrator(frames: list[str]) -> str:
@@ -128,8 +140,12 @@ def start_orchestrator(
             "IOTA_EPOCHS": "1",
             "IOTA_RATE_PER_HOTKEY": "1000000",
             "IOTA_RATE_PER_IP": "1000000000",
+            # Each simulated miner keeps a connection open; uvicorn answers 503 beyond this many.
+            "IOTA_MAX_CONNECTIONS": str(max(2048, 2 * n + 256)),
         }
     )
+    if args.max_in_progress is not None:
+        env["IOTA_MAX_REQUESTS_IN_PROGRESS"] = str(args.max_in_progress)
     log = open(run_dir / "orchestrator.log", "wb")  # noqa: SIM115 (the child writes it)
     # cwd = the run dir, so a developer's .env in the repository is not read.
     proc = subprocess.Popen(
@@ -223,9 +239,7 @@ def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[
             if line == "WINDOW":  # the generator's measured window opens now
                 cpu0, t0 = cpu_seconds(orch.pid), time.monotonic()
             elif line == "PROFILE":  # an unmeasured stretch of the same load, for the profiler
-                spies = start_profiles(
-                    {"orchestrator": orch.pid}, args.profile_s, 50, work / f"profile-{n}", idle=False
-                )
+                spies = {"orchestrator": start_gil_profile(orch.pid, args.profile_s, work / f"profile-{n}")}
             elif line == "CLOSED" and cpu0 is not None:
                 cpu1 = cpu_seconds(orch.pid)
                 orch_cpu = (cpu1 - cpu0) / (time.monotonic() - t0) if cpu1 is not None else orch_cpu
@@ -279,12 +293,16 @@ def print_level(r: dict[str, Any]) -> None:
     acc = r["accounting"]
     print(
         f"\n## {r['miners']} miners: offered {r['offered_per_second']:.0f} req/s, achieved {r['per_second']:.0f} req/s "
-        f"({r['ok_per_second']:.0f} answered < 400); p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+        f"({r['ok_per_second']:.0f} answered < 400, {r['refused_503_per_second']:.0f} refused 503); "
+        f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; without the 503s p50 {r['served_p50_ms']:.1f} ms, "
+        f"p99 {r['served_p99_ms']:.1f} ms"
     )
+    orch_ms = 1000 * r["orchestrator_cpu_cores"] / max(r["per_second"], 1e-9)
     print(
         f"registered in {r['registered_after_s']:.1f} s (register p50 {r['register_p50_ms']:.0f} ms, p99 "
         f"{r['register_p99_ms']:.0f} ms); generator late p50 {r['late_p50_ms']:.0f} ms p99 {r['late_p99_ms']:.0f} ms; "
-        f"CPU cores: orchestrator {r['orchestrator_cpu_cores']:.2f}, generator {r['loadgen_cpu_cores']:.2f}"
+        f"CPU cores: orchestrator {r['orchestrator_cpu_cores']:.2f} ({orch_ms:.2f} ms per request), generator "
+        f"{r['loadgen_cpu_cores']:.2f} ({r['loadgen_cpu_ms_per_request']:.2f} ms per request)"
     )
     print("| route | requests/s | p50 ms | p99 ms | max ms | statuses |")
     print("|---|---|---|---|---|---|")
@@ -334,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=15.0,
         help="py-spy the orchestrator this long after the window; 0: off",
+    )
+    parser.add_argument(
+        "--max-in-progress",
+        type=int,
+        default=None,
+        help="IOTA_MAX_REQUESTS_IN_PROGRESS of the orchestrator (admission control; 0: no bound); default: its own",
     )
     parser.add_argument("--work-dir", default="runs/bench-orchestrator-load")
     parser.add_argument("--json", dest="json_path", default=None)
