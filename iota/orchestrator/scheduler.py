@@ -122,9 +122,11 @@ class Scheduler:
             )
         load = self.state.stage_load()  # stage -> (live miners, their hops done)
         count = {s: load.get(s, (0, 0))[0] for s in fits}
-        work = {s: load.get(s, (0, 0))[1] for s in fits}
-        # Empty stages first, then the stage with the least work done per miner (the slowest), then the lowest.
-        return min(fits, key=lambda s: (count[s] > 0, work[s] / max(count[s], 1), count[s], s))
+        # Samples a stage's miners have passed on: the tail does one hop per sample, the others two.
+        last = self.policy.n_stages - 1
+        samples = {s: load.get(s, (0, 0))[1] / (1 if s == last else 2) for s in fits}
+        # Empty stages first, then the stage with the fewest samples per miner (the slowest), then the lowest.
+        return min(fits, key=lambda s: (count[s] > 0, samples[s] / max(count[s], 1), count[s], s))
 
     # -- work -------------------------------------------------------------------------------------------
 

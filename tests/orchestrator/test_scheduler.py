@@ -133,6 +133,19 @@ def test_stages_fill_empty_first_then_least_work_per_miner(db: Database) -> None
     assert net.join("f") == 1  # (0 + 2 + 0) / 3 beats 3 per miner on stages 0 and 2
 
 
+def test_the_tail_is_not_mistaken_for_the_slowest_stage(db: Database) -> None:
+    """The tail does one hop per sample (its forward), the others two: a steady pipeline looks even."""
+    net = make_net(db)
+    assert [net.join(h) for h in ("a", "b", "c")] == [0, 1, 2]
+    for _ in range(10):  # ten samples through: forward and backward at stages 0 and 1, the tail's forward
+        for hotkey, hops in (("a", 2), ("b", 2), ("c", 1)):
+            for _ in range(hops):
+                net.state.credit(hotkey)
+    assert (
+        net.join("d") == 0
+    )  # a tie, broken to the lowest stage; counting hops would have sent it to the tail
+
+
 def test_stage_choice_respects_memory(db: Database) -> None:
     net = make_net(db, stage_memory_bytes=(100 << 30, 40 << 30, 200 << 30))
     assert net.join("small", memory=50 << 30) == 1  # fits only stage 1
