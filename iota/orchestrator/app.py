@@ -399,6 +399,7 @@ def assemble(
         url_ttl_s=settings.url_ttl_s,
         phase_timeout_s=settings.phase_timeout_s,
         min_upload_bytes_per_s=settings.min_upload_bytes_per_s,
+        merge_clip=settings.merge_clip,
     )
     tokenizer_digest = run.prepared.manifest.tokenizer_digest
 

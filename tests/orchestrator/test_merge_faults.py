@@ -17,7 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from iota.storage import LocalStore, keys
 from iota.storage.transfer import download, upload
 from iota.train.run import Run
 from iota.train.schedule import inner_step_lr
+from iota.validator import scoring
 from tests.orchestrator import run_settings
 
 RUN_ID = "run-merge"
@@ -123,9 +124,7 @@ class Net:
         hotkey = self.keypairs["orchestrator"].ss58_address
         assembled = assemble(self.settings, self.chain, hotkey, store=self.store, local_store=self.store)
         assembled.orchestrator.clock = self.clock
-        epochs = assembled.orchestrator.epochs
-        # Until iota.orchestrator.app.assemble passes the setting itself.
-        epochs.settings = replace(epochs.settings, merge_clip=self.settings.merge_clip)
+        assert assembled.orchestrator.epochs.settings.merge_clip == self.settings.merge_clip
         self.orch, self.run = assembled.orchestrator, assembled.run
         self._transport = InProcess(assembled.app)
         for miner in self.miners.values():
@@ -328,6 +327,17 @@ class SubmitterUploadVanishes(SubmitterFault):
             net.store.delete(key)
 
 
+class SubmitterFailedItsAudit(SubmitterFault):
+    """Uploads honestly, but a validator's failing verdict on its epoch was confirmed by the orchestrator's
+    recomputation before the merge: its pseudo-gradient must not count."""
+
+    def strike(self, net: Net, name: str, work: Work) -> None:
+        net.miners[name].do(work)
+        hotkey = net.miners[name].client.hotkey
+        for source in ("validator", scoring.ORCHESTRATOR):
+            net.orch.state.add_verdict(net.clock(), source, hotkey, work.epoch, work.stage, False, 1, 1, {})
+
+
 class OrchestratorRestartsMidMerge(Fault):
     """The first merge owner uploads its slices; the orchestrator restarts before that owner's report arrives."""
 
@@ -502,6 +512,7 @@ CASES = {
     "submitter upload truncated": Case(
         lambda: SubmitterUploadVanishes(truncate=True), victim_counts=False, flagged=True
     ),
+    "submitter failed its audit": Case(SubmitterFailedItsAudit, victim_uploads=False, victim_counts=False),
     "orchestrator restarted mid-merge": Case(OrchestratorRestartsMidMerge),
     "owner overwrites its slices after acceptance": Case(OwnerOverwritesAfterAcceptance),
     "submitter uploads past the deadline within its lease": Case(SubmitterUploadsLate, settings=SLOW_UPLOADS),
