@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from iota.storage import LocalStore, TransferError, download, upload
+from iota.storage.local import INLINE_MAX_BYTES
 
 
 def with_query(url: str, **changes: str) -> str:
@@ -135,18 +136,53 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
     return True
 
 
+def start_partial_upload(store: LocalStore, key: str, size: int, sent: int) -> socket.socket:
+    """A PUT of `size` signed bytes of which only `sent` are sent; the caller hangs up by closing the socket."""
+    url = store.presign_put(key, 60, content_length=size)
+    target = url.split(store.base_url.split("/storage")[0], 1)[1]
+    head = f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+    host, port = urlsplit(store.base_url).netloc.split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(head + b"z" * sent)
+    return sock
+
+
 def test_interrupted_upload_leaves_nothing(local_store: LocalStore) -> None:
-    url = local_store.presign_put("k/cut", 60, content_length=100_000)
-    target = url.split(local_store.base_url.split("/storage")[0], 1)[1]
-    head = f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
-    host, port = urlsplit(local_store.base_url).netloc.split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(head + b"z" * 40_000)
+    # Over the inline threshold the body is written to a temp file as it arrives.
+    with start_partial_upload(local_store, "k/cut", INLINE_MAX_BYTES + 100_000, sent=40_000):
         # Hang up mid-body only once the server is writing its temp file.
         assert wait_for(lambda: any(".~tmp-" in name for name in files_under(local_store.root)))
 
     assert wait_for(lambda: files_under(local_store.root) == [])  # no object, no temp file left behind
     assert local_store.head("k/cut") is None
+
+
+def test_interrupted_small_upload_never_touches_the_disk(local_store: LocalStore, http: httpx.Client) -> None:
+    # At or under the threshold the body is buffered whole before anything is written.
+    with start_partial_upload(local_store, "k/cut", 100_000, sent=40_000):
+        assert not wait_for(lambda: files_under(local_store.root) != [], timeout_s=0.3)
+
+    upload(
+        local_store.presign_put("k/after", 60, content_length=3), b"abc", client=http
+    )  # server still serves
+    assert files_under(local_store.root) == ["k/after.~meta", "k/after.~obj"]
+    assert local_store.head("k/cut") is None
+
+
+@pytest.mark.parametrize("size", [INLINE_MAX_BYTES, INLINE_MAX_BYTES + 1])
+def test_both_sides_of_the_inline_threshold(local_store: LocalStore, http: httpx.Client, size: int) -> None:
+    data = os.urandom(size)
+    url = local_store.presign_put("k/edge", 60, content_length=size)
+    assert http.put(url, content=data + b"!").status_code == 403  # exact size, on either path
+    upload(url, data, client=http)
+
+    info = local_store.head("k/edge")
+    assert info is not None and info.size == size
+    assert (info.md5, info.sha256) == (hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest())
+    get_url = local_store.presign_get("k/edge", 60)
+    assert download(get_url, info.sha256, max_bytes=size, client=http) == data
+    assert download(get_url, None, max_bytes=10, client=http, byte_range=(size - 10, size)) == data[-10:]
+    assert not any(".~tmp-" in name for name in files_under(local_store.root))
 
 
 def test_path_traversal_refused_over_http(
