@@ -3,7 +3,7 @@ the network's time goes.
 
 Both runs use the same preset, micro-batch, accumulation and token count; the baseline trains the whole model in
 this process on every core, the network runs each stage in its own `python -m iota miner` process (torch threads
-= cores / miners, as `iota local` sets them), all on this machine.
+= the cores this process may use / miners, at least 1, as `iota local` sets them), all on this machine.
 
 How each figure is measured:
 
@@ -17,19 +17,27 @@ How each figure is measured:
   and stops before the held-out evaluation), after a one-step warm-up call in the same process, so the first
   step's allocations and thread-pool start are not in it. It runs at torch's default threads (every core) and at
   1 thread, and the ratio takes the faster: on a machine shared with other work, 2 OpenMP threads on 2 busy cores
-  ran 5-7x slower than 1 (a thread spins at each barrier while its partner is descheduled).
+  ran 5-7x slower than 1 (a thread spins at each barrier while its partner is descheduled). Each runs before and
+  after the network and the two are pooled (total tokens / total seconds), so load from other work that comes
+  and goes during the bench weighs on both sides of the ratio.
 - Stage view (orchestrator): per hop, `created_at` (queued), lease time (`lease_expires - lease_s`) and `done_at`.
-  busy = sum of (done - leased) over the steady window / its length: the miner was downloading, computing,
-  uploading or reporting; the rest it was asking for work or sleeping on a `wait` answer (pipeline bubbles).
-- Miner view (py-spy): once --profile-after of the samples are done, `py-spy record --idle --nonblocking`
-  samples every miner's Python stacks (wall clock, idle included) for --profile-s seconds or to the end of
-  training. Each sample is put in the first category whose frames it contains: serialise (iota/model/wire.py: safetensors encode/decode, sha256, md5),
-  transfer (iota/storage/transfer.py: presigned GET/PUT), rpc (iota/miner/client.py: signed calls to the
-  orchestrator, signing included), compute (iota/miner/worker.py: forward, backward, optimizer step; `recompute`
-  is the part of backward that re-runs a forward because an inner step changed the weights since), wait (the
-  daemon loop sleeping on a `wait` answer), other. CPU cores used by each process over the measured window
-  (before the profiler) come from /proc/<pid>/stat. py-spy is a bench-only tool: `pip install py-spy` into the
-  venv; without it the miner view is skipped.
+  busy = the part of the steady window in which the stage's miner held at least one leased hop (the union of
+  lease-to-report intervals: a miner prefetches its next hop while it reports the last, so they overlap); the
+  rest it was asking for work with nothing leased (pipeline bubbles).
+- Miner view (py-spy): once --profile-after of the samples are done, `py-spy record --idle --threads
+  --nonblocking` samples every thread of every miner (wall clock, idle included) for --profile-s seconds or to
+  the end of training. The main thread runs torch (iota/miner/main.py); beside it a prefetch thread asks for the
+  next item and downloads its input, and an outbox thread uploads outputs and reports them
+  (iota/miner/pipeline.py). Each main-thread sample is put in the first category whose frames it contains:
+  serialise (iota/model/wire.py: safetensors encode/decode, sha256, md5), transfer (iota/storage/transfer.py:
+  presigned GET/PUT), rpc (iota/miner/client.py: signed calls to the orchestrator, signing included), compute
+  (iota/miner/worker.py: forward, backward, optimizer step; `recompute` is the part of backward that re-runs a
+  forward because an inner step changed the weights since), wait (blocked in `Prefetcher.take`: no next item
+  ready, the orchestrator had none or its request or download was not done), outbox (blocked in `Outbox.put`:
+  two outputs were still unsent), other. For the two helper threads, the share of wall time they spent in
+  requests and transfers (the rest they sleep between polls or idle). CPU cores used by each process over the
+  measured window (before the profiler) come from /proc/<pid>/stat. py-spy is a bench-only tool: `pip install
+  py-spy` into the venv; without it the miner view is skipped.
 
 Run:  python -m bench.pipeline [--preset tiny] [--samples 40] [--micro-batch 4] [--accumulate 2]
                                [--profile-s 15] [--profile-after 0.6] [--work-dir DIR] [--json FILE]
@@ -63,7 +71,10 @@ MINER_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("transfer", ("storage/transfer.py",)),
     ("rpc", ("miner/client.py",)),
     ("compute", ("miner/worker.py",)),
+    ("wait", ("Prefetcher.take (iota/miner/pipeline.py",)),
+    ("outbox", ("Outbox.put (iota/miner/pipeline.py",)),
 )
+HELPER_THREADS = ("prefetch", "outbox")  # iota.miner.pipeline's thread name prefixes
 
 
 # -- py-spy ------------------------------------------------------------------------------------------------------
@@ -100,7 +111,7 @@ def start_profiles(
     procs = {}
     for name, pid in pids.items():
         cmd = [exe, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", str(rate)]
-        cmd += ["--idle"] if idle else []
+        cmd += ["--threads", "--idle"] if idle else ["--threads"]  # --threads roots each stack in its thread
         cmd += ["--nonblocking", "--format", "raw", "-o", str(out_dir / f"{name}.txt")]
         log = open(out_dir / f"{name}.log", "wb")  # noqa: SIM115 (the child writes it)
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -133,11 +144,16 @@ def read_profile(pid: int, path: Path, log: Path | None = None) -> Profile:
     return profile
 
 
-def main_thread(profile: Profile) -> Profile:
-    """Only the main thread's stacks: the miner's loop runs there; helper threads (a heartbeat) idle beside it."""
-    return Profile(
-        profile.pid, [(f, n) for f, n in profile.stacks if f and not f[0].startswith("Thread._bootstrap")]
-    )
+def thread(profile: Profile, prefix: str) -> Profile:
+    """The stacks of the threads whose name starts with `prefix` (`py-spy --threads` roots each stack in
+    `thread (TID): NAME`), without that frame."""
+    picked = []
+    for frames, n in profile.stacks:
+        if frames and frames[0].startswith("thread ("):
+            name = frames[0].split(": ", 1)[1] if ": " in frames[0] else ""
+            if name.startswith(prefix):
+                picked.append((frames[1:], n))
+    return Profile(profile.pid, picked)
 
 
 def classify_miner(frames: list[str]) -> str:
@@ -147,9 +163,15 @@ def classify_miner(frames: list[str]) -> str:
             if name == "compute" and _recompute(frames):
                 return "recompute"
             return name
-    if frames and "run_forever (iota/miner/main.py" in frames[-1]:
-        return "wait"  # the loop's own frame is the leaf: it is in time.sleep (C) on a `wait` answer
     return "other"
+
+
+def helper_busy(profile: Profile, wall_samples: int) -> float:
+    """Share of the wall clock a helper thread spent in requests or transfers (not sleeping, not idle)."""
+    busy = sum(
+        n for frames, n in profile.stacks if classify_miner(frames) in ("transfer", "rpc", "serialise")
+    )
+    return busy / max(wall_samples, 1)
 
 
 def _recompute(frames: list[str]) -> bool:
@@ -288,6 +310,28 @@ def baseline(values: dict[str, Any], samples: int, threads: int) -> dict[str, An
     }
 
 
+def baselines(values: dict[str, Any], samples: int, thread_counts: list[int]) -> list[dict[str, Any]]:
+    runs = []
+    for threads in thread_counts:
+        runs.append(baseline(values, samples, threads))
+        print(f"  {runs[-1]['threads']} threads: {runs[-1]['tokens_per_second']:.0f} tokens/s", flush=True)
+    return runs
+
+
+def pooled(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The baseline before and after the network as one run (total tokens / total seconds): load that comes and
+    goes during the bench (a shared machine) then weighs on the baseline as it did on the network between."""
+    tokens, seconds = before["tokens"] + after["tokens"], before["seconds"] + after["seconds"]
+    return {
+        **before,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "before": before["tokens_per_second"],
+        "after": after["tokens_per_second"],
+    }
+
+
 def free_port() -> int:
     from iota.local import free_port as pick
 
@@ -362,12 +406,13 @@ def network(args: argparse.Namespace, values: dict[str, Any], work: Path) -> dic
     for role, profile in sorted(profiles.items()):
         if role == "orchestrator":
             continue
-        main = main_thread(profile)
+        main = thread(profile, "MainThread")
         miners[role] = {
             "stage": _stage_from_log(run_dir / "logs" / f"{role}.log"),
             "samples": main.samples,
             "error": profile.error,
             "breakdown": breakdown(main, classify_miner),
+            "helpers": {h: helper_busy(thread(profile, h), main.samples) for h in HELPER_THREADS},
             "top": top_frames(main, 8),
         }
     return {
@@ -426,16 +471,17 @@ def stage_view(timing: dict[str, Any], window: tuple[float, float]) -> list[dict
     length = max(end - start, 1e-9)
     rows = []
     for stage in range(timing["n_stages"]):
-        busy = 0.0
+        held: list[tuple[float, float]] = []
         per_dir: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for s, direction, created, lease_expires, done_at in timing["hops"]:
             if s != stage:
                 continue
             leased = lease_expires - LEASE_S
-            busy += max(0.0, min(done_at, end) - max(leased, start))
+            if min(done_at, end) > max(leased, start):
+                held.append((max(leased, start), min(done_at, end)))
             if start <= done_at <= end:
                 per_dir[direction].append((leased - created, done_at - leased))
-        row: dict[str, Any] = {"stage": stage, "busy": busy / length}
+        row: dict[str, Any] = {"stage": stage, "busy": union_length(held) / length}
         for direction, values in per_dir.items():
             row[direction] = {
                 "hops": len(values),
@@ -444,6 +490,16 @@ def stage_view(timing: dict[str, Any], window: tuple[float, float]) -> list[dict
             }
         rows.append(row)
     return rows
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping intervals."""
+    total, reach = 0.0, float("-inf")
+    for begin, finish in sorted(spans):
+        if finish > reach:
+            total += finish - max(begin, reach)
+            reach = finish
+    return total
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -460,8 +516,8 @@ def print_report(result: dict[str, Any]) -> None:
     print("|---|---|---|---|")
     for b in result["baselines"]:
         print(
-            f"| baseline (1 process, {b['threads']} threads) | {b['tokens']} | {b['seconds']:.1f} "
-            f"| {b['tokens_per_second']:.0f} |"
+            f"| baseline (1 process, {b['threads']} threads; {b['before']:.0f} before, {b['after']:.0f} after the "
+            f"network) | {b['tokens']} | {b['seconds']:.1f} | {b['tokens_per_second']:.0f} |"
         )
     print(
         f"| network ({len(net['stages'])} stages x 1 miner) | {net['steady_tokens']} | {net['steady_seconds']:.1f} "
@@ -494,17 +550,20 @@ def print_report(result: dict[str, Any]) -> None:
             f"| {f.get('service_ms', 0):.0f} | {b.get('hops', 0)} | {b.get('queued_ms', 0):.0f} | {b.get('service_ms', 0):.0f} |"
         )
     if net["miners"]:
-        cats = ["compute", "recompute", "serialise", "transfer", "rpc", "wait", "other"]
+        cats = ["compute", "recompute", "serialise", "transfer", "rpc", "wait", "outbox", "other"]
         print(
             f"\nMiners (py-spy, wall clock, over the last {net['profiled_training_s']:.0f} s of training; CPU cores "
-            "over the measured window before it):"
+            "over the measured window before it). Main thread, then the share of wall time each helper thread "
+            "spent in requests and transfers:"
         )
-        print("| miner | stage | CPU cores | " + " | ".join(cats) + " |")
-        print("|---|---|---|" + "---|" * len(cats))
+        print("| miner | stage | CPU cores | " + " | ".join(cats) + " | " + " | ".join(HELPER_THREADS) + " |")
+        print("|---|---|---|" + "---|" * (len(cats) + len(HELPER_THREADS)))
         for role, miner in net["miners"].items():
             shares = " | ".join(f"{miner['breakdown'].get(c, 0.0):.0%}" for c in cats)
+            helpers = " | ".join(f"{miner['helpers'].get(h, 0.0):.0%}" for h in HELPER_THREADS)
             print(
-                f"| {role} | {miner['stage']} | {net['cpu_cores'].get(role, float('nan')):.2f} | {shares} |"
+                f"| {role} | {miner['stage']} | {net['cpu_cores'].get(role, float('nan')):.2f} | {shares} "
+                f"| {helpers} |"
             )
         print(f"orchestrator CPU cores: {net['cpu_cores'].get('orchestrator', float('nan')):.2f}")
 
@@ -543,13 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     values = run_values(args, work / "data")
     info = machine()
     print(f"baseline: {args.samples} samples of {args.preset} ...", flush=True)
-    bases = []
-    for threads in [int(t) for t in args.baseline_threads.split(",")]:
-        bases.append(baseline(values, args.samples, threads))
-        print(f"  {bases[-1]['threads']} threads: {bases[-1]['tokens_per_second']:.0f} tokens/s", flush=True)
-    base = max(bases, key=lambda b: b["tokens_per_second"])
+    thread_counts = [int(t) for t in args.baseline_threads.split(",")]
+    before = baselines(values, args.samples, thread_counts)
     print("network: `iota local` ...", flush=True)
     net = network(args, values, work)
+    print("baseline again, after the network ...", flush=True)
+    after = baselines(values, args.samples, thread_counts)
+    bases = [pooled(b, a) for b, a in zip(before, after, strict=True)]
+    base = max(bases, key=lambda b: b["tokens_per_second"])
     result = {
         "settings": {k: v for k, v in vars(args).items() if k != "json_path"},
         "machine": info,

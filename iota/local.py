@@ -267,7 +267,7 @@ def _progress_line(status: Status) -> None:
 def run_local(options: LocalOptions) -> dict[str, Any]:
     net = LocalNetwork(options)
     n_miners = net.settings.stages * options.miners_per_stage
-    threads = max(1, (os.cpu_count() or 2) // n_miners)
+    threads = max(1, len(os.sched_getaffinity(0)) // n_miners)  # the cores this process may use, not the host's
     started = time.time()
     try:
         net.start_orchestrator()

@@ -40,6 +40,7 @@ class OrchestratorClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), auth=self.auth, timeout=timeout_s)
         self.max_backoff_s = max_backoff_s
         self.give_up_s = give_up_s
+        self._interrupted = False  # a plain flag: a signal handler sets it (see `interrupt`)
 
     @property
     def hotkey(self) -> str:
@@ -47,6 +48,12 @@ class OrchestratorClient:
 
     def close(self) -> None:
         self.http.close()
+
+    def interrupt(self) -> None:
+        """Stop retrying: a request waiting to retry, and any later one that fails, raises ConnectionError at
+        once. For a process that is stopping, which should not wait out an orchestrator's restart; safe to call
+        from a signal handler (it only sets a flag)."""
+        self._interrupted = True
 
     def call(
         self,
@@ -73,7 +80,9 @@ class OrchestratorClient:
             if time.monotonic() - start > limit:
                 raise ConnectionError(f"orchestrator unreachable for {limit:.0f} s: {why}")
             logger.warning("{} {}: {}; retrying in {:.1f} s", method, path, why, delay)
-            time.sleep(delay)
+            self._pause(delay)
+            if self._interrupted:
+                raise ConnectionError(f"not retrying {method} {path}, the client was interrupted: {why}")
             delay = min(delay * 2, self.max_backoff_s)
         if response.is_error:
             try:
@@ -82,6 +91,12 @@ class OrchestratorClient:
                 detail = response.text
             raise Refused(response.status_code, detail)
         return out.model_validate_json(response.content)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, in short slices so that `interrupt` takes effect within a quarter of a second."""
+        end = time.monotonic() + seconds
+        while not self._interrupted and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.25))
 
     def run_info(self) -> RunInfo:
         return self.call("GET", "/run", RunInfo)

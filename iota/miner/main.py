@@ -1,8 +1,10 @@
 """The miner daemon: register, load the stage, then loop over work items until told to stop.
 
 Work kinds: forward / backward (a hop of a sample), upload (the epoch's pseudo-gradient), merge (this miner's
-partitions of the butterfly merge), apply (the next epoch's weights), wait, stop. Failures of one item are
-logged and the item released; SIGTERM/SIGINT finish the current step, release what is leased, and exit.
+partitions of the butterfly merge), apply (the next epoch's weights), wait, stop. Torch runs on the main thread
+only; while a hop computes, the next item is fetched and the previous outputs uploaded and reported beside it
+(iota.miner.pipeline). Failures of one item are logged and the item released; SIGTERM/SIGINT finish the current
+step, release what is leased (a prefetched item included), send what is finished, and exit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,8 @@ from loguru import logger
 from iota.data import DataPlan, TokenData
 from iota.merge import MergePlan, decode_f32, encode_f32, run_owner
 from iota.miner.client import OrchestratorClient, Refused
-from iota.miner.worker import StageWorker, TrainFlags, sketch_seed
+from iota.miner.pipeline import Fetched, Outbox, Prefetcher
+from iota.miner.worker import StageWorker, TrainFlags
 from iota.model import wire
 from iota.model.config import ModelConfig
 from iota.model.stages import StageSpec
@@ -35,7 +39,6 @@ from iota.storage.base import StoreError
 from iota.storage.transfer import DigestMismatch, TooLarge, TransferError, download, upload
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule, inner_step_lr
-from iota.validator.replay import snapshot_to_f32, take_snapshot
 
 TRANSFER_PATIENCE_S = (
     180.0  # how long a transfer keeps trying through an unreachable store (a restarting orchestrator)
@@ -102,10 +105,36 @@ class UrlStore:
         return urls[key]
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A computed hop on its way out: its output is uploaded, then its report sent (iota.miner.pipeline.Outbox)."""
+
+    work: Work
+    input: bytes | None
+    output: bytes | None
+    loss: float | None
+    inner_step: int  # after the inner step this hop completed, if it did
+    tokens: int
+
+    def report(self) -> Report:
+        work = self.work
+        assert work.hop_id is not None
+        return Report(
+            run_id=work.run_id,
+            epoch=work.epoch,
+            hop_id=work.hop_id,
+            inner_step=self.inner_step,
+            input_sha256=wire.sha256(self.input) if self.input is not None else None,
+            output_sha256=wire.sha256(self.output) if self.output is not None else None,
+            output_md5=wire.md5_hex(self.output) if self.output is not None else None,
+            loss=self.loss,
+            tokens=self.tokens,
+        )
+
+
 @dataclass
 class MinerState:
     stopping: bool = False
-    leased: Work | None = None
     hops_done: int = 0
     last_loss: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -136,6 +165,14 @@ class Miner:
         self._heartbeat: threading.Thread | None = None
         self.stage = -1
         self.state_id = ""
+        self.prefetch = Prefetcher(self._fetch)
+        # Depth 1: one output being sent and one waiting, so a miner holds at most three items unreported.
+        self.outbox: Outbox[Finished, tuple[int, int]] = Outbox(
+            self._send, depth=1, on_sent=self.prefetch.kick
+        )
+        # The hop on the main thread, from when it starts computing until it is in the outbox.
+        self._computing: Work | None = None
+        self._graph_hops: dict[int, int] = {}  # sample -> the item whose forward made its cached graph
 
     # -- start-up ---------------------------------------------------------------------------------------
 
@@ -223,33 +260,62 @@ class Miner:
     def run_forever(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        self.run_until_stopped()
+
+    def run_until_stopped(self) -> None:
+        """Register, work until told to stop or the run is done, and leave (signal handlers are the caller's)."""
         self.start()
-        while not self.state.stopping:
-            try:
-                work = self.client.work(forward=self.worker is None or self.worker.wants_forward())
-            except Refused as error:
-                if error.status == 404 or (error.status == 409 and "register again" in str(error.detail)):
-                    logger.warning(
-                        "the orchestrator does not know this session ({}); registering again", error
-                    )
-                    self.session = uuid.uuid4().hex
-                    self.start()
-                    continue
+        try:
+            self._loop()
+            self.outbox.drain()
+            self._apply_refusals()
+        except ConnectionError as error:
+            if not self.state.stopping:
                 raise
-            if work.kind == "stop":
-                logger.info("run complete: {}", work.reason)
-                break
-            if work.kind == "wait":
-                if self.worker is not None and "holding" in work.extra:
-                    holding = set(work.extra["holding"])
-                    self.worker.forget([s for s in list(self.worker.cache) if s not in holding])
-                time.sleep(work.wait_s)
-                continue
-            self.do(work)
-            self._write_status()
+            logger.warning("stopped with the orchestrator unreachable ({}); its leases will expire", error)
+        finally:
+            self.prefetch.close()
+            self.outbox.close()
         self._leave()
         self.http.close()
         self.client.close()
+
+    def _loop(self) -> None:
+        """Compute on this thread; the next item is fetched, and the last ones sent, beside it (iota.miner.pipeline)."""
+        self.prefetch.start(self._forward_wanted(None))
+        while True:
+            try:
+                fetched = self.prefetch.take(stopping=lambda: self.state.stopping)
+            except Refused as error:
+                if not unknown_session(error):
+                    raise
+                logger.warning("the orchestrator does not know this session ({}); registering again", error)
+                self.outbox.drain()  # the old session's reports are refused; their graphs go with start()
+                self._apply_refusals()
+                self.session = uuid.uuid4().hex
+                self.start()
+                self.prefetch.start(self._forward_wanted(None))
+                continue
+            self._apply_refusals()
+            if fetched is None or self.state.stopping:
+                if fetched is not None:
+                    self._release(fetched.work)  # leased (perhaps prefetched) but not begun
+                return
+            work = fetched.work
+            if work.kind == "stop":
+                logger.info("run complete: {}", work.reason)
+                return
+            if work.kind == "wait":
+                self._forget_abandoned(work)
+                self.prefetch.start(self._forward_wanted(None), after_s=work.wait_s)
+            elif work.kind in ("forward", "backward"):
+                self._hop(fetched)
+            else:
+                self.outbox.drain()  # phase work follows the epoch's last reports
+                self._apply_refusals()
+                self.do(work)
+                self.prefetch.start(self._forward_wanted(None))
+            self._write_status()
 
     def _leave(self) -> None:
         """Tell the orchestrator at once, so the samples waiting on this miner's graphs restart now."""
@@ -261,21 +327,7 @@ class Miner:
     def _stop(self, signum: int, frame: Any) -> None:
         logger.info("signal {}: finishing the current step, then releasing leased work", signum)
         self.state.stopping = True
-
-    def do(self, work: Work) -> None:
-        self.state.leased = work
-        try:
-            handler = getattr(self, f"_{work.kind}")
-            handler(work)
-        except Refused as error:
-            logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
-            if work.kind == "forward" and self.worker is not None and work.sample_id is not None:
-                self.worker.forget([work.sample_id])  # not committed: its backward will never come
-        except (KeyError, ValueError, OSError, StoreError) as error:
-            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
-            self._release(work)
-        finally:
-            self.state.leased = None
+        self.client.interrupt()  # an unreachable orchestrator is not waited for: its leases will expire
 
     def _release(self, work: Work) -> None:
         if work.hop_id is not None:
@@ -284,29 +336,87 @@ class Miner:
             except Refused as error:
                 logger.warning("release of item {} refused: {}", work.hop_id, error)
 
-    def _forward(self, work: Work) -> None:
+    # -- hops: fetched on the prefetch thread, computed here, sent on the outbox thread ---------------------
+
+    def _fetch(self, forward: bool) -> Fetched:
+        """Prefetch thread: one request for work, and the input of a leased hop."""
+        quiet = self._computing is None and not self.outbox.unsent()
+        work = self.client.work(forward=forward)
+        if work.kind not in ("forward", "backward") or not work.input_url:
+            return Fetched(work, quiet=quiet)
+        assert self.worker is not None
+        try:
+            return Fetched(work, get(work.input_url, work.input_sha256, self.worker.max_bytes, self.http))
+        except (ValueError, OSError, StoreError) as error:
+            return Fetched(work, error=error)
+
+    def _forward_wanted(self, current: Work | None) -> Callable[[], bool]:
+        """Whether a request may ask for forward work, decided at each request the prefetch makes.
+
+        The window has room if it will once `current` is computed (and the inner step it completes taken): at most
+        k forwards per window. Above the tail, a miner also asks only once its own forwards are reported: the
+        orchestrator counts the graphs a miner holds from its reports, and asking sooner would exceed its limit.
+        """
+        if self.worker is None:
+            return lambda: True
+        room = self._window_room_after(current)
+        if self.worker.spec.is_tail:
+            return lambda: room
+        return lambda: room and not self._forward_unreported()
+
+    def _window_room_after(self, current: Work | None) -> bool:
+        worker = self.worker
+        assert worker is not None
+        if current is None:
+            return worker.wants_forward()
+        forward = current.kind == "forward"
+        # StageWorker.forward replaces a cached graph of the same sample; the tail's forward is also a backward.
+        forwards = worker.window_forwards + (forward and current.sample_id not in worker.cache)
+        micro_batches = worker.micro_batches + (not forward or worker.spec.is_tail)
+        return micro_batches >= worker.flags.accumulate or forwards < worker.flags.accumulate
+
+    def _forward_unreported(self) -> bool:
+        computing = self._computing
+        if computing is not None and computing.kind == "forward":
+            return True
+        return any(item.work.kind == "forward" for item in self.outbox.unsent())
+
+    def _hop(self, fetched: Fetched) -> None:
+        work = fetched.work
         assert self.worker is not None and work.sample_id is not None
-        data = None
-        if work.input_url:
-            data = get(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
-        if self.state.stopping:
+        if fetched.error is not None or (work.kind == "forward" and not self.worker.wants_forward()):
+            # A failed download; or a forward prefetched on a guess that this window would have room (a worker
+            # that counts differently): hand it back as today's loop would have.
+            why = fetched.error or "no room in this accumulation window"
+            logger.error("{} item {} not done: {}", work.kind, work.hop_id, why)
             self._release(work)
+            self.prefetch.start(self._forward_wanted(None))
             return
-        out, loss = self.worker.forward(work.sample_id, data)
-        self._finish(work, data, out, loss)
+        self._computing = work
+        self.prefetch.start(self._forward_wanted(work))
+        try:
+            finished = self._compute(work, fetched.data)
+        except (KeyError, ValueError, OSError, StoreError) as error:
+            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
+            self._release(work)
+        else:
+            self.outbox.put(finished)  # counted as unreported from here on, so clear `_computing` after
+        self._computing = None
 
-    def _backward(self, work: Work) -> None:
-        assert self.worker is not None and work.sample_id is not None and work.input_url
-        data = get(work.input_url, work.input_sha256, self.worker.max_bytes, self.http)
-        out = self.worker.backward(work.sample_id, data)
-        self._finish(work, data, out, None)
-
-    def _finish(self, work: Work, data: bytes | None, out: bytes | None, loss: float | None) -> None:
-        assert self.worker is not None and work.hop_id is not None
-        sketch = None  # of the weights after the step this hop completes, if it does: a commitment
-        if out is not None:
-            assert work.output_url
-            put(work.output_url, out, self.http)
+    def _compute(self, work: Work, data: bytes | None) -> Finished:
+        """Main thread: the stage's forward or backward, and the inner step it completes."""
+        assert self.worker is not None and work.sample_id is not None and work.hop_id is not None
+        out: bytes | None
+        loss = None
+        if work.kind == "forward":
+            out, loss = self.worker.forward(work.sample_id, data)
+            if not self.worker.spec.is_tail:
+                self._graph_hops = {s: h for s, h in self._graph_hops.items() if s in self.worker.cache}
+                self._graph_hops[work.sample_id] = work.hop_id
+        else:
+            if data is None:
+                raise ValueError("a backward item names no input")
+            out = self.worker.backward(work.sample_id, data)
         if self.worker.step_due():
             plan = work.plan
             lr = inner_step_lr(
@@ -318,24 +428,57 @@ class Miner:
                 plan.replicas,
             )
             self.worker.step(lr)
-            sketch = self.worker.sketch(sketch_seed(self.run.seed, work.epoch, self.worker.inner_step))
-        self.client.report(
-            Report(
-                run_id=work.run_id,
-                epoch=work.epoch,
-                hop_id=work.hop_id,
-                inner_step=self.worker.inner_step,
-                input_sha256=wire.sha256(data) if data is not None else None,
-                output_sha256=wire.sha256(out) if out is not None else None,
-                output_md5=wire.md5_hex(out) if out is not None else None,
-                loss=loss,
-                tokens=self.run.micro_batch * int(self.run.model["seq_len"]),
-                sketch=sketch,
-            )
-        )
+        tokens = self.run.micro_batch * int(self.run.model["seq_len"])
+        return Finished(work, data, out, loss, self.worker.inner_step, tokens)
+
+    def _send(self, item: Finished) -> tuple[int, int] | None:
+        """Outbox thread: upload the output, then report it. Returns (sample, hop) of a refused forward."""
+        work = item.work
+        try:
+            if item.output is not None:
+                assert work.output_url
+                put(work.output_url, item.output, self.http)
+            self.client.report(item.report())
+        except Refused as error:
+            logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
+            if work.kind == "forward" and work.sample_id is not None and work.hop_id is not None:
+                return work.sample_id, work.hop_id
+            return None
+        except (KeyError, ValueError, OSError, StoreError) as error:
+            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
+            self._release(work)
+            return None
         self.state.hops_done += 1
-        if loss is not None:
-            self.state.last_loss = loss
+        if item.loss is not None:
+            self.state.last_loss = item.loss
+        return None
+
+    def _apply_refusals(self) -> None:
+        """Forget the graphs of forwards whose report was refused (their backward will never come), unless the
+        sample has since been forwarded again here under a new item."""
+        for sample_id, hop_id in self.outbox.collect():
+            if self.worker is not None and self._graph_hops.get(sample_id) == hop_id:
+                del self._graph_hops[sample_id]
+                self.worker.forget([sample_id])
+
+    def _forget_abandoned(self, work: Work) -> None:
+        """A `wait` lists the samples whose backward is still coming: the other cached graphs never will be."""
+        if self.worker is not None and "holding" in work.extra:
+            holding = set(work.extra["holding"])
+            self.worker.forget([s for s in list(self.worker.cache) if s not in holding])
+
+    # -- phase work -----------------------------------------------------------------------------------
+
+    def do(self, work: Work) -> None:
+        """Upload, merge or apply, in turn (nothing of the epoch's training is in flight by then)."""
+        try:
+            handler = getattr(self, f"_{work.kind}")
+            handler(work)
+        except Refused as error:
+            logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
+        except (KeyError, ValueError, OSError, StoreError) as error:
+            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
+            self._release(work)
 
     def _upload(self, work: Work) -> None:
         assert self.worker is not None and work.output_url
@@ -353,28 +496,6 @@ class Miner:
                 output_md5=wire.md5_hex(data),
                 extra={"kind": "upload", "norm": float(pseudo.double().norm())},
             )
-        )
-
-    def _snapshot(self, work: Work) -> None:
-        """A challenge: the exact state as it stands since the last step (iota.orchestrator.challenges)."""
-        assert self.worker is not None and work.output_url
-        snapshot = take_snapshot(self.worker)
-        data = encode_f32(snapshot_to_f32(snapshot))
-        put(work.output_url, data, self.http)
-        self.client.phase_report(
-            Report(
-                run_id=work.run_id,
-                epoch=work.epoch,
-                hop_id=-1,
-                inner_step=snapshot.inner_step,
-                input_sha256=None,
-                output_sha256=wire.sha256(data),
-                output_md5=wire.md5_hex(data),
-                extra={"kind": "snapshot", "step": snapshot.inner_step},
-            )
-        )
-        logger.info(
-            "snapshot of inner step {} uploaded (challenged at {})", snapshot.inner_step, work.extra["step"]
         )
 
     def _merge(self, work: Work) -> None:
@@ -437,6 +558,11 @@ class Miner:
         tmp = self.status_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.snapshot()))
         tmp.replace(self.status_file)
+
+
+def unknown_session(error: Refused) -> bool:
+    """The orchestrator lost or timed out this miner's registration: registering again is the remedy."""
+    return error.status == 404 or (error.status == 409 and "register again" in str(error.detail))
 
 
 def stage_clip(run: RunInfo, stage: int) -> float:

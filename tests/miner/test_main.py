@@ -1,0 +1,164 @@
+"""The miner daemon with its I/O overlapped, against a real orchestrator in this process: three `Miner`s with real
+stage workers, signed HTTP, a LocalStore bucket. What the overlap must not change: the losses (gradients are
+exact), each report counting once, the run's in-flight limit, and what SIGTERM finishes or hands back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from iota.miner.worker import StageWorker
+from iota.train.baseline import train_baseline
+from iota.train.run import build_run
+from tests.miner.conftest import Net
+
+SEQ_LEN = 32  # the `test` preset's
+EXACT: dict[str, Any] = {
+    # No bottleneck, fp32 on the wire, plain SGD without clipping, an outer step of 1: the network must follow the
+    # one-process baseline, which accumulates the same k samples per step in the same order.
+    "bottleneck": 0,
+    "wire_dtype": "fp32",
+    "optimizer": "sgd",
+    "clip": 0.0,
+    "outer_lr": 1.0,
+    "outer_momentum": 0.0,
+    "micro_batch": 2,
+    "accumulate": 2,
+    "lr": 0.05,
+    "warmup_tokens": 100,
+}
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return value
+
+
+def run_to_the_end(net: Net) -> None:
+    for _ in range(3):
+        net.start(net.miner())
+    net.join(timeout_s=120)
+    status = net.orch.status()
+    assert status.phase == "done" and status.samples_lost == 0 and status.samples_requeued == 0
+
+
+def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(make_net: Callable[..., Net]) -> None:
+    samples = 8
+    net = make_net(**EXACT, samples_per_epoch=samples, total_tokens=samples * 2 * SEQ_LEN, max_in_flight=8)
+    run_to_the_end(net)
+
+    losses = [loss for _, loss in sorted(net.orch.state.loss_curve())]
+    baseline = train_baseline(build_run(net.settings), samples * 2 * SEQ_LEN, progress=False)
+    single = [loss for _, loss in baseline["loss_curve"]]
+    assert len(losses) == len(single) == samples
+    assert max(abs(a - b) for a, b in zip(losses, single, strict=True)) < 1e-4, (losses, single)
+    # The steps mattered, so the agreement is not trivial: untrained, the later samples' losses differ.
+    frozen = train_baseline(
+        build_run(net.settings.model_copy(update={"lr": 1e-12})), samples * 2 * SEQ_LEN, progress=False
+    )
+    assert max(abs(a - b) for (_, a), b in zip(frozen["loss_curve"], single, strict=True)) > 1e-3
+
+    # Every hop reported once: five per sample (head, body, tail forward; body, head backward), each counted once
+    # on the orchestrator and by the miner that did it.
+    hops = net.query("SELECT miner, status, lease_expires, done_at FROM hops WHERE epoch = 0")
+    assert len(hops) == 5 * samples and {status for _, status, _, _ in hops} == {"done"}
+    per_miner: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for miner, _, lease_expires, done_at in hops:
+        per_miner[miner].append((lease_expires - net.settings.lease_s, done_at))
+    for miner in net.miners:
+        assert miner.state.hops_done == len(per_miner[miner.client.hotkey])
+
+    # The overlap happened: some miner was leased its next hop before it had reported the one before.
+    overlapped = 0
+    for spans in per_miner.values():
+        spans.sort()
+        overlapped += sum(nxt[0] < prev[1] for prev, nxt in zip(spans, spans[1:], strict=False))
+    assert overlapped > 0
+
+
+def test_prefetch_keeps_the_in_flight_limit(make_net: Callable[..., Net]) -> None:
+    """With max_in_flight 1, a head never holds two samples at once, though its window (k = 2) has room for two:
+    it asks for forward work only once its last forward is reported, so the orchestrator's count is never stale."""
+    samples = 6
+    net = make_net(**EXACT, samples_per_epoch=samples, total_tokens=samples * 2 * SEQ_LEN, max_in_flight=1)
+    run_to_the_end(net)
+    spans = net.query(
+        "SELECT f.sample_id, f.lease_expires, b.done_at FROM hops f JOIN hops b ON b.sample_id = f.sample_id "
+        "WHERE f.stage = 0 AND f.direction = 'forward' AND b.stage = 0 AND b.direction = 'backward' "
+        "ORDER BY f.lease_expires"
+    )
+    assert len(spans) == samples
+    for (_, _, done), (sample, leased, _) in zip(spans, spans[1:], strict=False):
+        assert leased - net.settings.lease_s >= done, (
+            f"sample {sample} was leased while another was in flight"
+        )
+
+
+def test_sigterm_finishes_the_hop_computing_and_releases_the_prefetched_one(
+    make_net: Callable[..., Net],
+) -> None:
+    net = make_net(samples_per_epoch=8, micro_batch=2, accumulate=2, max_in_flight=8)
+    entered, gate = threading.Event(), threading.Event()
+
+    class GatedTail(StageWorker):
+        """The tail's first forward waits for the test, so its prefetch has time to lease the next sample."""
+
+        def forward(self, sample_id: int, data: bytes | None) -> tuple[bytes, float | None]:
+            if self.spec.is_tail and not entered.is_set():
+                entered.set()
+                gate.wait(60)
+            return super().forward(sample_id, data)
+
+    for _ in range(2):
+        net.start(net.miner())
+    wait_for("the head and body to register", lambda: len(net.orch.state.miners()) == 2)
+    tail = net.miner(GatedTail)
+    hotkey = tail.client.hotkey
+
+    def leased_to_tail() -> list[tuple[int, int]]:
+        return net.query("SELECT id, sample_id FROM hops WHERE miner = ? AND status = 'leased'", (hotkey,))
+
+    def signal_while_two_are_leased() -> None:
+        wait_for("the tail's prefetch to lease a second hop", lambda: len(leased_to_tail()) == 2)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled on the main thread, where the tail's loop runs
+        wait_for("the tail to see the signal", lambda: tail.state.stopping)
+        gate.set()
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    helper = threading.Thread(target=signal_while_two_are_leased, daemon=True)
+    helper.start()
+    try:
+        tail.run_forever()
+    finally:
+        gate.set()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    helper.join(10)
+
+    tail_hops = net.query(
+        "SELECT id, sample_id, status, miner FROM hops WHERE stage = 2 ORDER BY sample_id, id"
+    )
+    computing, prefetched = tail_hops[0], tail_hops[1]
+    assert (
+        computing[2] == "done" and computing[3] == hotkey
+    )  # the hop it was computing was finished and reported
+    assert (
+        prefetched[2] == "queued" and prefetched[3] is None
+    )  # the prefetched one handed back, not left to expire
+    events = net.orch.state.events(limit=1000)
+    released = [e for e in events if e["kind"] == "requeue" and e.get("hop") == prefetched[0]]
+    assert released and released[0]["why"] == "released by its miner"
+    gone = [e for e in events if e["kind"] == "miner_gone" and e.get("hotkey") == hotkey]
+    assert gone and "left" in gone[0]["why"]
+    assert tail.state.hops_done == 1
