@@ -30,15 +30,16 @@ from iota.data import DataPlan, TokenData
 from iota.merge import MergePlan, decode_f32, encode_f32, run_owner
 from iota.miner.client import OrchestratorClient, Refused
 from iota.miner.pipeline import Fetched, Outbox, Prefetcher
-from iota.miner.worker import StageWorker, TrainFlags
+from iota.miner.worker import StageWorker, TrainFlags, sketch_seed
 from iota.model import wire
 from iota.model.config import ModelConfig
 from iota.model.stages import StageSpec
-from iota.protocol import RegisterRequest, Report, RunInfo, Work
+from iota.protocol import RegisterRequest, Report, RunInfo, WeightSketch, Work
 from iota.storage.base import StoreError
 from iota.storage.transfer import DigestMismatch, TooLarge, TransferError, download, upload
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule, inner_step_lr
+from iota.validator.replay import snapshot_to_f32, take_snapshot
 
 TRANSFER_PATIENCE_S = (
     180.0  # how long a transfer keeps trying through an unreachable store (a restarting orchestrator)
@@ -115,6 +116,7 @@ class Finished:
     loss: float | None
     inner_step: int  # after the inner step this hop completed, if it did
     tokens: int
+    sketch: WeightSketch | None = None  # of the weights after the step this hop completed: a commitment
 
     def report(self) -> Report:
         work = self.work
@@ -129,6 +131,7 @@ class Finished:
             output_md5=wire.md5_hex(self.output) if self.output is not None else None,
             loss=self.loss,
             tokens=self.tokens,
+            sketch=self.sketch,
         )
 
 
@@ -407,7 +410,7 @@ class Miner:
         """Main thread: the stage's forward or backward, and the inner step it completes."""
         assert self.worker is not None and work.sample_id is not None and work.hop_id is not None
         out: bytes | None
-        loss = None
+        loss, sketch = None, None
         if work.kind == "forward":
             out, loss = self.worker.forward(work.sample_id, data)
             if not self.worker.spec.is_tail:
@@ -428,8 +431,9 @@ class Miner:
                 plan.replicas,
             )
             self.worker.step(lr)
+            sketch = self.worker.sketch(sketch_seed(self.run.seed, work.epoch, self.worker.inner_step))
         tokens = self.run.micro_batch * int(self.run.model["seq_len"])
-        return Finished(work, data, out, loss, self.worker.inner_step, tokens)
+        return Finished(work, data, out, loss, self.worker.inner_step, tokens, sketch)
 
     def _send(self, item: Finished) -> tuple[int, int] | None:
         """Outbox thread: upload the output, then report it. Returns (sample, hop) of a refused forward."""
@@ -496,6 +500,28 @@ class Miner:
                 output_md5=wire.md5_hex(data),
                 extra={"kind": "upload", "norm": float(pseudo.double().norm())},
             )
+        )
+
+    def _snapshot(self, work: Work) -> None:
+        """A challenge: the exact state as it stands since the last step (iota.orchestrator.challenges)."""
+        assert self.worker is not None and work.output_url
+        snapshot = take_snapshot(self.worker)
+        data = encode_f32(snapshot_to_f32(snapshot))
+        put(work.output_url, data, self.http)
+        self.client.phase_report(
+            Report(
+                run_id=work.run_id,
+                epoch=work.epoch,
+                hop_id=-1,
+                inner_step=snapshot.inner_step,
+                input_sha256=None,
+                output_sha256=wire.sha256(data),
+                output_md5=wire.md5_hex(data),
+                extra={"kind": "snapshot", "step": snapshot.inner_step},
+            )
+        )
+        logger.info(
+            "snapshot of inner step {} uploaded (challenged at {})", snapshot.inner_step, work.extra["step"]
         )
 
     def _merge(self, work: Work) -> None:
