@@ -36,6 +36,7 @@ steps, over longer epochs (see `adam_study`).
 Run:  python -m bench.convergence [--quick] [--configs main nesterov ...] [--seeds 0 1] [--repeats 1]
                                   [--work-dir DIR] [--json FILE]
       python -m bench.convergence --adam-study [--seeds 0 1] [--json FILE]
+      python -m bench.convergence --rewarm-study [--seeds 0 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -376,6 +377,37 @@ def adam_study(seeds: list[int], work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+REWARM_STEPS = (0, 2, 4, 8)
+
+
+def rewarm_study(
+    seeds: list[int], work: Path, per_epochs: tuple[int, ...] = (32, 128)
+) -> list[dict[str, Any]]:
+    """In one process only: the reset AdamW of each epoch after APPLY with the learning rate ramped back up over
+    `rewarm_steps` inner steps (0: no ramp, as before the setting existed), against keeping the state."""
+    rows = []
+    print(
+        f"{'samples/ep':>10} {'seed':>4} {'baseline':>8}"
+        + "".join(f" {'rewarm ' + str(w):>15}" for w in REWARM_STEPS)
+        + f" {'keep':>15}"
+    )
+    for per_epoch in per_epochs:
+        for seed in seeds:
+            settings = run_settings({**FULL, "samples_per_epoch": per_epoch}, CONFIGS[0], seed, work / "data")
+            base = baseline(settings, settings["total_tokens"])["eval_loss"]
+            row: dict[str, Any] = {"samples_per_epoch": per_epoch, "seed": seed, "baseline_eval": base}
+            for steps in REWARM_STEPS:
+                row[f"rewarm_{steps}_eval"] = local_sgd({**settings, "rewarm_steps": steps}, "reset")
+            row["keep_eval"] = local_sgd({**settings, "rewarm_steps": 0}, "keep")
+            rows.append(row)
+            cells = "".join(
+                f" {row[k]:>7.3f} ({100 * (row[k] - base) / base:+5.1f}%)"
+                for k in [*(f"rewarm_{w}_eval" for w in REWARM_STEPS), "keep_eval"]
+            )
+            print(f"{per_epoch:>10} {seed:>4} {base:>8.3f}{cells}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 short epochs, main config, seed 0")
@@ -388,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--adam-study", action="store_true", help="only the one-process study of the inner optimizer state"
     )
+    parser.add_argument(
+        "--rewarm-study", action="store_true", help="only the one-process study of the lr re-warm after APPLY"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write rows and summary to this file")
     args = parser.parse_args(argv)
 
@@ -396,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in CONFIGS if c.name in names]
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     work = args.work_dir.resolve()
+    if args.rewarm_study:
+        rewarm = rewarm_study(seeds, work)
+        if args.json:
+            args.json.write_text(json.dumps({"settings": FULL, "rewarm_study": rewarm}, indent=1))
+        return 0
     if args.adam_study:
         study = adam_study(seeds, work)
         if args.json:
