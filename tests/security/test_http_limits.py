@@ -15,7 +15,8 @@ import httpx
 import pytest
 from bittensor.keyfiles import Keypair
 
-from iota.orchestrator.app import MAX_BODY_BYTES, server_options
+from iota.orchestrator.abuse import guarded_http
+from iota.orchestrator.app import MAX_BODY_BYTES, MAX_HEADER_BYTES, server_options
 from tests.orchestrator import run_settings
 from tests.security import MINERS, Net, serve_net
 
@@ -149,3 +150,87 @@ def test_one_ip_cannot_take_every_connection(net: Net) -> None:
         transport = httpx.HTTPTransport(local_address="127.0.0.6")
         with httpx.Client(base_url=net.url, transport=transport) as client:
             assert client.get("/status").status_code == 200
+
+
+# -- the same guards on either HTTP parser (httptools where installed, h11 otherwise) ----------------------
+
+PARSER_HEADER_TIMEOUT_S = 2.0  # long enough that a refusal on size is told apart from the deadline
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def parser_net(
+    request: pytest.FixtureRequest, data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> Iterator[Net]:
+    if request.param == "httptools":
+        pytest.importorskip("httptools")
+    options = server_options(run_settings(data_dir, tmp_path), max_connections_per_ip=PER_IP)
+    options["http"] = guarded_http(PARSER_HEADER_TIMEOUT_S, PER_IP, parser=request.param)
+    with serve_net(data_dir, keypairs, tmp_path, options=options) as net:
+        yield net
+
+
+def test_server_options_take_httptools_where_installed(data_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("httptools")
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert issubclass(server_options(run_settings(data_dir, tmp_path))["http"], HttpToolsProtocol)
+    assert not issubclass(guarded_http(1.0, 1, parser="h11"), HttpToolsProtocol)
+
+
+def test_headers_over_the_limit_are_refused_at_once(parser_net: Net) -> None:
+    with connect(parser_net) as sock:
+        started = time.monotonic()
+        try:
+            sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * (2 * MAX_HEADER_BYTES))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server stopped reading and closed
+        sock.settimeout(PARSER_HEADER_TIMEOUT_S)
+        try:
+            reply = response_to(sock)
+        except ConnectionResetError:
+            reply = b""  # closed with our bytes unread: the answer may be lost to the reset
+        assert closed_within(sock, PARSER_HEADER_TIMEOUT_S)
+        # Refused for its size, long before the header deadline: not held while it waits for more.
+        assert time.monotonic() - started < PARSER_HEADER_TIMEOUT_S / 2
+        assert reply == b"" or reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), reply[:200]
+
+
+def test_deadline_cap_and_keep_alive_on_either_parser(parser_net: Net) -> None:
+    with connect(parser_net) as trickle:
+        start = time.monotonic()
+        for byte in b"GET /status HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                trickle.send(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.1)
+            if time.monotonic() - start > 2 * PARSER_HEADER_TIMEOUT_S:
+                break
+        assert closed_within(trickle, PARSER_HEADER_TIMEOUT_S)
+        assert PARSER_HEADER_TIMEOUT_S * 0.9 < time.monotonic() - start < 2 * PARSER_HEADER_TIMEOUT_S
+    with ExitStack() as stack:
+        hogs = [stack.enter_context(connect(parser_net, "127.0.0.7")) for _ in range(PER_IP + 2)]
+        time.sleep(0.3)
+        assert [closed_now(sock) for sock in hogs] == [False] * PER_IP + [True] * 2
+    with httpx.Client(base_url=parser_net.url) as client:
+        # Keep-alive: two requests on one connection, a pause longer than the header deadline between them.
+        assert client.get("/status").status_code == 200
+        time.sleep(1.2 * PARSER_HEADER_TIMEOUT_S)
+        assert client.get("/status").status_code == 200
+        body = (
+            b"{}" + b" " * 100_000
+        )  # a body after the headers is read at the app's pace, not counted as headers
+        assert client.post("/miners/register", content=body).status_code in (401, 426)
+
+
+def test_bytes_after_a_complete_request_do_not_cut_off_its_answer(parser_net: Net) -> None:
+    # httptools parses what follows a request while it is being answered; the refusal of those bytes must wait
+    # for that answer, as under h11 (which does not parse them until then).
+    for tail in (
+        b"NOT A REQUEST\r\n\r\n",
+        b"GET /status HTTP/1.1\r\nX-Padding: " + b"a" * (2 * MAX_HEADER_BYTES),
+    ):
+        with connect(parser_net) as sock:
+            sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" + tail)
+            assert response_to(sock).startswith(b"HTTP/1.1 200")
+            assert closed_within(sock, PARSER_HEADER_TIMEOUT_S)
