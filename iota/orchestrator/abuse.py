@@ -289,10 +289,6 @@ def guarded_http(
     return _guarded_h11(header_timeout_s, admit)
 
 
-# The name iota.orchestrator.app imports, from when h11 was the only parser; it now takes httptools where installed.
-guarded_h11 = guarded_http
-
-
 def _guarded_httptools(
     base: type[Any], header_timeout_s: float, admit: Callable[[object], bool]
 ) -> type[asyncio.Protocol]:

@@ -24,7 +24,7 @@ from iota.chain.base import Chain, Neuron
 from iota.config import OrchestratorSettings
 from iota.merge import OuterConfig
 from iota.model import wire
-from iota.orchestrator.abuse import AbusePolicy, BodyLimitMiddleware, guarded_h11
+from iota.orchestrator.abuse import AbusePolicy, BodyLimitMiddleware, guarded_http
 from iota.orchestrator.audits import Auditor
 from iota.orchestrator.epochs import EpochDriver, EpochSettings
 from iota.orchestrator.recheck import Rechecker
@@ -237,14 +237,14 @@ def server_options(
     max_connections: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run(app, **server_options(settings))``: the address, and the limits that keep
-    slow or crowding clients (slowloris) from starving the others; see iota.orchestrator.abuse.guarded_h11."""
+    slow or crowding clients (slowloris) from starving the others; see iota.orchestrator.abuse.guarded_http."""
     proxies = [p for p in settings.trusted_proxies.split(",") if p.strip()]
     if max_connections is None:
         max_connections = settings.max_connections
     return {
         "host": settings.host,
         "port": settings.port,
-        "http": guarded_h11(header_timeout_s, max_connections_per_ip, exempt=proxies),
+        "http": guarded_http(header_timeout_s, max_connections_per_ip, exempt=proxies),
         "timeout_keep_alive": KEEP_ALIVE_S,
         "limit_concurrency": max_connections,
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,

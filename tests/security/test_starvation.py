@@ -25,6 +25,7 @@ from bittensor.keyfiles import Keypair
 
 from iota.auth import HotkeyAuth
 from iota.chain.local import LocalChain
+from iota.config import OrchestratorSettings
 from iota.protocol import RegisterRequest, Report, Work, WorkRequest
 from iota.storage.transfer import upload
 
@@ -44,6 +45,7 @@ import sys, json
 from pathlib import Path
 import uvicorn
 from iota.chain.local import LocalChain
+from iota.config import OrchestratorSettings
 from iota.config import OrchestratorSettings
 from iota.orchestrator.app import assemble, server_options
 args = json.loads(sys.argv[1])
@@ -269,7 +271,10 @@ def test_honest_miners_keep_their_rate_under_slowloris_and_a_signed_flood(orches
     assert baseline > 0
     assert under_attack >= baseline / FACTOR
     flood = stats["flood"]
-    assert flood.get("429", 0) > flood.get("200", 0)  # the flood was mostly turned away
+    # The flood got no more than its hotkey's rate limit allows (defaults: 50 requests/s, a burst of 100); how much
+    # of it was refused depends on how fast the attacker could send on a loaded machine, so that is not asserted.
+    rate = OrchestratorSettings.model_fields["rate_per_hotkey"].default
+    assert flood.get("200", 0) <= 1.1 * (rate * attack_s + 2 * rate), flood
     assert (
         stats["slow_opened"] >= SLOW_CONNECTIONS and stats["slow_closed_by_server"] >= SLOW_CONNECTIONS // 2
     )

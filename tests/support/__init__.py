@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from iota.orchestrator.abuse import guarded_http
+
 
 @contextmanager
 def running_server(app: Any, startup_timeout_s: float = 10.0) -> Iterator[str]:
@@ -19,7 +21,8 @@ def running_server(app: Any, startup_timeout_s: float = 10.0) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    # The orchestrator's guarded protocol, as in production: bare httptools would answer junk after a body itself.
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", http=guarded_http(10.0, 0))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
