@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -299,6 +300,8 @@ def baseline(values: dict[str, Any], samples: int, threads: int) -> dict[str, An
     run = build_run(RunSettings(**values))
     tokens = samples * run.micro_batch_tokens
     one_step = run.micro_batch_tokens * run.settings.accumulate
+    # 0 means every core this process may use, set explicitly: torch keeps the count an earlier run set.
+    threads = threads or len(os.sched_getaffinity(0))
     train_baseline(run, one_step, threads=threads, progress=False)  # warm-up: allocator, thread pool
     report = train_baseline(run, tokens, threads=threads, progress=False)
     return {
@@ -364,6 +367,7 @@ def network(args: argparse.Namespace, values: dict[str, Any], work: Path) -> dic
     cpu_start: dict[str, float] = {}
     cpu: dict[str, float] = {}
     measure_start = measure_end = float("nan")
+    profile_stopped = False
     started = time.time()
     with open(log_path, "wb") as log, httpx.Client(timeout=5) as http:
         local = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work)
@@ -387,6 +391,12 @@ def network(args: argparse.Namespace, values: dict[str, Any], work: Path) -> dic
                         cpu[role] = (now_cpu - cpu_start[role]) / (measure_end - measure_start)
                 if training and profile_at is not None:
                     procs = start_profiles(pids, args.profile_s, args.profile_rate, work / "profiles")
+            if procs and not training and not profile_stopped:
+                # The profile covers training only: py-spy writes what it has on SIGINT.
+                for proc in procs.values():
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGINT)
+                profile_stopped = True
         if procs:
             profiles = finish_profiles(procs, pids, work / "profiles")
     if local.returncode != 0:
