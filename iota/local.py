@@ -267,7 +267,8 @@ def _progress_line(status: Status) -> None:
 def run_local(options: LocalOptions) -> dict[str, Any]:
     net = LocalNetwork(options)
     n_miners = net.settings.stages * options.miners_per_stage
-    threads = max(1, len(os.sched_getaffinity(0)) // n_miners)  # the cores this process may use, not the host's
+    # The cores this process may use (its affinity, which taskset and cgroups set), not the host's.
+    threads = max(1, len(os.sched_getaffinity(0)) // n_miners)
     started = time.time()
     try:
         net.start_orchestrator()
