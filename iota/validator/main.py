@@ -28,7 +28,7 @@ from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
 from iota.train.run import batch_fn
 from iota.validator.audit import Evidence, activation_limit, decode_challenged, judge, replay_setup
 from iota.validator.replay import HopRecord, ReplaySetup
-from iota.validator.scoring import compute_scores, with_burn
+from iota.validator.scoring import compute_scores, weights_by_uid, with_burn
 
 VERSION_KEY = 1  # weights version this validator sets; bumped with incompatible scoring changes
 
@@ -154,8 +154,13 @@ class ValidatorDaemon:
             self.status["last_error"] = f"score log unavailable: {error}"
             return
         weights = compute_scores(log)
-        uids = {hk: uid for hk, uid in log["uids"].items() if uid is not None}
-        by_uid = {uids[hk]: w for hk, w in weights.items() if hk in uids}
+        try:
+            self.chain.sync()  # whose uid is whose now: a recycled uid must not inherit its last holder's credit
+            registered = {n.hotkey: n.uid for n in self.chain.neurons()}
+        except ChainError as error:
+            self.status["last_error"] = f"metagraph unavailable: {error}"
+            return
+        by_uid = weights_by_uid(weights, registered)
         pairs = sorted(with_burn(by_uid, self.burn_uid, self.burn_fraction).items())
         if not pairs:
             return

@@ -96,6 +96,12 @@ def compute_scores(log: Mapping[str, Any]) -> dict[str, float]:
     return {miner: value / total for miner, value in sorted(scores.items()) if value > 0}
 
 
+def weights_by_uid(weights: Mapping[str, float], registered: Mapping[str, int]) -> dict[int, float]:
+    """hotkey weights onto the uids the hotkeys hold on the chain now. A hotkey that left gets nothing, and a uid
+    recycled to a new hotkey starts at zero: credit follows the hotkey that earned it, never the uid."""
+    return {registered[hk]: w for hk, w in sorted(weights.items()) if hk in registered}
+
+
 def with_burn(weights: dict[int, float], burn_uid: int | None, burn_fraction: float) -> dict[int, float]:
     """uid -> weight with `burn_fraction` of the total moved to `burn_uid` (the subnet's burn), the rest scaled."""
     if burn_uid is None or burn_fraction <= 0:

@@ -12,6 +12,7 @@ from iota.validator.scoring import (
     compute_scores,
     confirmed_failures,
     standing,
+    weights_by_uid,
     with_burn,
 )
 
@@ -154,3 +155,10 @@ def test_burn_moves_its_fraction_to_the_burn_uid() -> None:
         assert "burn fraction" in str(error)
     else:
         raise AssertionError("a burn fraction over 1 must be refused")
+
+
+def test_a_recycled_uid_starts_at_zero() -> None:
+    weights = compute_scores(LOG)  # a, b and c earned weight; a has since been replaced on its uid by d
+    registered = {"d": 0, "b": 1, "c": 2}
+    by_uid = weights_by_uid(weights, registered)
+    assert by_uid == {1: weights["b"], 2: weights["c"]}  # uid 0 (now d's) gets none of a's credit
