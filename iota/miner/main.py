@@ -487,41 +487,34 @@ class Miner:
     def _upload(self, work: Work) -> None:
         assert self.worker is not None and work.output_url
         pseudo = self.worker.pseudo_gradient()
-        data = encode_f32(pseudo)
-        put(work.output_url, data, self.http)
-        self.client.phase_report(
-            Report(
-                run_id=work.run_id,
-                epoch=work.epoch,
-                hop_id=-1,
-                inner_step=self.worker.inner_step,
-                input_sha256=None,
-                output_sha256=wire.sha256(data),
-                output_md5=wire.md5_hex(data),
-                extra={"kind": "upload", "norm": float(pseudo.double().norm())},
-            )
-        )
+        extra = {"kind": "upload", "norm": float(pseudo.double().norm())}
+        self._put_and_report(work, encode_f32(pseudo), self.worker.inner_step, extra)
 
     def _snapshot(self, work: Work) -> None:
         """A challenge: the exact state as it stands since the last step (iota.orchestrator.challenges)."""
         assert self.worker is not None and work.output_url
         snapshot = take_snapshot(self.worker)
-        data = encode_f32(snapshot_to_f32(snapshot))
+        extra = {"kind": "snapshot", "step": snapshot.inner_step}
+        self._put_and_report(work, encode_f32(snapshot_to_f32(snapshot)), snapshot.inner_step, extra)
+        logger.info(
+            "snapshot of inner step {} uploaded (challenged at {})", snapshot.inner_step, work.extra["step"]
+        )
+
+    def _put_and_report(self, work: Work, data: bytes, inner_step: int, extra: dict[str, Any]) -> None:
+        """Phase work that produces one object: upload it to the item's URL, then report it with its digests."""
+        assert work.output_url
         put(work.output_url, data, self.http)
         self.client.phase_report(
             Report(
                 run_id=work.run_id,
                 epoch=work.epoch,
                 hop_id=-1,
-                inner_step=snapshot.inner_step,
+                inner_step=inner_step,
                 input_sha256=None,
                 output_sha256=wire.sha256(data),
                 output_md5=wire.md5_hex(data),
-                extra={"kind": "snapshot", "step": snapshot.inner_step},
+                extra=extra,
             )
-        )
-        logger.info(
-            "snapshot of inner step {} uploaded (challenged at {})", snapshot.inner_step, work.extra["step"]
         )
 
     def _merge(self, work: Work) -> None:

@@ -289,11 +289,31 @@ def guarded_http(
     return _guarded_h11(header_timeout_s, admit)
 
 
+class _HeaderDeadline:
+    """The header deadline both guarded protocols share: armed while a request's headers are awaited, cancelled
+    once they are in; `_headers_too_slow` (each protocol's own) runs when it expires."""
+
+    header_timeout: float
+    loop: asyncio.AbstractEventLoop
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        raise NotImplementedError
+
+
 def _guarded_httptools(
     base: type[Any], header_timeout_s: float, admit: Callable[[object], bool]
 ) -> type[asyncio.Protocol]:
-    class GuardedHttpToolsProtocol(base):  # type: ignore[misc, valid-type]
-        _header_deadline: asyncio.TimerHandle | None = None
+    class GuardedHttpToolsProtocol(_HeaderDeadline, base):  # type: ignore[misc, valid-type]
+        header_timeout = header_timeout_s
         _awaiting_headers = True  # from connecting, and after each request's body, until its headers are in
         _header_bytes = 0  # bytes received while awaiting headers (httptools buffers a partial header itself)
         _message_ended = False  # a request's body ended within the data being parsed
@@ -361,14 +381,6 @@ def _guarded_httptools(
             self.transport.write(_HEADERS_TOO_LARGE)
             self.transport.close()
 
-        def _arm(self) -> None:
-            self._header_deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-                self._header_deadline = None
-
         def _headers_too_slow(self) -> None:
             self._header_deadline = None
             self._refuse(self.transport.close)
@@ -377,8 +389,8 @@ def _guarded_httptools(
 
 
 def _guarded_h11(header_timeout_s: float, admit: Callable[[object], bool]) -> type[asyncio.Protocol]:
-    class GuardedH11Protocol(H11Protocol):
-        _header_deadline: asyncio.TimerHandle | None = None
+    class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
+        header_timeout = header_timeout_s
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -400,14 +412,6 @@ def _guarded_h11(header_timeout_s: float, admit: Callable[[object], bool]) -> ty
 
         def _awaiting_request(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
-
-        def _arm(self) -> None:
-            self._header_deadline = self.loop.call_later(header_timeout_s, self._headers_too_slow)
-
-        def _disarm(self) -> None:
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-                self._header_deadline = None
 
         def _headers_too_slow(self) -> None:
             self._header_deadline = None
