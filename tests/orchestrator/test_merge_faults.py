@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from iota.train.run import Run
 from iota.train.schedule import inner_step_lr
 from iota.validator import scoring
 from tests.orchestrator import run_settings
+from tests.support import Clock
 
 RUN_ID = "run-merge"
 BASE_URL = "http://testserver"
@@ -88,16 +88,6 @@ class InProcess(httpx.BaseTransport):
 
         status, headers, content = asyncio.run(call())
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content))
-
-
-class Clock:
-    """The orchestrator's clock: real time plus an offset the test moves past phase deadlines."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
 
 
 @dataclass

@@ -36,23 +36,13 @@ from iota.storage import LocalStore
 from iota.storage.transfer import download, upload
 from iota.train.run import Run, batch_fn
 from tests.orchestrator import run_settings
-from tests.support import running_server
+from tests.support import Clock, running_server
 
 MINERS = ("head", "mid", "tail")  # registered in this order, they take stages 0, 1, 2
 TABLES = ("kv", "miners", "samples", "hops", "losses", "events")
 METRIC_LINE = re.compile(
     r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*=\"[^\"]*\"(,[a-zA-Z_][a-zA-Z0-9_]*=\"[^\"]*\")*\})? (\S+)$"
 )
-
-
-class Clock:
-    """The orchestrator's clock: real time plus an offset the test moves (signatures keep real time)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
 
 
 @dataclass

@@ -36,21 +36,11 @@ from iota.storage import LocalStore
 from iota.storage.transfer import download, upload
 from iota.train.run import Run
 from tests.orchestrator import run_settings
-from tests.support import running_server
+from tests.support import Clock, running_server
 
 MINERS = ("head", "mid", "tail")  # registered in this order, they take stages 0, 1, 2
 TABLES = ("kv", "miners", "samples", "hops", "losses", "events")  # the run's state (strikes live apart)
 NAMES = ("orchestrator", "operator", "validator", "validator2", "cold", "stranger", "idle", *MINERS)
-
-
-class Clock:
-    """The orchestrator's (and its store's) clock: real time plus an offset the test moves."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
 
 
 @dataclass

@@ -37,3 +37,14 @@ def running_server(app: Any, startup_timeout_s: float = 10.0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+class Clock:
+    """An orchestrator's (and its store's) clock: real time plus an offset a test moves past leases and deadlines
+    (signatures keep real time)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
