@@ -6,7 +6,9 @@ call signed with the miner's own sr25519 hotkey by `iota.auth.sign_headers`, the
 the same btauth/1 headers over the same bytes, a fresh nonce for every request, plus the protocol headers. Each
 miner: POST /miners/register, then loop: POST /work -> (GET its input from the presigned URL, if --download) ->
 PUT its output bytes (the exact size the orchestrator expects, random, digests precomputed) -> POST
-/work/{hop_id}/report with the digests (and a loss on the tail). A `wait` answer just ends the cycle. A 503 is
+/work/{hop_id}/report with the digests (and a loss on the tail). A `wait` answer just ends the cycle. With
+--hold-s, POST /work asks the orchestrator to hold it while there is no work (long-poll, as the miner does): its
+latency is then counted without the time held (the answer's X-Iota-Held-Ms), which is reported apart. A 503 is
 honoured as the miner client does: nothing is sent before its Retry-After has passed, then the request is sent
 again.
 
@@ -24,7 +26,8 @@ It prints WINDOW when the measured window opens, CLOSED when it closes, and with
 unmeasured stretch of the same load begins for the driver's profiler.
 
 Run by orchestrator_load.py:  python -m bench.loadgen --url URL --receiver SS58 --keys FILE --miners N
-                              --seconds S [--rate 1] [--warmup-s 5] [--download] [--profile-s P] --out FILE
+                              --seconds S [--rate 1] [--warmup-s 5] [--download] [--profile-s P] [--hold-s H]
+                              --out FILE
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from iota.protocol import RegisterRequest, Report, RunInfo, Work, WorkRequest
 from iota.protocol.version import CLIENT_HEADER, PROTOCOL_VERSION, VERSION_HEADER
 
 MEMORY_BYTES = 1 << 40  # what the simulated miners claim, so any stage fits
-WORK_BODY = WorkRequest(forward=True).model_dump_json().encode()
+HELD_HEADER = b"x-iota-held-ms"  # how long the orchestrator held a POST /work (long-poll) before answering
 
 
 @dataclass
@@ -70,13 +73,17 @@ class Stats:
     reconnects: int = 0
 
     served: list[float] = field(default_factory=list)  # latencies of requests not refused with 503
+    held: list[float] = field(default_factory=list)  # how long held requests for work were held
 
-    def record(self, route: str, sent: float, latency: float, outcome: str) -> None:
+    def record(self, route: str, sent: float, latency: float, outcome: str, held: float = 0.0) -> None:
+        """One request; a POST /work held by the orchestrator (long-poll) counts its latency without the hold."""
         if self.window[0] <= sent < self.window[1]:
-            self.latency[route].append(latency)
+            self.latency[route].append(latency - held)
             self.status[route][outcome] += 1
             if outcome != "503":
-                self.served.append(latency)
+                self.served.append(latency - held)
+            if held:
+                self.held.append(held)
 
 
 class Payload:
@@ -186,10 +193,13 @@ class SimMiner:
         download: bool,
         payloads: dict[int, Payload],
         timeout_s: float,
+        hold_s: float = 0.0,
     ):
         self.keypair, self.receiver, self.connection = keypair, receiver, connection
+        self.work_body = WorkRequest(forward=True, hold_s=hold_s).model_dump_json().encode()
         self.info, self.stats = run, stats
-        self.period, self.download, self.payloads, self.timeout_s = period, download, payloads, timeout_s
+        self.period, self.download, self.payloads = period, download, payloads
+        self.timeout_s = timeout_s + hold_s
         self.tail = len(run.stages) - 1
         self.tokens = run.micro_batch * int(run.model["seq_len"])
         self.slot = 0.0
@@ -249,7 +259,8 @@ class SimMiner:
                 self.stats.record(route, sent, time.monotonic() - sent, "unanswered")
                 raise
             latency = time.monotonic() - sent
-            self.stats.record(route, sent, latency, str(response.status))
+            held = int(response.headers.get(HELD_HEADER, b"0")) / 1000
+            self.stats.record(route, sent, latency, str(response.status), held)
             if route == "register":
                 self.stats.register_latency.append(latency)
             if response.status != 503:
@@ -272,7 +283,7 @@ class SimMiner:
                     return
             self.stats.registered += 1
             while time.monotonic() < stop:
-                response = await self._call("work", "POST", "/work", WORK_BODY)
+                response = await self._call("work", "POST", "/work", self.work_body)
                 if response is None or response.status != 200:
                     if response is not None and response.status == 409 and b"register again" in response.body:
                         self.stats.reregistered += 1
@@ -348,6 +359,8 @@ def summary(stats: Stats, seconds: float, cpu_s: float) -> dict[str, Any]:
     refused = sum(r["status"].get("503", 0) for r in routes.values())
     every = [v for values in stats.latency.values() for v in values]
     return {
+        "held_requests": len(stats.held),
+        "held_p50_s": percentile(stats.held, 0.50),
         "seconds": seconds,
         "requests": total,
         "per_second": total / seconds,
@@ -403,6 +416,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
             args.download,
             payloads,
             args.timeout_s,
+            args.hold_s,
         )
         for i, kp in enumerate(keypairs)
     ]
@@ -433,6 +447,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     result.update(
         miners=args.miners,
         rate=args.rate,
+        hold_s=args.hold_s,
         registered_after_s=registered_after,
         offered_per_second=args.miners * args.rate,
     )
@@ -460,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-registration-s", type=float, default=120.0)
     parser.add_argument("--timeout-s", type=float, default=30.0)
+    parser.add_argument(
+        "--hold-s",
+        type=float,
+        default=0.0,
+        help="POST /work asks to be held this long while there is no work",
+    )
     parser.add_argument(
         "--profile-s", type=float, default=0.0, help="keep the load on this long after the window"
     )

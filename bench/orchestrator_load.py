@@ -20,8 +20,13 @@ scheduler/service, pydantic, HTTP stack). Time in C code that releases the GIL (
 Keys (random seeds) are generated once and cached in the work dir with one LocalChain file per N (registering 5000
 hotkeys through LocalChain.register takes a couple of minutes, once).
 
-Run:  python -m bench.orchestrator_load [--miners 100,1000,5000] [--seconds 30] [--rate 1] [--max-in-progress N]
-                                       [--json FILE]
+Each N runs once per --hold-s value: 0, miners ask for work at their pace and get `wait` while there is none
+(the protocol before long-polling); H > 0, a request for work is held up to H seconds while there is none and
+answered when work comes, as `iota miner` asks (IOTA_HOLD_S, 10 s). Held requests' latencies are counted without
+the hold (the orchestrator reports it in X-Iota-Held-Ms); how many were held and for how long is printed apart.
+
+Run:  python -m bench.orchestrator_load [--miners 100,1000,5000] [--hold-s 0,10] [--seconds 30] [--rate 1]
+                                       [--max-in-progress N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -114,11 +119,11 @@ def ensure_chain(work: Path, keys: Path, n: int) -> Path:
 
 
 def start_orchestrator(
-    work: Path, n: int, chain: Path, port: int, args: argparse.Namespace
+    work: Path, n: int, chain: Path, port: int, args: argparse.Namespace, hold_s: float
 ) -> tuple[subprocess.Popen[bytes], str]:
     from iota.auth import create_wallet
 
-    run_dir = work / f"run-{n}"
+    run_dir = work / f"run-{n}-hold{hold_s:g}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     wallets = work / "wallets"
@@ -142,6 +147,7 @@ def start_orchestrator(
             "IOTA_RATE_PER_IP": "1000000000",
             # Each simulated miner keeps a connection open; uvicorn answers 503 beyond this many.
             "IOTA_MAX_CONNECTIONS": str(max(2048, 2 * n + 256)),
+            "IOTA_MAX_HOLD_S": str(hold_s),
         }
     )
     if args.max_in_progress is not None:
@@ -202,14 +208,15 @@ def status_of(url: str) -> dict[str, Any] | None:
         return None
 
 
-def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[str, Any]:
+def one_level(work: Path, n: int, hold_s: float, keys: Path, args: argparse.Namespace) -> dict[str, Any]:
     from iota.local import free_port
 
     chain = ensure_chain(work, keys, n)
     port = free_port()
-    orch, hotkey = start_orchestrator(work, n, chain, port, args)
+    orch, hotkey = start_orchestrator(work, n, chain, port, args, hold_s)
+    run_dir = work / f"run-{n}-hold{hold_s:g}"
     url = f"http://127.0.0.1:{port}"
-    out = work / f"load-{n}.json"
+    out = run_dir / "load.json"
     cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--receiver", hotkey, "--keys", str(keys)]
     cmd += ["--miners", str(n), "--rate", str(args.rate), "--seconds", str(args.seconds)]
     cmd += [
@@ -222,6 +229,8 @@ def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[
         str(args.profile_s if py_spy() else 0),
         "--ramp-s",
         str(args.ramp_s),
+        "--hold-s",
+        str(hold_s),
     ]
     profile: Profile | None = None
     spies: dict[str, subprocess.Popen[bytes]] = {}
@@ -239,7 +248,7 @@ def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[
             if line == "WINDOW":  # the generator's measured window opens now
                 cpu0, t0 = cpu_seconds(orch.pid), time.monotonic()
             elif line == "PROFILE":  # an unmeasured stretch of the same load, for the profiler
-                spies = {"orchestrator": start_gil_profile(orch.pid, args.profile_s, work / f"profile-{n}")}
+                spies = {"orchestrator": start_gil_profile(orch.pid, args.profile_s, run_dir / "profile")}
             elif line == "CLOSED" and cpu0 is not None:
                 cpu1 = cpu_seconds(orch.pid)
                 orch_cpu = (cpu1 - cpu0) / (time.monotonic() - t0) if cpu1 is not None else orch_cpu
@@ -248,7 +257,7 @@ def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[
         for name, spy in spies.items():
             spy.wait(120)
             profile = read_profile(
-                orch.pid, work / f"profile-{n}" / f"{name}.txt", work / f"profile-{n}" / f"{name}.log"
+                orch.pid, run_dir / "profile" / f"{name}.txt", run_dir / "profile" / f"{name}.log"
             )
         status = status_of(url)
     finally:
@@ -256,7 +265,7 @@ def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[
     result: dict[str, Any] = json.loads(out.read_text())
     result["orchestrator_cpu_cores"] = orch_cpu
     # Checked twice: by the orchestrator's own GET /status, and independently from its database once stopped.
-    books: dict[str, Any] = dict(ledger(work / f"run-{n}" / "state.db"))
+    books: dict[str, Any] = dict(ledger(run_dir / "state.db"))
     books["lost"] = books["allocated"] - books["completed"] - books["in_flight"]
     books["status_lost"] = status["samples_lost"] if status else None
     books["balanced"] = books["lost"] == 0 and (status is None or status["samples_lost"] == 0)
@@ -291,8 +300,15 @@ def one_level(work: Path, n: int, keys: Path, args: argparse.Namespace) -> dict[
 
 def print_level(r: dict[str, Any]) -> None:
     acc = r["accounting"]
+    held = (
+        f"POST /work held (long-poll, up to {r['hold_s']:g} s): {r['held_requests']} requests held, p50 "
+        f"{r['held_p50_s']:.2f} s; latencies below exclude the hold"
+        if r["hold_s"]
+        else "POST /work not held: a miner without work is told to wait and asks again"
+    )
     print(
-        f"\n## {r['miners']} miners: offered {r['offered_per_second']:.0f} req/s, achieved {r['per_second']:.0f} req/s "
+        f"\n## {r['miners']} miners, {held}\noffered up to {r['offered_per_second']:.0f} req/s, achieved "
+        f"{r['per_second']:.0f} req/s "
         f"({r['ok_per_second']:.0f} answered < 400, {r['refused_503_per_second']:.0f} refused 503); "
         f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; without the 503s p50 {r['served_p50_ms']:.1f} ms, "
         f"p99 {r['served_p99_ms']:.1f} ms"
@@ -340,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--miners", default="100,1000,5000", help="comma-separated simulated miner counts")
+    parser.add_argument(
+        "--hold-s",
+        default="0,10",
+        help="comma-separated holds of POST /work (long-poll; 0: none), each run per N",
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window per level")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second per miner")
     parser.add_argument("--warmup-s", type=float, default=5.0)
@@ -369,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = ensure_keys(work, max(levels))
     results = []
     for n in levels:
-        print(f"{n} miners ...", flush=True)
-        results.append(one_level(work, n, keys, args))
-        print_level(results[-1])
+        for hold_s in [float(h) for h in args.hold_s.split(",")]:
+            print(f"{n} miners, hold {hold_s:g} s ...", flush=True)
+            results.append(one_level(work, n, hold_s, keys, args))
+            print_level(results[-1])
     m = info
     print(
         f"\nmachine: {m['nproc']} x {m['cpu']}, {m['ram_gib']} GiB; load average at the start {m['loadavg'][0]:.2f}"

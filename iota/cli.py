@@ -108,6 +108,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
         miner_dir,
         status_file=miner_dir / f"status-{keypair.ss58_address}.json",
         worker_factory=factory,
+        hold_s=settings.hold_s,
     )
     if settings.health_port:
         from iota.miner.health import serve_health

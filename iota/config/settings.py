@@ -112,6 +112,12 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     max_connections: int = Field(
         2048, ge=1, description="Open connections beyond which uvicorn answers 503; keep ulimit -n above it"
     )
+    max_hold_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="The longest a miner's request for work is held while there is none (answered as soon as work "
+        "comes; at most a third of miner_timeout_s); 0: never held",
+    )
     max_requests_in_progress: int = Field(
         32,
         ge=0,
@@ -136,6 +142,13 @@ class MinerSettings(ChainSettings, WalletSettings):
     autocast: bool = Field(True, description="bf16 autocast on CUDA (fp32 master weights)")
     threads: int = Field(0, description="Torch CPU threads; 0 leaves torch's default (all cores)")
     cache_size: int = Field(16, description="Forward graphs kept for their backward")
+    hold_s: float = Field(
+        10.0,
+        ge=0.0,
+        le=30.0,
+        description="How long the orchestrator may hold a request for work while it has none (it answers as soon "
+        "as work comes); 0: ask again every wait instead",
+    )
     memory_gb: float = Field(0.0, description="Memory to report; 0 measures the device")
     health_port: int = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
     adversary: str = Field(

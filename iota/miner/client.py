@@ -37,6 +37,7 @@ class OrchestratorClient:
         give_up_s: float = 3600.0,
     ):
         self.auth = HotkeyAuth(keypair, orchestrator_hotkey)
+        self.timeout_s = timeout_s
         self.http = httpx.Client(base_url=url.rstrip("/"), auth=self.auth, timeout=timeout_s)
         self.max_backoff_s = max_backoff_s
         self.give_up_s = give_up_s
@@ -63,14 +64,21 @@ class OrchestratorClient:
         body: BaseModel | None = None,
         params: dict[str, Any] | None = None,
         give_up_s: float | None = None,
+        extra_s: float = 0.0,
     ) -> M:
-        """One request, retried while the orchestrator is unreachable or overloaded (it may be restarting)."""
+        """One request, retried while the orchestrator is unreachable or overloaded (it may be restarting);
+        ``extra_s``: the orchestrator may hold it this long before it starts answering."""
         start, delay = time.monotonic(), 0.2
         content = body.model_dump_json().encode() if body is not None else b""
         headers = {"content-type": "application/json"}
+        timeout: Any = httpx.USE_CLIENT_DEFAULT
+        if extra_s:
+            timeout = httpx.Timeout(self.timeout_s, read=self.timeout_s + extra_s)
         while True:
             try:
-                response = self.http.request(method, path, content=content, headers=headers, params=params)
+                response = self.http.request(
+                    method, path, content=content, headers=headers, params=params, timeout=timeout
+                )
                 if response.status_code not in RETRY_STATUS:
                     break
                 why = f"{response.status_code} {response.text[:200]}"
@@ -107,8 +115,9 @@ class OrchestratorClient:
     def register(self, request: RegisterRequest) -> Registration:
         return self.call("POST", "/miners/register", Registration, request)
 
-    def work(self, forward: bool = True) -> Work:
-        return self.call("POST", "/work", Work, WorkRequest(forward=forward))
+    def work(self, forward: bool = True, hold_s: float = 0.0) -> Work:
+        """The next item; with ``hold_s``, the orchestrator may hold the request that long while there is none."""
+        return self.call("POST", "/work", Work, WorkRequest(forward=forward, hold_s=hold_s), extra_s=hold_s)
 
     def report(self, report: Report) -> Ack:
         return self.call("POST", f"/work/{report.hop_id}/report", Ack, report)

@@ -41,6 +41,7 @@ from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule, inner_step_lr
 from iota.validator.replay import snapshot_to_f32, take_snapshot
 
+HOLD_S = 10.0  # how long the orchestrator may hold a request for work (it answers as soon as there is some)
 TRANSFER_PATIENCE_S = (
     180.0  # how long a transfer keeps trying through an unreachable store (a restarting orchestrator)
 )
@@ -154,8 +155,10 @@ class Miner:
         cache_dir: Path,
         status_file: Path | None = None,
         worker_factory: type[StageWorker] = StageWorker,
+        hold_s: float = HOLD_S,
     ):
         self.client, self.device, self.use_autocast = client, device, use_autocast
+        self.hold_s = hold_s  # how long the orchestrator may hold a request for work while it has none
         self.cache_size, self.memory_bytes = cache_size, memory_bytes
         self.cache_dir = cache_dir
         self.status_file = status_file
@@ -269,17 +272,22 @@ class Miner:
         """Register, work until told to stop or the run is done, and leave (signal handlers are the caller's)."""
         self.start()
         try:
-            self._loop()
-            self.outbox.drain()
-            self._apply_refusals()
-        except ConnectionError as error:
-            if not self.state.stopping:
-                raise
-            logger.warning("stopped with the orchestrator unreachable ({}); its leases will expire", error)
+            try:
+                self._loop()
+                self.outbox.drain()
+                self._apply_refusals()
+            except ConnectionError as error:
+                if not self.state.stopping:
+                    raise
+                logger.warning(
+                    "stopped with the orchestrator unreachable ({}); its leases will expire", error
+                )
+            finally:
+                self.outbox.close()
+            # Also answers a request for work still held, and hands back whatever that request leased.
+            self._leave()
         finally:
             self.prefetch.close()
-            self.outbox.close()
-        self._leave()
         self.http.close()
         self.client.close()
 
@@ -344,7 +352,11 @@ class Miner:
     def _fetch(self, forward: bool) -> Fetched:
         """Prefetch thread: one request for work, and the input of a leased hop."""
         quiet = self._computing is None and not self.outbox.unsent()
-        work = self.client.work(forward=forward)
+        # A held request answers when work for this miner appears, or when the miner reports, since a report may
+        # change what it asks for. Not while it declines forward work only until a forward of its own is
+        # reported: that report may reach the orchestrator first, and the request would be held with a stale ask.
+        hold = self.hold_s if forward or not self._forward_unreported() else 0.0
+        work = self.client.work(forward=forward, hold_s=hold)
         if work.kind not in ("forward", "backward") or not work.input_url:
             return Fetched(work, quiet=quiet)
         assert self.worker is not None

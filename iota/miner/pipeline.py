@@ -20,6 +20,7 @@ from iota.protocol import Work
 T = TypeVar("T")
 R = TypeVar("R")
 TAKE_POLL_S = 0.1  # how often a blocked `take` looks at the stop flag (a signal handler only sets a flag)
+STOP_GRACE_S = 1.0  # how long a stopping `take` waits for the request in progress (it may be held far longer)
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,10 @@ class Prefetcher:
     `start(forward)` begins: the thread asks for work (`forward()` says, at each request, whether forward work may
     be given), and on a `wait` answer sleeps for the answer's `wait_s`, woken early by `kick` (a report went out,
     so the answer may differ now), and asks again, until the answer is `settled`. `take` blocks until then; when
-    `stopping()` turns true it stops the asking after the request in progress and returns that answer, which may
-    be a leased item the caller must release (or None, if no request was in progress).
+    `stopping()` turns true it stops the asking and returns the answer to the request in progress if it comes
+    within STOP_GRACE_S (a leased item the caller must release), else None: the request may be held by the
+    orchestrator for a while, and what it leases is handed back when the stopping miner leaves. `close` waits
+    for that request.
     """
 
     def __init__(self, fetch: Callable[[bool], Fetched]):
@@ -77,6 +80,10 @@ class Prefetcher:
                 if stopping():
                     self._cancel.set()
                     self._wake.set()
+                    try:
+                        return future.result(timeout=STOP_GRACE_S)
+                    except TimeoutError:
+                        return None
                 try:
                     return future.result(timeout=TAKE_POLL_S)
                 except TimeoutError:

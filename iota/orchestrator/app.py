@@ -81,9 +81,23 @@ def create_app(
     CallRunner); ``on_shutdown`` runs when the server stops, after the last call into the orchestrator."""
     runner = CallRunner(inline=inline_calls)
 
+    async def sweep_while_held() -> None:
+        """Leases expire and miners time out on a sweep, which requests trigger; while requests are held (and so
+        perhaps no others come) they are swept on a timer, so that requeued work reaches the held ones."""
+        doorbell = orchestrator.scheduler.doorbell
+        while True:
+            await asyncio.sleep(orchestrator.limits.sweep_interval_s)
+            if doorbell.held:
+                try:
+                    await runner.run(orchestrator.sweep, orchestrator.clock())
+                except Exception:  # noqa: BLE001 (the timer must outlive a failed sweep: logged, retried)
+                    logger.exception("sweep failed; retrying in {} s", orchestrator.limits.sweep_interval_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(sweep_while_held())
         yield
+        sweeper.cancel()
         runner.close()
         on_shutdown()
 
@@ -426,7 +440,12 @@ def assemble(
     with state.transaction():
         epochs.initialize(time.time())
         state.resume(time.time(), settings.lease_s)
-    limits = Limits(activation_bytes=act_bytes, url_ttl_s=settings.url_ttl_s)
+    limits = Limits(
+        activation_bytes=act_bytes,
+        url_ttl_s=settings.url_ttl_s,
+        # Held well inside the silence after which a miner is declared gone.
+        max_hold_s=min(settings.max_hold_s, settings.miner_timeout_s / 3),
+    )
     lookup = cached_lookup(chain)
     abuse = AbusePolicy(state, scheduler, exempt=[settings.operator_hotkey])
     orchestrator = Orchestrator(

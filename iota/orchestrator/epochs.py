@@ -531,6 +531,7 @@ class EpochDriver:
         self.state.put("phase", phase)
         self.state.put(f"phase_started/{epoch}/{phase}", now)
         self.state.log(now, "phase", None, epoch=epoch, phase=phase)
+        self.scheduler.doorbell.ring_all()
         logger.info("epoch {}: phase {}", epoch, phase)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from iota.orchestrator.doorbell import Doorbell
 from iota.orchestrator.state import Hop, Miner, StateStore
 
 FORWARD, BACKWARD = "forward", "backward"
@@ -52,6 +53,8 @@ class Assignment:
 
     hop: Hop | None
     wait_reason: str = ""
+    # Waiting only because the stage's queue is empty: a forward hop queued there would be given to this miner.
+    takes_forward: bool = False
 
 
 ActivationKey = Callable[[Hop, int], str]  # (hop, lease number) -> object key of the hop's output
@@ -62,6 +65,8 @@ class Scheduler:
         self.state = state
         self.policy = policy
         self.output_key = output_key
+        # Rung whenever work appears, so that requests held for work are answered (iota.orchestrator.doorbell).
+        self.doorbell = Doorbell()
         self._refused_for_load_at = float("-inf")
 
     @contextmanager
@@ -109,7 +114,8 @@ class Scheduler:
                 Miner(hotkey, uid, stage, session, device, memory_bytes, now, now, True, 0, None)
             )
             self.state.log(now, "register", hotkey, stage=stage, device=device, session=session)
-            return stage
+        self.doorbell.ring_all()  # a stage may have its first miner: inflow starts
+        return stage
 
     def _choose_stage(self, memory_bytes: int) -> int:
         need = self.policy.stage_memory_bytes
@@ -149,7 +155,7 @@ class Scheduler:
                 if hop is None and miner.stage == 0:
                     hop = self._new_sample(now)
                 if hop is None:
-                    return Assignment(None, "no work queued for this stage")
+                    return Assignment(None, "no work queued for this stage", takes_forward=True)
             return Assignment(self._lease(hop, hotkey, now))
 
     def _inflow_blocked(self, miner: Miner) -> str:
@@ -283,6 +289,7 @@ class Scheduler:
                 input_sha=output_sha,
                 created_at=now,
             )
+            self.doorbell.ring_stage(hop.stage + 1)
         elif hop.stage > 0:
             if hop.direction == BACKWARD:
                 self.state.release_graph(hop.sample_id, hop.attempt, hop.stage)
@@ -300,6 +307,8 @@ class Scheduler:
                 input_sha=output_sha,
                 created_at=now,
             )
+            if holder is not None:
+                self.doorbell.ring_miner(holder)
         else:
             self.state.release_graphs(hop.sample_id)
             self.state.set_sample(hop.sample_id, status="done", done_at=now)
@@ -339,8 +348,10 @@ class Scheduler:
         if hop.direction == FORWARD:
             # Anyone on the stage can redo a forward: its input is still in the bucket.
             self.state.set_hop(hop.id, status="queued", miner=None, lease_expires=None)
+            self.doorbell.ring_stage(hop.stage)
         elif holder_alive:
             self.state.set_hop(hop.id, status="queued", lease_expires=None)
+            self.doorbell.ring_miner(hop.miner or "")
         else:
             self.restart_sample(hop.sample_id, now, why)
             return
@@ -349,6 +360,9 @@ class Scheduler:
     def miner_gone(self, hotkey: str, now: float, why: str) -> None:
         self.state.set_miner_dead(hotkey)
         self.state.log(now, "miner_gone", hotkey, why=why)
+        self.doorbell.answer_now(
+            hotkey
+        )  # a request it has held is refused now (it is gone), not left waiting
         for sample_id in self.state.samples_waiting_on(hotkey, self.policy.n_stages - 1):
             self.restart_sample(sample_id, now, f"miner {hotkey[:8]} {why}")
         for hop in self.state.open_hops_of_miner(hotkey):
@@ -377,6 +391,7 @@ class Scheduler:
         )
         self.state.bump("samples_requeued")
         self.state.log(now, "restart_sample", None, sample=sample_id, attempt=attempt + 1, why=why)
+        self.doorbell.ring_all()  # the head has work again, and the miners that held its graphs have room
 
     # -- phases -----------------------------------------------------------------------------------------
 
@@ -391,6 +406,7 @@ class Scheduler:
             return  # in-flight samples drain first
         self.state.put("phase", UPLOAD)
         self.state.log(now, "phase", None, epoch=epoch, phase=UPLOAD)
+        self.doorbell.ring_all()
 
     def close_epoch(self, now: float) -> None:
         """Operator: stop handing out new samples this epoch; in-flight ones drain."""
@@ -407,3 +423,4 @@ class Scheduler:
         self.state.put("epoch", epoch)
         self.state.put("phase", DONE if done else TRAIN)
         self.state.log(now, "phase", None, epoch=epoch, phase=DONE if done else TRAIN)
+        self.doorbell.ring_all()

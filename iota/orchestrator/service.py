@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from iota.orchestrator.challenges import Challenges
+from iota.orchestrator.doorbell import Ticket
 from iota.orchestrator.epochs import EpochDriver
-from iota.orchestrator.scheduler import BACKWARD, FORWARD, TRAIN, Scheduler, SchedulingError
+from iota.orchestrator.scheduler import BACKWARD, FORWARD, TRAIN, Assignment, Scheduler, SchedulingError
 from iota.orchestrator.state import Hop, StateStore
 from iota.protocol import (
     Ack,
@@ -42,6 +43,7 @@ class Limits:
     activation_bytes: int  # exact size of every activation and gradient object
     url_ttl_s: int
     sweep_interval_s: float = 1.0
+    max_hold_s: float = 0.0  # the longest a request for work is held while there is none (long-poll)
 
 
 class Orchestrator:
@@ -107,17 +109,35 @@ class Orchestrator:
         return Ack(detail="alive")
 
     def work(self, hotkey: str, forward: bool = True) -> Work:
+        return self._work(hotkey, forward)[0]
+
+    def work_or_ticket(
+        self, hotkey: str, forward: bool, woken_by_stage: bool = False
+    ) -> tuple[Work, Ticket | None]:
+        """`work`, and with a `wait` in training a ticket the doorbell rings when work for this miner may be there
+        (a held request waits on it). ``woken_by_stage``: a ring for forward work on the miner's stage woke this
+        request; if the miner cannot take forward work now, the ring is passed to the next miner waiting there."""
+        answer, assignment = self._work(hotkey, forward)
+        if assignment is None or assignment.hop is not None:
+            return answer, None
+        doorbell = self.scheduler.doorbell
+        if woken_by_stage and not assignment.takes_forward:
+            doorbell.ring_stage(answer.stage)
+        return answer, doorbell.ticket(hotkey, answer.stage, assignment.takes_forward)
+
+    def _work(self, hotkey: str, forward: bool) -> tuple[Work, Assignment | None]:
+        """The answer, with the scheduler's assignment where it made one (in training, no challenge pending)."""
         now = self.clock()
         self.sweep(now)
         phase = self.scheduler.phase
         if phase != TRAIN:
             with self.state.transaction():
-                return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now)
+                return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now), None
         if self.challenges.pending(hotkey) and (challenged := self.state.miner(hotkey)) is not None:
             plan = self.epochs.plan(challenged.stage)
             order = self.challenges.work(challenged, self.scheduler.epoch, plan, self.run.run_id)
             if order is not None:
-                return order  # before any other work: the miner's state must not move past the step
+                return order, None  # before any other work: the miner's state must not move past the step
         assignment = self.scheduler.next_work(hotkey, now, forward)
         current = self.state.miner(hotkey)
         assert current is not None
@@ -129,7 +149,7 @@ class Orchestrator:
             holding = (
                 [] if forward else self.state.samples_waiting_on(hotkey, self.scheduler.policy.n_stages - 1)
             )
-            return Work(
+            wait = Work(
                 kind="wait",
                 run_id=self.run.run_id,
                 epoch=self.scheduler.epoch,
@@ -139,7 +159,8 @@ class Orchestrator:
                 reason=assignment.wait_reason,
                 extra={} if forward else {"holding": holding},
             )
-        return self._work_for(assignment.hop, plan)
+            return wait, assignment
+        return self._work_for(assignment.hop, plan), assignment
 
     def _work_for(self, hop: Hop, plan: EpochPlan) -> Work:
         ttl = self.limits.url_ttl_s
@@ -198,6 +219,8 @@ class Orchestrator:
             self.challenges.on_report(hotkey, hop.stage, hop.epoch, report.inner_step, report.sketch, now)
             if hop.direction == BACKWARD and hop.stage == 0:
                 self.state.bump("tokens_trained", tokens)
+        # What the miner asks for next may differ now (its window may be closed): a request it has held answers.
+        self.scheduler.doorbell.answer_now(hotkey)
         return Ack(detail=f"item {hop_id} recorded")
 
     def _check_output(self, hop: Hop, report: Report) -> int | None:
@@ -231,6 +254,7 @@ class Orchestrator:
         with self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, epoch, now)
             self.scheduler.release(hop, now)
+        self.scheduler.doorbell.answer_now(hotkey)
         return Ack(detail=f"item {hop_id} released")
 
     def phase_report(self, hotkey: str, report: Report) -> Ack:
@@ -252,6 +276,7 @@ class Orchestrator:
         with self.state.transaction():
             if action in ("pause", "resume"):
                 self.state.put("paused", action == "pause")
+                self.scheduler.doorbell.ring_all()
             elif action == "close-epoch":
                 self.scheduler.close_epoch(now)
             elif action in ("ban", "unban"):

@@ -67,8 +67,14 @@ class EpochPlan(BaseModel):
 WorkKind = Literal["forward", "backward", "wait", "upload", "merge", "apply", "snapshot", "stop"]
 
 
+MAX_HOLD_S = 30.0  # the longest a request for work may ask to be held
+
+
 class WorkRequest(Message):
     forward: bool = True  # False: only backward work (the miner is finishing its accumulation window)
+    # > 0: if there is no work in training, hold the request up to this long and answer when work may be there
+    # (long-poll) rather than at once with `wait`.
+    hold_s: float = Field(0.0, ge=0.0, le=MAX_HOLD_S)
 
 
 class Work(Message):

@@ -158,7 +158,8 @@ def test_sigterm_finishes_the_hop_computing_and_releases_the_prefetched_one(
     )  # the prefetched one handed back, not left to expire
     events = net.orch.state.events(limit=1000)
     released = [e for e in events if e["kind"] == "requeue" and e.get("hop") == prefetched[0]]
-    assert released and released[0]["why"] == "released by its miner"
+    # Released, or (still being fetched when the miner stopped) handed back by its leave.
+    assert released and released[0]["why"] in ("released by its miner", "left (stopped by its operator)")
     gone = [e for e in events if e["kind"] == "miner_gone" and e.get("hotkey") == hotkey]
     assert gone and "left" in gone[0]["why"]
     assert tail.state.hops_done == 1

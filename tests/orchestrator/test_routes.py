@@ -53,6 +53,7 @@ class Net:
     store: LocalStore
     clock: Clock
     clients: dict[str, OrchestratorClient]
+    app: Any = None
 
     def join(self, *names: str) -> None:
         for name in names:
@@ -103,7 +104,7 @@ def net(data_dir: Path, keys: dict[str, Keypair], tmp_path: Path) -> Iterator[Ne
             )
             for name in ("operator", "idle", "stranger", *MINERS)
         }
-        yield Net(url, assembled.orchestrator, assembled.run, store, clock, clients)
+        yield Net(url, assembled.orchestrator, assembled.run, store, clock, clients, assembled.app)
         for client in clients.values():
             client.close()
 

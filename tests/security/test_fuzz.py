@@ -59,7 +59,8 @@ class Tally:
 
 @pytest.fixture
 def net(data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path) -> Iterator[Net]:
-    limits = {"rate_per_hotkey": 1e6, "rate_per_ip": 1e6, "lease_s": 600.0}  # no lease expires while fuzzing
+    # No lease expires while fuzzing; a fuzzed request for work is held briefly, not for up to its hold_s.
+    limits = {"rate_per_hotkey": 1e6, "rate_per_ip": 1e6, "lease_s": 600.0, "max_hold_s": 0.2}
     with serve_net(data_dir, keypairs, tmp_path, **limits) as net:
         net.orch.abuse = AbusePolicy(
             net.orch.state,

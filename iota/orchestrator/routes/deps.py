@@ -8,13 +8,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, Request
 
 from iota.auth.ratelimit import retry_after_header
+from iota.orchestrator.doorbell import Ticket
 from iota.orchestrator.scheduler import SchedulingError
 from iota.orchestrator.service import Orchestrator
+
+if TYPE_CHECKING:
+    from iota.orchestrator.app import Admission
 
 T = TypeVar("T")
 
@@ -46,10 +50,12 @@ class CallRunner:
 
 @dataclass(frozen=True)
 class Served:
-    """What a route is handed: the orchestrator behind the app, and the runner its calls go through."""
+    """What a route is handed: the orchestrator behind the app, the runner its calls go through, and the bound on
+    requests in progress (None: unbounded)."""
 
     orchestrator: Orchestrator
     runner: CallRunner
+    admission: Admission | None = None
 
     async def run(self, call: Callable[..., T], *args: object) -> T:
         return await self.runner.run(call, *args)
@@ -64,10 +70,23 @@ class Served:
 
         return await self.runner.run(guarded)
 
+    async def hold(self, ticket: Ticket, timeout_s: float) -> str | None:
+        """Wait until the ticket is rung (why it was) or ``timeout_s`` passes (None). A held request costs the
+        server nothing meanwhile, so it does not count against the bound on requests in progress."""
+        if self.admission is not None:
+            self.admission.in_progress -= 1
+        try:
+            done, _ = await asyncio.wait([asyncio.wrap_future(ticket.rung)], timeout=max(timeout_s, 0.0))
+            return ticket.rung.result() if done else None
+        finally:
+            self.orchestrator.scheduler.doorbell.drop(ticket)
+            if self.admission is not None:
+                self.admission.in_progress += 1
+
 
 async def served(request: Request) -> Served:
     state = request.app.state
-    return Served(state.orchestrator, state.call_runner)
+    return Served(state.orchestrator, state.call_runner, state.admission)
 
 
 Orch = Annotated[Served, Depends(served)]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import time
+
+from fastapi import APIRouter, Depends, Request, Response
 
 from iota.auth import Miner, check_protocol_version
+from iota.orchestrator.doorbell import NOW, STAGE
 from iota.orchestrator.routes.deps import EpochNumber, ItemId, Orch
 from iota.protocol import Ack, RegisterRequest, Registration, Report, Work, WorkRequest
+
+HELD_HEADER = "X-Iota-Held-Ms"  # how long POST /work held the request before answering
 
 router = APIRouter(tags=["miners"], dependencies=[Depends(check_protocol_version)])
 
@@ -30,9 +35,37 @@ async def leave(caller: Miner, orch: Orch) -> Ack:
 
 
 @router.post("/work")
-async def work(body: WorkRequest, caller: Miner, orch: Orch) -> Work:
-    """The next unit of work for this miner (backward first), or how long to wait and why."""
-    return await orch.serve(caller.hotkey, orch.orchestrator.work, caller.hotkey, body.forward)
+async def work(body: WorkRequest, caller: Miner, orch: Orch, request: Request, response: Response) -> Work:
+    """The next unit of work for this miner (backward first), or how long to wait and why.
+
+    With ``hold_s``, a `wait` in training is not answered at once: the request is held until work for this miner
+    may be there (iota.orchestrator.doorbell) or for ``hold_s`` (at most the orchestrator's max_hold_s), and a
+    `wait` then says to ask again at once. The answer's X-Iota-Held-Ms header says how long it was held."""
+    o, hotkey = orch.orchestrator, caller.hotkey
+    hold_s = min(body.hold_s, o.limits.max_hold_s)
+    if hold_s <= 0:
+        return await orch.serve(hotkey, o.work, hotkey, body.forward)
+    deadline = time.monotonic() + hold_s
+    woken_by_stage, held_s = False, 0.0
+    while True:
+        answer, ticket = await orch.serve(hotkey, o.work_or_ticket, hotkey, body.forward, woken_by_stage)
+        if ticket is None:
+            return answer
+        since = time.monotonic()
+        why = await orch.hold(ticket, deadline - since)
+        held_s += time.monotonic() - since
+        response.headers[HELD_HEADER] = str(round(1000 * held_s))
+        if await request.is_disconnected():
+            if why == STAGE:  # the work that woke it is for another miner
+                o.scheduler.doorbell.ring_stage(ticket.stage)
+            return answer
+        if (
+            why == NOW
+        ):  # the miner reported meanwhile: what it asks for may differ; answer as things now stand
+            answer = await orch.serve(hotkey, o.work, hotkey, body.forward)
+        if why in (None, NOW):
+            return answer.model_copy(update={"wait_s": 0.0}) if answer.kind == "wait" else answer
+        woken_by_stage = why == STAGE
 
 
 @router.post("/work/{hop_id}/report")
