@@ -283,6 +283,7 @@ def run_values(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         "stages": args.stages,
         "micro_batch": args.micro_batch,
         "accumulate": args.accumulate,
+        "layers_per_stage": args.layers_per_stage,
         "samples_per_epoch": args.samples,
         "epochs": 1,
         "data_dir": str(data_dir),
@@ -587,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=40, help="samples (micro-batches) both runs train on")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accumulate", type=int, default=2)
+    parser.add_argument(
+        "--layers-per-stage",
+        default="",
+        help="comma-separated layers per stage (IOTA_LAYERS_PER_STAGE); empty: even",
+    )
     parser.add_argument(
         "--baseline-threads",
         default="0,1",

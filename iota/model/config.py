@@ -89,12 +89,19 @@ class ModelConfig:
         """Channels of the activation (and its gradient) that cross a stage boundary."""
         return self.bottleneck if self.bottleneck is not None else self.hidden
 
+    def block_params(self) -> int:
+        """Parameters of one transformer block."""
+        attn = self.hidden * self.hidden * 2 + self.hidden * self.n_kv_heads * self.head_dim * 2
+        return attn + 3 * self.hidden * self.ffn + 2 * self.hidden
+
     def n_params(self) -> int:
         """Parameters of the whole model (no bottleneck: those live only at stage boundaries)."""
-        attn = self.hidden * self.hidden * 2 + self.hidden * self.n_kv_heads * self.head_dim * 2
-        mlp = 3 * self.hidden * self.ffn
-        block = attn + mlp + 2 * self.hidden
-        return self.n_layers * block + 2 * self.vocab_size * self.hidden + self.hidden
+        return self.n_layers * self.block_params() + 2 * self.vocab_size * self.hidden + self.hidden
+
+    def lm_head_cost(self) -> float:
+        """The LM head's compute in blocks: per token both are a matrix product per weight, forward and backward
+        alike (the embedding at the head is a lookup, next to nothing)."""
+        return self.vocab_size * self.hidden / self.block_params()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, as the orchestrator serves it."""

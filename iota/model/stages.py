@@ -44,21 +44,26 @@ class StageSpec:
         return range(self.first_layer, self.last_layer)
 
 
-def plan_stages(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[StageSpec]:
+def plan_stages(
+    n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None, tail_cost: float = 0.0
+) -> list[StageSpec]:
     """Split n_layers blocks into n_stages contiguous stages.
 
-    Without `layers_per_stage` the split is even; the remainder goes one layer each to the body stages first
-    (earliest first), then to the head, never to the tail: the head and tail already carry the embedding and the
-    LM head, and the tail the loss, so the bodies have room for the extra block.
+    Without `layers_per_stage` the split evens out the stages' compute, counting a block as 1 and the tail's LM
+    head as `tail_cost` blocks more (`lm_head_cost`; 0: an even split). Each block goes where the stage's cost
+    after it is lowest; on a tie to the body stages first (earliest first), then to the head, the tail last: the
+    head and tail already carry the embedding and the LM head, and the tail the loss.
     """
     if n_stages < 1:
         raise ValueError(f"n_stages must be >= 1, got {n_stages}")
     if n_layers < n_stages:
         raise ValueError(f"cannot split {n_layers} layers into {n_stages} stages of at least one layer each")
     if layers_per_stage is None:
-        counts = [n_layers // n_stages] * n_stages
-        extra_order = list(range(1, n_stages - 1)) + [0]
-        for stage in extra_order[: n_layers % n_stages]:
+        counts = [1] * n_stages
+        extra = [0.0] * (n_stages - 1) + [tail_cost]
+        order = [*range(1, n_stages - 1), 0, n_stages - 1][-n_stages:]
+        for _ in range(n_layers - n_stages):
+            stage = min(order, key=lambda s: (counts[s] + extra[s], order.index(s)))
             counts[stage] += 1
     else:
         counts = list(layers_per_stage)

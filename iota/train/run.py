@@ -74,7 +74,7 @@ def build_run(settings: RunSettings) -> Run:
         settings.preset, prepared.manifest.vocab_size, bottleneck=settings.bottleneck or None, **overrides
     )
     split = [int(n) for n in settings.layers_per_stage.split(",") if n] or None
-    stages = plan_stages(model.n_layers, settings.stages, split)
+    stages = plan_stages(model.n_layers, settings.stages, split, tail_cost=model.lm_head_cost())
     plan = prepared.plan(model.seq_len, settings.seed, HELDOUT_FRACTION)
     data = TokenData(plan, prepared.tokens)
     schedule = LRSchedule(

@@ -280,3 +280,38 @@ def test_presets() -> None:
     assert 14e9 < preset("15b", 128_256).n_params() < 16e9
     with pytest.raises(ValueError, match="unknown preset"):
         preset("7b", 100)
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "n_stages", "tail_cost", "expected"),
+    [
+        (6, 3, 1.45, [2, 3, 1]),  # tiny with a 4096-token BPE: the LM head is worth 1.45 blocks
+        (16, 3, 4.32, [7, 7, 2]),  # 1b with Llama 3's vocabulary
+        (50, 5, 2.39, [10, 11, 11, 10, 8]),  # 15b: near the public run's hand-made [8, 11, 11, 11, 9]
+        (9, 3, 0.0, [3, 3, 3]),
+        (3, 3, 5.0, [1, 1, 1]),  # every stage needs a block, however heavy the tail
+    ],
+)
+def test_plan_stages_evens_out_compute_with_the_lm_head(
+    n_layers: int, n_stages: int, tail_cost: float, expected: list[int]
+) -> None:
+    plan = plan_stages(n_layers, n_stages, tail_cost=tail_cost)
+    counts = [spec.last_layer - spec.first_layer for spec in plan]
+    assert counts == expected
+    cost = [*counts[:-1], counts[-1] + tail_cost]
+    even = [spec.last_layer - spec.first_layer for spec in plan_stages(n_layers, n_stages)]
+    assert max(cost) <= max([*even[:-1], even[-1] + tail_cost])
+    # No single block moved elsewhere lowers the most loaded stage's cost (the split is balanced).
+    for a in range(n_stages):
+        for b in range(n_stages):
+            if a != b and counts[a] > 1:
+                moved = list(cost)
+                moved[a] -= 1
+                moved[b] += 1
+                assert max(moved) >= max(cost)
+
+
+def test_lm_head_cost_of_the_presets() -> None:
+    config = preset("1b", 128256)
+    assert config.lm_head_cost() == pytest.approx(128256 * 2048 / config.block_params())
+    assert 4 < config.lm_head_cost() < 5
