@@ -3,6 +3,11 @@
 The draw uses the operating system's randomness (a miner cannot predict it) and is weighted by the work a miner
 claims this epoch, so claiming more means being watched more. A validator reads only the objects its task names.
 
+Once an epoch's merge is done, every miner whose pseudo-gradient went into it is audited once more, before any
+draw: that audit's window ends at the miner's last inner step where a snapshot (or a short epoch) allows, and it
+checks the pseudo-gradient the miner uploaded and the partitions it merged as an owner (iota.validator.audit).
+Any audit of an epoch whose uploads or merge reports are in carries them.
+
 A failing verdict is not believed on one validator's word (iota.validator.scoring): it waits for confirmation.
 The next validator other than the accuser to ask for work replays the same miner's same epoch; when no other
 validator asks within `confirm_wait_s`, the orchestrator recomputes the audit itself (iota.orchestrator.recheck).
@@ -17,14 +22,27 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
 
+from iota.merge import MergePlan
 from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.scheduler import Scheduler, SchedulingError
 from iota.orchestrator.state import StateStore
-from iota.protocol import Ack, AuditHop, AuditSnapshot, AuditTask, AuditVerdict, EpochPlan, RunInfo
+from iota.protocol import (
+    Ack,
+    AuditHop,
+    AuditMerge,
+    AuditPseudoGradient,
+    AuditSnapshot,
+    AuditTask,
+    AuditVerdict,
+    EpochPlan,
+    RunInfo,
+    WeightSketch,
+)
 from iota.storage import keys
 from iota.storage.base import ObjectStore, StoreError
 from iota.validator.compare import thresholds
@@ -32,6 +50,39 @@ from iota.validator.scoring import ORCHESTRATOR, standing
 
 MAX_AUDIT_HOPS = 512  # the replay stops at its calibrated depth long before this
 CONFIRMATIONS = "confirmations"  # kv: audit id of a failing verdict -> what confirming it needs
+# kv: end-of-epoch audits still to serve, {"through": last merged epoch queued, "pending": [[epoch, hotkey, stage]]}
+END_AUDITS = "end_audits"
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What a miner committed at the end of an epoch, as the orchestrator's state holds it (keys, not URLs): its
+    upload and the last step it committed before it; the stage's merge plan and the partitions it reported
+    merging. What a validator is sent URLs for, and what the orchestrator's recomputation reads from its store."""
+
+    upload_key: str | None = None
+    upload_sha: str | None = None
+    final_step: int = 0
+    final_sketch: WeightSketch | None = None
+    plan: dict[str, Any] | None = None
+    # partition -> the digest the miner reported for it (partitions it owns only)
+    digests: dict[int, str] = field(default_factory=dict)
+    # every upload of the plan -> the sha256 its submitter reported
+    upload_shas: dict[str, str] = field(default_factory=dict)
+
+    def merge_reads(self, owner: str) -> list[str]:
+        """Every object a recomputation of the owner's reported partitions reads."""
+        if self.plan is None or not self.digests:
+            return []
+        plan = MergePlan.model_validate(self.plan)
+        reads = {s.upload_key for s in plan.submitters}
+        for index in self.digests:
+            partition = plan.partitions[index]
+            reads.add(partition.prev_weights.key)
+            if partition.prev_momentum is not None:
+                reads.add(partition.prev_momentum.key)
+            reads |= {plan.output_key(index, owner, kind) for kind in ("weights", "momentum")}
+        return sorted(reads)
 
 
 class Auditor:
@@ -57,8 +108,8 @@ class Auditor:
     # -- tasks --------------------------------------------------------------------------------------------
 
     def task(self, validator: str) -> AuditTask | None:
-        """The next audit for this validator: a failing verdict of another validator to confirm, else a draw;
-        None when no miner has committed work this epoch."""
+        """The next audit for this validator: a failing verdict of another validator to confirm, else an
+        end-of-epoch audit of a merged epoch, else a draw; None when no miner has committed work this epoch."""
         lost = standing(self.state.verdicts())
         if validator in lost:
             raise SchedulingError(
@@ -77,11 +128,22 @@ class Auditor:
                         validator,
                         claim["miner"],
                         claim["epoch"],
+                        int(claim["stage"]),
                         plan,
                         claim["bf16"],
                         audit_id,
                         claim.get("start_step", 0),
                     )
+            ended = self._next_end_audit()
+        if ended is not None:
+            epoch, hotkey, stage = ended
+            audited = self.state.miner(hotkey)
+            assert audited is not None  # the queue skips miners the state does not know
+            bf16 = audited.device == "cuda"
+            start = self._final_window(hotkey, epoch, thresholds(bf16).depth)
+            return self._issue(
+                validator, hotkey, epoch, stage, self._epoch_plan(epoch, stage), bf16, None, start
+            )
         epoch = self.scheduler.epoch
         rows = self.state.db.execute(
             "SELECT miner, COUNT(*) FROM hops WHERE epoch = ? AND status = 'done' GROUP BY miner ORDER BY miner",
@@ -93,7 +155,78 @@ class Auditor:
         miner = self.state.miner(chosen)
         assert miner is not None
         return self._issue(
-            validator, chosen, epoch, self.plan(miner.stage), miner.device == "cuda", None, None
+            validator, chosen, epoch, miner.stage, self.plan(miner.stage), miner.device == "cuda", None, None
+        )
+
+    def _next_end_audit(self) -> tuple[int, str, int] | None:
+        """The next (epoch, miner, stage) of the end-of-epoch audits: one per submitter of each merged epoch,
+        queued when its merge is done (the checkpoint after it is published). Call it inside a transaction."""
+        queue = self.state.get(END_AUDITS) or {"through": -1, "pending": []}
+        checkpoint = self.state.get("checkpoint")
+        merged = int(checkpoint["epoch"]) - 1 if checkpoint is not None else -1
+        through = int(queue["through"])
+        pending = [(int(e), str(h), int(s)) for e, h, s in queue["pending"]]
+        for epoch in range(through + 1, merged + 1):
+            for stage in range(len(self.run.stages)):
+                plan = self.state.get(f"plan/{epoch}/{stage}")
+                if plan is not None:
+                    pending += [(epoch, str(sub["hotkey"]), stage) for sub in plan["submitters"]]
+        while pending and self.state.miner(pending[0][1]) is None:
+            pending.pop(0)
+        chosen = pending.pop(0) if pending else None
+        if chosen is not None or merged > through:
+            self.state.put(END_AUDITS, {"through": max(through, merged), "pending": pending})
+        return chosen
+
+    def _final_window(self, hotkey: str, epoch: int, depth: int) -> int | None:
+        """Where a replay of `depth` steps that ends at the miner's last step starts: its earliest snapshot that
+        close to the end, or the checkpoint when the epoch is that short; None (drawn) when none reaches."""
+        final = int(self.state.get(f"step/{epoch}/{hotkey}", 0))
+        snapshots = self.challenges.snapshots(hotkey, epoch) if self.challenges is not None else {}
+        reaching = [step for step in snapshots if final - depth <= step <= final]
+        if reaching:
+            return min(reaching)
+        return 0 if final <= depth else None
+
+    def _epoch_plan(self, epoch: int, stage: int) -> EpochPlan:
+        """The plan a stage trained `epoch` under (the current epoch's is frozen at its first request)."""
+        if epoch == self.scheduler.epoch:
+            return self.plan(stage)
+        return EpochPlan(
+            epoch=epoch,
+            tokens_at_start=int(self.state.get(f"tokens_at_start/{epoch}", 0)),
+            replicas=int(self.state.get(f"replicas/{epoch}/{stage}", 1)),
+        )
+
+    def epoch_end(self, hotkey: str, epoch: int, stage: int) -> EpochEnd:
+        """What `hotkey` committed at the end of `epoch` so far (empty while the epoch is training), from the
+        records the epoch driver (upload/, plan/, merged/) and the challenges (step/, sketch/) keep."""
+        upload = self.state.get(f"upload/{epoch}/{stage}/{hotkey}")
+        final = int(self.state.get(f"step/{epoch}/{hotkey}", 0))  # the last step whose report was accepted
+        sketch = self.state.get(f"sketch/{epoch}/{hotkey}/{final}") if final else None
+        plan = self.state.get(f"plan/{epoch}/{stage}")
+        digests: dict[int, str] = {}
+        shas: dict[str, str] = {}
+        if plan is not None:
+            owned = set(MergePlan.model_validate(plan).partitions_of(hotkey))
+            reported = self.state.get(f"merged/{epoch}/{stage}/{hotkey}")
+            # The report is the miner's JSON: only well-formed digests of partitions it owns are claims.
+            for index, claim in reported.items() if isinstance(reported, dict) else []:
+                digest = claim.get("digest") if isinstance(claim, dict) else None
+                if str(index).isdigit() and int(index) in owned and isinstance(digest, str) and digest:
+                    digests[int(index)] = digest
+            for submitter in plan["submitters"]:
+                up = self.state.get(f"upload/{epoch}/{stage}/{submitter['hotkey']}")
+                if up is not None and up.get("sha"):
+                    shas[str(up["key"])] = str(up["sha"])
+        return EpochEnd(
+            upload_key=None if upload is None else str(upload["key"]),
+            upload_sha=None if upload is None else upload.get("sha"),
+            final_step=final,
+            final_sketch=None if sketch is None else WeightSketch.model_validate(sketch),
+            plan=plan,
+            digests=digests,
+            upload_shas=shas,
         )
 
     def _issue(
@@ -101,16 +234,16 @@ class Auditor:
         validator: str,
         hotkey: str,
         epoch: int,
+        stage: int,
         plan: EpochPlan,
         bf16: bool,
         confirms: str | None,
         start_step: int | None,
     ) -> AuditTask:
-        """An audit of `hotkey`'s epoch whose replay starts at `start_step` (None: drawn here, among the
-        checkpoint and the miner's answered snapshot challenges)."""
-        miner = self.state.miner(hotkey)
+        """An audit of `hotkey`'s epoch at `stage` whose replay starts at `start_step` (None: drawn here, among the
+        checkpoint and the miner's answered snapshot challenges), with what it committed at the epoch's end."""
         shas = self.state.get(f"checkpoint_shas/{epoch}")
-        assert miner is not None and shas is not None
+        assert shas is not None
         depth = thresholds(bf16).depth
         start, snapshots = 0, list[AuditSnapshot]()
         if self.challenges is not None:
@@ -120,7 +253,7 @@ class Auditor:
             "validator": validator,
             "miner": hotkey,
             "epoch": epoch,
-            "stage": miner.stage,
+            "stage": stage,
             "issued": self.clock(),
             "plan": plan.model_dump(mode="json"),
             "bf16": bf16,
@@ -145,22 +278,39 @@ class Auditor:
                 hotkey, epoch, MAX_AUDIT_HOPS
             )
         ]
+        end = self.epoch_end(hotkey, epoch, stage)
+        pseudo_gradient = None
+        if end.upload_key is not None:
+            pseudo_gradient = AuditPseudoGradient(
+                url=self.store.presign_get(end.upload_key, ttl),
+                sha256=end.upload_sha,
+                step=end.final_step,
+                sketch=end.final_sketch,
+            )
+        merge = None
+        if end.plan is not None and end.digests:
+            merge = AuditMerge(
+                plan=end.plan,
+                digests=end.digests,
+                urls={key: self.store.presign_get(key, ttl) for key in end.merge_reads(hotkey)},
+                upload_shas=end.upload_shas,
+            )
         return AuditTask(
             audit_id=audit_id,
             run_id=self.run.run_id,
             miner=hotkey,
-            stage=miner.stage,
+            stage=stage,
             epoch=epoch,
             bf16=bf16,
-            checkpoint_url=self.store.presign_get(
-                keys.checkpoint_stage(self.run.run_id, epoch, miner.stage), ttl
-            ),
-            checkpoint_sha256=str(shas[miner.stage]),
+            checkpoint_url=self.store.presign_get(keys.checkpoint_stage(self.run.run_id, epoch, stage), ttl),
+            checkpoint_sha256=str(shas[stage]),
             plan=plan,
             hops=hops,
             data_urls=self.data_urls(),
             start_step=start,
             snapshots=snapshots,
+            pseudo_gradient=pseudo_gradient,
+            merge=merge,
         )
 
     # -- verdicts -----------------------------------------------------------------------------------------

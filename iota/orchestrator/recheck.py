@@ -1,8 +1,9 @@
 """The orchestrator's own recomputation of a failing verdict that no other validator took up in time.
 
 With one validator, nobody else can confirm its failing verdicts; the orchestrator then replays the same miner's
-same epoch itself, from the objects in its own store, with the validators' code (iota.validator.audit), and its
-verdict confirms or refutes the claim. It runs on a background thread on the CPU, one claim at a time; failing
+same epoch itself, from the objects in its own store, with the validators' code (iota.validator.audit), with the
+same end-of-epoch checks (pseudo-gradient, merged partitions) a validator's task would carry, and its verdict
+confirms or refutes the claim. It runs on a background thread on the CPU, one claim at a time; failing
 verdicts are rare, so this costs an honest run nothing.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from iota.merge import decode_f32
+from iota.merge import MergePlan, decode_f32
 from iota.miner.worker import Batch
 from iota.orchestrator.audits import MAX_AUDIT_HOPS, Auditor
 from iota.orchestrator.challenges import Challenges
@@ -25,9 +26,17 @@ from iota.orchestrator.state import StateStore
 from iota.protocol import AuditVerdict, EpochPlan, RunInfo, WeightSketch
 from iota.storage import keys
 from iota.storage.base import ObjectStore
-from iota.validator.audit import Evidence, decode_challenged, judge, replay_setup
+from iota.validator.audit import (
+    Evidence,
+    FinalClaim,
+    MergeClaim,
+    decode_challenged,
+    decode_pseudo_gradient,
+    judge,
+    replay_setup,
+)
 from iota.validator.compare import thresholds
-from iota.validator.replay import HopRecord
+from iota.validator.replay import HopRecord, ReplaySetup
 
 
 class Rechecker:
@@ -88,9 +97,10 @@ class Rechecker:
                 hotkey, epoch, MAX_AUDIT_HOPS
             )
         ]
+        final, merge = self._epoch_end(hotkey, epoch, stage, setup)
         first = int(claim.get("start_step", 0))
         if not first or self.challenges is None:
-            return Evidence(setup, checkpoint, records)
+            return Evidence(setup, checkpoint, records, final=final, merge=merge)
         depth = thresholds(bool(claim["bf16"])).depth
         snapshots = {
             step: decode_challenged(setup, self._get(snap["key"], snap["sha256"]))
@@ -100,8 +110,30 @@ class Rechecker:
         sketch = self.challenges.snapshots(hotkey, epoch)[first]["sketch"]
         later = {step: snap.weights for step, snap in snapshots.items() if step > first}
         return Evidence(
-            setup, checkpoint, records, snapshots[first], WeightSketch.model_validate(sketch), later
+            setup,
+            checkpoint,
+            records,
+            snapshots[first],
+            WeightSketch.model_validate(sketch),
+            later,
+            final,
+            merge,
         )
+
+    def _epoch_end(
+        self, hotkey: str, epoch: int, stage: int, setup: ReplaySetup
+    ) -> tuple[FinalClaim | None, MergeClaim | None]:
+        """What the miner committed at the epoch's end, as a validator's task would name it, from our store."""
+        end = self.auditor.epoch_end(hotkey, epoch, stage)
+        final = None
+        if end.upload_key is not None:
+            pseudo = decode_pseudo_gradient(setup, self._get(end.upload_key, end.upload_sha))
+            final = FinalClaim(pseudo, end.final_step, end.final_sketch)
+        merge = None
+        if end.plan is not None and end.digests:
+            plan = MergePlan.model_validate(end.plan)
+            merge = MergeClaim(plan, hotkey, end.digests, self.store, end.upload_shas)
+        return final, merge
 
     def _get(self, key: str, sha: str | None) -> bytes:
         data = self.store.get(key)

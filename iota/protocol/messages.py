@@ -180,6 +180,25 @@ class AuditSnapshot(BaseModel):
     sketch: WeightSketch
 
 
+class AuditPseudoGradient(BaseModel):
+    """The audited miner's uploaded pseudo-gradient, and the last inner step it committed (with that step's sketch)
+    before it: the weights it claims to end the epoch with are the checkpoint minus the upload."""
+
+    url: str
+    sha256: str | None  # as its upload report gave it
+    step: int  # its last inner step of the epoch; 0: it took none, so the upload must be zeros
+    sketch: WeightSketch | None  # committed with that step
+
+
+class AuditMerge(BaseModel):
+    """The partitions the audited miner merged as an owner, to recompute from the same uploads."""
+
+    plan: dict[str, Any]  # the stage's iota.merge.MergePlan
+    digests: dict[int, str]  # partition -> the digest of its (weights, momentum) slices the owner reported
+    urls: dict[str, str]  # object key -> GET URL: every upload, the previous weights and momentum, its slices
+    upload_shas: dict[str, str] = Field(default_factory=dict)  # upload key -> sha256 its submitter reported
+
+
 class AuditTask(Message):
     """A miner's epoch so far, for a validator to replay: the checkpoint it started from and its hops in order."""
 
@@ -197,6 +216,9 @@ class AuditTask(Message):
     # The replay starts from the checkpoint (0) or from the snapshot of this step: the orchestrator's draw.
     start_step: int = 0
     snapshots: list[AuditSnapshot] = Field(default_factory=list)  # the start's and those its window reaches
+    # Once the epoch has ended: what the miner uploaded, and what it merged as an owner.
+    pseudo_gradient: AuditPseudoGradient | None = None
+    merge: AuditMerge | None = None
 
 
 class AuditVerdict(Message):

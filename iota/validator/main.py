@@ -1,9 +1,11 @@
 """The validator daemon: draw audits, replay them, report verdicts; compute weights from the score log and set them.
 
-Each audit replays a miner's committed hops of the current epoch from the epoch's checkpoint with the miners' own
-code (iota.validator.replay), in the miner's declared precision, and compares every claim. Weights follow from the
-orchestrator's score log by a pure function (iota.validator.scoring), so two validators with the same log set
-the same weights; they go to the chain on an interval, retried, and the last result is kept for `status`.
+Each audit replays a miner's committed hops of an epoch from the epoch's checkpoint (or a challenged snapshot) with
+the miners' own code (iota.validator.replay), in the miner's declared precision, and compares every claim; once the
+epoch has ended, also its uploaded pseudo-gradient and the partitions it merged (iota.validator.audit). Weights
+follow from the orchestrator's score log by a pure function (iota.validator.scoring), so two validators with the
+same log set the same weights; they go to the chain on an interval, retried, and the last result is kept for
+`status`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ from loguru import logger
 
 from iota.chain.base import Chain, ChainError
 from iota.data import DataPlan
-from iota.merge import decode_f32
+from iota.merge import MergePlan, decode_f32
 from iota.miner.client import OrchestratorClient, Refused
-from iota.miner.main import fetch_data, get
+from iota.miner.main import UrlStore, fetch_data, get
 from iota.miner.worker import Batch
 from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
 from iota.train.run import batch_fn
-from iota.validator.audit import Evidence, activation_limit, decode_challenged, judge, replay_setup
+from iota.validator.audit import (
+    Evidence,
+    FinalClaim,
+    MergeClaim,
+    activation_limit,
+    decode_challenged,
+    decode_pseudo_gradient,
+    judge,
+    replay_setup,
+)
 from iota.validator.replay import HopRecord, ReplaySetup
 from iota.validator.scoring import compute_scores, weights_by_uid, with_burn
 
@@ -122,7 +133,16 @@ class ValidatorDaemon:
                 raise ValueError(f"the task starts at step {task.start_step} but names no snapshot of it")
             sketches = {s.step: s.sketch for s in task.snapshots}
             later = {step: snap.weights for step, snap in snapshots.items() if step > task.start_step}
-            return Evidence(setup, checkpoint, records, start, sketches.get(task.start_step), later)
+            return Evidence(
+                setup,
+                checkpoint,
+                records,
+                start,
+                sketches.get(task.start_step),
+                later,
+                self._final(task, setup, n),
+                self._merge(task),
+            )
 
         outcome = judge(load, "validator", task.miner, task.epoch)
         return AuditVerdict(
@@ -136,6 +156,22 @@ class ValidatorDaemon:
             reason=outcome.reason,
             errors=outcome.errors,
         )
+
+    def _final(self, task: AuditTask, setup: ReplaySetup, n_params: int) -> FinalClaim | None:
+        """The miner's uploaded pseudo-gradient, if the task names one, checked against its reported digest."""
+        claim = task.pseudo_gradient
+        if claim is None:
+            return None
+        data = get(claim.url, claim.sha256, 4 * n_params, self.http)
+        return FinalClaim(decode_pseudo_gradient(setup, data), claim.step, claim.sketch)
+
+    def _merge(self, task: AuditTask) -> MergeClaim | None:
+        """The miner's merge as an owner, if the task names one: read through the task's URLs as it recomputes."""
+        if task.merge is None:
+            return None
+        plan = MergePlan.model_validate(task.merge.plan)
+        store = UrlStore(task.merge.urls, {}, self.http, 4 * plan.n_params)
+        return MergeClaim(plan, task.miner, task.merge.digests, store, task.merge.upload_shas)
 
     def _setup(self, task: AuditTask) -> ReplaySetup:
         info = self.run.stages[task.stage]

@@ -14,6 +14,7 @@ passes them in; nothing here touches the network.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -496,13 +497,82 @@ def check_weights(result: ReplayResult, claimed: torch.Tensor, limits: Threshold
     return compare_change("weights", claimed.float(), result.end, result.start, limits.weights)
 
 
-def check_pseudo_gradient(result: ReplayResult, uploaded: torch.Tensor, limits: Thresholds) -> Verdict:
-    """The miner's uploaded pseudo-gradient (epoch start minus end) against the replay of its last window."""
-    if not result.complete:
+def check_pseudo_gradient(
+    result: ReplayResult, uploaded: torch.Tensor, limits: Thresholds, final_step: int | None = None
+) -> Verdict:
+    """The miner's uploaded pseudo-gradient (epoch start minus its end weights) against a replay that reached the
+    miner's end of epoch: its last committed inner step `final_step` when given (accumulated gradients after it
+    never changed the weights), else the end of the records.
+
+        error = ||uploaded - (epoch_start - end)|| / max(||end - start||, ||epoch_start - end||)
+
+    The numerator is a snapshot's at that step (`check_weights`); the scale is the replay's own change over its
+    window or over the epoch, whichever is larger. An honest replay's divergence is calibrated against the
+    window's change, and the upload's fp32 rounding (half an ulp of each value) is ~6e-8 of the epoch's, so both
+    stay inside `limits.weights` even when the window is short or moved nothing (a window from a snapshot of the
+    last step, a learning rate at zero); a forgery is measured against the epoch's change it claims to be.
+    """
+    if final_step is None and not result.complete:
         raise ValueError("the replay stopped before the end of the epoch: replay the last window to check it")
+    if final_step is not None and result.end_step != final_step:
+        raise ValueError(f"the replay ended at step {result.end_step}, the miner's last step is {final_step}")
     if uploaded.shape != result.end.shape:
-        return Verdict.refuse("weights", f"{uploaded.numel()} values, the stage has {result.end.numel()}")
-    return check_weights(result, result.epoch_start - uploaded.float(), limits)
+        return Verdict.refuse(
+            "pseudo_gradient", f"{uploaded.numel()} values, the stage has {result.end.numel()}"
+        )
+    if not bool(torch.isfinite(uploaded).all()):
+        return Verdict.refuse("pseudo_gradient", "non-finite values")
+    start, end = result.epoch_start.to(torch.float64), result.end.to(torch.float64)
+    replayed = start - end
+    diff = float(torch.linalg.vector_norm(uploaded.to(torch.float64) - replayed))
+    scale = max(
+        float(torch.linalg.vector_norm(end - result.start.to(torch.float64))),
+        float(torch.linalg.vector_norm(replayed)),
+    )
+    error = (0.0 if diff == 0.0 else math.inf) if scale == 0.0 else diff / scale
+    threshold = limits.weights
+    if error <= threshold:
+        return Verdict(True, "pseudo_gradient", error, threshold)
+    reason = f"relative error {error:.3g} > {threshold:.3g} against the replay's end of epoch"
+    return Verdict(False, "pseudo_gradient", error, threshold, reason)
+
+
+def check_committed_weights(
+    setup: ReplaySetup, weights: torch.Tensor, sketch: WeightSketch, seed: int
+) -> Verdict:
+    """Flat weights against the sketch a miner committed for them, recomputed here with the same seed."""
+    recomputed = setup.worker(weights).sketch(seed)
+    return compare_sketch(sketch.norms + sketch.projection, recomputed.norms + recomputed.projection)
+
+
+def check_pseudo_gradient_sketch(
+    setup: ReplaySetup,
+    epoch_start: torch.Tensor,
+    uploaded: torch.Tensor,
+    final_step: int,
+    sketch: WeightSketch | None,
+    seed: int,
+) -> Verdict:
+    """The uploaded pseudo-gradient without a replay: the weights it implies, epoch start minus it, against the
+    sketch the miner committed with its last inner step (`final_step`; 0: it took none, so it must upload zeros).
+
+    In fp32, start - (start - w) is w except where a value moved by more than half of itself, and there within an
+    ulp: far inside the sketch's tolerance, which already allows for the order of a float sum between machines.
+    The sketch's seed is public, so this binds the upload against any forgery that does not aim at the 64 values
+    per tensor the seed samples and their norms; a replay that reaches the last step binds every value.
+    """
+    if uploaded.shape != epoch_start.shape:
+        return Verdict.refuse("sketch", f"{uploaded.numel()} values, the stage has {epoch_start.numel()}")
+    if not bool(torch.isfinite(uploaded).all()):
+        return Verdict.refuse("sketch", "non-finite values")
+    if final_step == 0:
+        moved = int(torch.count_nonzero(uploaded))
+        if moved:
+            return Verdict.refuse("sketch", f"no inner step was committed, yet {moved} values are not zero")
+        return Verdict(True, "sketch", 0.0, 0.0)
+    if sketch is None:
+        return Verdict.refuse("sketch", f"no sketch was committed for its last step {final_step}")
+    return check_committed_weights(setup, epoch_start.float() - uploaded.float(), sketch, seed)
 
 
 def check_snapshot(setup: ReplaySetup, snapshot: Snapshot, sketch: WeightSketch, seed: int) -> Verdict:
@@ -511,9 +581,7 @@ def check_snapshot(setup: ReplaySetup, snapshot: Snapshot, sketch: WeightSketch,
     This binds the snapshot to the work: a replay from it is only worth as much as the snapshot, and the replay
     of the window before it (`claimed_weights`) checks the snapshot's weights against the committed hops.
     """
-    worker = setup.worker(snapshot.weights)
-    recomputed = worker.sketch(seed)
-    return compare_sketch(sketch.norms + sketch.projection, recomputed.norms + recomputed.projection)
+    return check_committed_weights(setup, snapshot.weights, sketch, seed)
 
 
 # -- records on disk ---------------------------------------------------------------------------------------
