@@ -105,6 +105,7 @@ class Scheduler:
         """Assign (or confirm) the miner's stage; a new session voids the work of the previous one."""
         with self.state.transaction():
             known = self.state.miner(hotkey)
+            staffed = self.state.staffed_stages(self.policy.n_stages)
             if known is not None and known.banned:
                 raise SchedulingError(403, f"hotkey {hotkey} is banned from this run: {known.banned}")
             if known is not None and known.session != session:
@@ -114,7 +115,8 @@ class Scheduler:
                 Miner(hotkey, uid, stage, session, device, memory_bytes, now, now, True, 0, None)
             )
             self.state.log(now, "register", hotkey, stage=stage, device=device, session=session)
-        self.doorbell.ring_all()  # a stage may have its first miner: inflow starts
+        if stage not in staffed:
+            self.doorbell.ring_all()  # the stage has its first miner: inflow may start
         return stage
 
     def _choose_stage(self, memory_bytes: int) -> int:
@@ -378,7 +380,7 @@ class Scheduler:
         for hop in self.state.hops_of_sample(sample_id, attempt):
             if hop.status in ("queued", "leased"):
                 self.state.set_hop(hop.id, status="dropped")
-        self.state.release_graphs(sample_id)
+        holders = self.state.release_graphs(sample_id)
         self.state.set_sample(sample_id, attempt=attempt + 1)
         self.state.add_hop(
             sample_id=sample_id,
@@ -391,7 +393,9 @@ class Scheduler:
         )
         self.state.bump("samples_requeued")
         self.state.log(now, "restart_sample", None, sample=sample_id, attempt=attempt + 1, why=why)
-        self.doorbell.ring_all()  # the head has work again, and the miners that held its graphs have room
+        self.doorbell.ring_stage(0)
+        for holder in holders:  # room for another forward graph
+            self.doorbell.ring_miner(holder)
 
     # -- phases -----------------------------------------------------------------------------------------
 

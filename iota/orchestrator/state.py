@@ -396,9 +396,12 @@ class StateStore:
             (sample_id, attempt, stage),
         )
 
-    def release_graphs(self, sample_id: int) -> None:
-        """Every graph held for any attempt of a sample (it completed, or restarts with a new attempt)."""
+    def release_graphs(self, sample_id: int) -> list[str]:
+        """Every graph held for any attempt of a sample (it completed, or restarts with a new attempt); returns the
+        miners that held them."""
+        rows = self.db.execute("SELECT DISTINCT miner FROM held_graphs WHERE sample_id = ?", (sample_id,))
         self.db.execute("DELETE FROM held_graphs WHERE sample_id = ?", (sample_id,))
+        return [str(row[0]) for row in rows]
 
     def expired_leases(self, now: float) -> list[Hop]:
         rows = self.db.execute(

@@ -53,7 +53,7 @@ def test_a_hold_without_work_ends_in_a_wait_to_ask_again_at_once(net: Net) -> No
     net.join(*MINERS)
     started = time.monotonic()
     work = net.clients["mid"].work(True, 0.5)
-    assert 0.45 <= time.monotonic() - started < 3.0
+    assert 0.2 <= time.monotonic() - started < 3.0  # held a random 50-100% of its hold
     assert work.kind == "wait" and work.wait_s == 0.0 and "no work queued" in work.reason
     assert net.orch.scheduler.doorbell.held == 0
     # Without a hold the answer comes at once, with the usual pause before asking again.

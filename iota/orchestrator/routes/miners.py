@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -39,13 +40,14 @@ async def work(body: WorkRequest, caller: Miner, orch: Orch, request: Request, r
     """The next unit of work for this miner (backward first), or how long to wait and why.
 
     With ``hold_s``, a `wait` in training is not answered at once: the request is held until work for this miner
-    may be there (iota.orchestrator.doorbell) or for ``hold_s`` (at most the orchestrator's max_hold_s), and a
-    `wait` then says to ask again at once. The answer's X-Iota-Held-Ms header says how long it was held."""
+    may be there (iota.orchestrator.doorbell) or for a random 50-100% of ``hold_s`` (at most the orchestrator's
+    max_hold_s), and a `wait` then says to ask again at once. The answer's X-Iota-Held-Ms header says how long it was held."""
     o, hotkey = orch.orchestrator, caller.hotkey
     hold_s = min(body.hold_s, o.limits.max_hold_s)
     if hold_s <= 0:
         return await orch.serve(hotkey, o.work, hotkey, body.forward)
-    deadline = time.monotonic() + hold_s
+    # Holds taken together (miners that registered together) would otherwise end together, and come back together.
+    deadline = time.monotonic() + hold_s * random.uniform(0.5, 1.0)
     woken_by_stage, held_s = False, 0.0
     while True:
         answer, ticket = await orch.serve(hotkey, o.work_or_ticket, hotkey, body.forward, woken_by_stage)
