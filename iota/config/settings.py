@@ -37,7 +37,8 @@ class RunSettings(_Base):
     preset: str = Field("tiny", description="Model preset: test, tiny, 100m, 1b, 15b")
     stages: int = Field(3, description="Pipeline stages the model is cut into")
     layers_per_stage: str = Field(
-        "", description="Comma-separated layer counts per stage; empty evens out the stages' compute (the tail's LM head counted)"
+        "",
+        description="Comma-separated layer counts per stage; empty evens out the stages' compute (the tail's LM head counted)",
     )
     bottleneck: int = Field(0, description="Bottleneck width between stages; 0 turns it off")
     tokenizer: Literal["bpe", "llama3"] = Field(
