@@ -169,6 +169,7 @@ class Miner:
         self.worker_factory = worker_factory
         self._status_at = 0.0
         self._heartbeat: threading.Thread | None = None
+        self._finished = threading.Event()  # the loop is over: no more heartbeats (the client is closing)
         self.stage = -1
         self.state_id = ""
         self.prefetch = Prefetcher(self._fetch)
@@ -238,8 +239,7 @@ class Miner:
             return
 
         def beat() -> None:
-            while not self.state.stopping:
-                time.sleep(every_s)
+            while not self._finished.wait(every_s) and not self.state.stopping:
                 try:
                     self.client.heartbeat()
                 except Refused as error:
@@ -288,6 +288,9 @@ class Miner:
             self._leave()
         finally:
             self.prefetch.close()
+        self._finished.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5.0)  # one in flight finishes before its client closes
         self.http.close()
         self.client.close()
 
