@@ -9,7 +9,7 @@ of being told to wait and asking again. A held request takes a `Ticket` and slee
 - ``ring_miner(h)``: something for miner h alone: a backward hop bound to it, a freed place for a forward graph.
 - ``answer_now(h)``: miner h itself reported or released an item, so what it asks for may have changed (its
   accumulation window closed); its held request answers at once and the miner asks again.
-- ``ring_all()``: the run's state changed for everyone (a phase, a pause, a stage staffed, samples restarted).
+- ``ring_all()``: the run's state changed for everyone (a phase, a pause or resume, a stage's first miner).
 
 A miner holds at most one ticket: a newer request answers an older one at once. Rings come from inside calls
 into the orchestrator, which run one at a time, and a ticket is taken inside the same call that found no work,

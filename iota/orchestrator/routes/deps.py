@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 from fastapi import Depends, HTTPException, Path, Query, Request
 
 from iota.auth.ratelimit import retry_after_header
-from iota.orchestrator.doorbell import Ticket
+from iota.orchestrator.doorbell import DROPPED, Ticket
 from iota.orchestrator.scheduler import SchedulingError
 from iota.orchestrator.service import Orchestrator
 
@@ -76,12 +76,13 @@ class Served:
         if self.admission is not None:
             self.admission.in_progress -= 1
         try:
-            done, _ = await asyncio.wait([asyncio.wrap_future(ticket.rung)], timeout=max(timeout_s, 0.0))
-            return ticket.rung.result() if done else None
+            await asyncio.wait([asyncio.wrap_future(ticket.rung)], timeout=max(timeout_s, 0.0))
         finally:
-            self.orchestrator.scheduler.doorbell.drop(ticket)
+            self.orchestrator.scheduler.doorbell.drop(ticket)  # resolves it, unless a ring came first
             if self.admission is not None:
                 self.admission.in_progress += 1
+        why = ticket.rung.result()
+        return None if why == DROPPED else why
 
 
 async def served(request: Request) -> Served:

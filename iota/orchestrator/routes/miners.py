@@ -41,7 +41,8 @@ async def work(body: WorkRequest, caller: Miner, orch: Orch, request: Request, r
 
     With ``hold_s``, a `wait` in training is not answered at once: the request is held until work for this miner
     may be there (iota.orchestrator.doorbell) or for a random 50-100% of ``hold_s`` (at most the orchestrator's
-    max_hold_s), and a `wait` then says to ask again at once. The answer's X-Iota-Held-Ms header says how long it was held."""
+    max_hold_s), and a `wait` then says to ask again at once. The answer's X-Iota-Held-Ms header says how long it
+    was held."""
     o, hotkey = orch.orchestrator, caller.hotkey
     hold_s = min(body.hold_s, o.limits.max_hold_s)
     if hold_s <= 0:
@@ -61,9 +62,8 @@ async def work(body: WorkRequest, caller: Miner, orch: Orch, request: Request, r
             if why == STAGE:  # the work that woke it is for another miner
                 o.scheduler.doorbell.ring_stage(ticket.stage)
             return answer
-        if (
-            why == NOW
-        ):  # the miner reported meanwhile: what it asks for may differ; answer as things now stand
+        if why == NOW:
+            # The miner reported meanwhile: what it asks for may differ; answer as things now stand.
             answer = await orch.serve(hotkey, o.work, hotkey, body.forward)
         if why in (None, NOW):
             return answer.model_copy(update={"wait_s": 0.0}) if answer.kind == "wait" else answer
