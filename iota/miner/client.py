@@ -25,6 +25,14 @@ class Refused(Exception):
         self.detail = detail
 
 
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After header's delay in seconds; its date form (which the orchestrator never sends) counts as 0."""
+    try:
+        return max(0.0, float(retry_after or 0))
+    except ValueError:
+        return 0.0
+
+
 class OrchestratorClient:
     def __init__(
         self,
@@ -75,6 +83,7 @@ class OrchestratorClient:
         if extra_s:
             timeout = httpx.Timeout(self.timeout_s, read=self.timeout_s + extra_s)
         while True:
+            wait_s = delay
             try:
                 response = self.http.request(
                     method, path, content=content, headers=headers, params=params, timeout=timeout
@@ -82,13 +91,15 @@ class OrchestratorClient:
                 if response.status_code not in RETRY_STATUS:
                     break
                 why = f"{response.status_code} {response.text[:200]}"
+                # An overloaded orchestrator says when to come back (spread, so that its refusals return apart).
+                wait_s = max(delay, min(_seconds(response.headers.get("retry-after")), self.max_backoff_s))
             except httpx.TransportError as error:
                 why = f"{type(error).__name__}: {error}"
             limit = self.give_up_s if give_up_s is None else give_up_s
             if time.monotonic() - start > limit:
                 raise ConnectionError(f"orchestrator unreachable for {limit:.0f} s: {why}")
-            logger.warning("{} {}: {}; retrying in {:.1f} s", method, path, why, delay)
-            self._pause(delay)
+            logger.warning("{} {}: {}; retrying in {:.1f} s", method, path, why, wait_s)
+            self._pause(wait_s)
             if self._interrupted:
                 raise ConnectionError(f"not retrying {method} {path}, the client was interrupted: {why}")
             delay = min(delay * 2, self.max_backoff_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import threading
 import time
@@ -47,21 +48,30 @@ KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS_PER_IP = 64  # a machine with 8 GPUs runs 8 miners of about 2 connections each
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers: a signed request needs under 1 KiB
 
-# The answer to a request refused because too many are in progress (Admission): the same bytes every time.
-OVERLOADED_RETRY_S = 1  # a second drains a queue of this length many times over
-OVERLOADED_BODY = json.dumps(
-    {
-        "detail": {
-            "code": "overloaded",
-            "message": f"the orchestrator is at capacity; retry in {OVERLOADED_RETRY_S} s",
+# A second drains a queue of Admission's length many times over; refused clients are told one of these at random,
+# so that those refused together do not all come back together.
+OVERLOADED_RETRY_S = (1, 2, 3)
+
+
+def _overloaded(retry_s: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The answer to a request refused because too many are in progress (Admission), prepared once."""
+    body = json.dumps(
+        {
+            "detail": {
+                "code": "overloaded",
+                "message": f"the orchestrator is at capacity; retry in {retry_s} s",
+            }
         }
-    }
-).encode()
-OVERLOADED_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(OVERLOADED_BODY)).encode()),
-    (b"retry-after", str(OVERLOADED_RETRY_S).encode()),
-]
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry_s).encode()),
+    ]
+    return headers, body
+
+
+OVERLOADED = [_overloaded(s) for s in OVERLOADED_RETRY_S]
 
 
 def create_app(
@@ -230,8 +240,9 @@ class AdmissionMiddleware:
         admission = self.admission
         if not admission.admit(scope.get("path", "")):
             # No need to close the connection: the server discards the unread body of an answered request.
-            await send({"type": "http.response.start", "status": 503, "headers": OVERLOADED_HEADERS})
-            await send({"type": "http.response.body", "body": OVERLOADED_BODY})
+            headers, body = random.choice(OVERLOADED)
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
         admission.in_progress += 1
         try:

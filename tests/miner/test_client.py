@@ -1,4 +1,5 @@
-"""The orchestrator client's retries: a stopping process interrupts them instead of waiting out an outage."""
+"""The orchestrator client's retries: a stopping process interrupts them instead of waiting out an outage, and an
+overloaded orchestrator's Retry-After is honoured."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import time
 
 import pytest
 from bittensor.keyfiles import Keypair
+from fastapi import FastAPI
 
 from iota.miner.client import OrchestratorClient
+from iota.orchestrator.app import Admission, AdmissionMiddleware
+from iota.protocol import EpochPlan, Work
+from tests.support import running_server
 
 
 def test_interrupt_ends_the_retries_of_a_request_in_progress() -> None:
@@ -28,3 +33,29 @@ def test_interrupt_ends_the_retries_of_a_request_in_progress() -> None:
     with pytest.raises(ConnectionError, match="interrupted"):
         client.heartbeat()  # later requests are tried once, not retried
     client.close()
+
+
+def test_an_overloaded_answer_is_retried_after_its_retry_after() -> None:
+    """A 503 from the orchestrator's admission control is retried after its Retry-After (1-3 s), not after the
+    client's own first backoff (0.2 s)."""
+    app = FastAPI()
+
+    @app.post("/work")
+    async def work() -> Work:
+        return Work(
+            kind="stop", run_id="r", epoch=0, stage=0, plan=EpochPlan(epoch=0, tokens_at_start=0, replicas=1)
+        )
+
+    admission = Admission(1)
+    admission.in_progress = 1  # full, as under load: the first request is refused
+    app.add_middleware(AdmissionMiddleware, admission=admission)
+    key = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+    with running_server(app) as url:
+        client = OrchestratorClient(url, key, key.ss58_address, give_up_s=30)
+        threading.Timer(0.05, lambda: setattr(admission, "in_progress", 0)).start()
+        started = time.monotonic()
+        answer = client.work()
+        waited = time.monotonic() - started
+        client.close()
+    assert answer.kind == "stop" and admission.refused == 1
+    assert waited >= 0.95

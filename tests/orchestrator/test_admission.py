@@ -103,7 +103,7 @@ def test_requests_beyond_the_bound_are_refused_at_once_and_the_rest_are_served(s
         started = time.monotonic()
         refused = server.post_work("c")
         assert refused.status_code == 503
-        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] in ("1", "2", "3")  # spread, so refused miners return apart
         assert refused.json()["detail"]["code"] == "overloaded"
         assert time.monotonic() - started < 2.0  # not queued behind the held thread
         # Refused before the signature is looked at: an unsigned request gets the same answer, not a 401.
