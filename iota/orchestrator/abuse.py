@@ -296,6 +296,15 @@ class _HeaderDeadline:
     header_timeout: float
     loop: asyncio.AbstractEventLoop
     _header_deadline: asyncio.TimerHandle | None = None
+    _admit: Callable[[object], bool]  # the per-IP connection cap (a staticmethod of each protocol)
+    _headers_too_slow: Callable[[], None]  # each protocol closes a too-slow connection its own way
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if not self._admit(self):
+            transport.close()
+            return
+        self._arm()
 
     def _arm(self) -> None:
         self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_too_slow)
@@ -304,9 +313,6 @@ class _HeaderDeadline:
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
-
-    def _headers_too_slow(self) -> None:
-        raise NotImplementedError
 
 
 def _guarded_httptools(
@@ -320,13 +326,7 @@ def _guarded_httptools(
         # httptools parses bytes that follow a complete request while that request is still being answered (h11
         # waits). A refusal of those bytes waits for the answer, as under h11, instead of cutting it off.
         _after_response: Callable[[], None] | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if not admit(self):
-                transport.close()
-                return
-            self._arm()
+        _admit = staticmethod(admit)
 
         def data_received(self, data: bytes) -> None:
             if self._awaiting_headers and self._header_deadline is None:
@@ -391,13 +391,7 @@ def _guarded_httptools(
 def _guarded_h11(header_timeout_s: float, admit: Callable[[object], bool]) -> type[asyncio.Protocol]:
     class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
         header_timeout = header_timeout_s
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if not admit(self):
-                transport.close()
-                return
-            self._arm()
+        _admit = staticmethod(admit)
 
         def data_received(self, data: bytes) -> None:
             if self._awaiting_request() and self._header_deadline is None:

@@ -46,20 +46,18 @@ from iota.merge import (
 )
 from iota.miner.client import OrchestratorClient, Refused
 from iota.miner.main import Miner
-from iota.miner.worker import sketch_seed
-from iota.model import wire
 from iota.model.stages import build_stage
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
 from iota.orchestrator.epochs import ORCHESTRATOR
 from iota.orchestrator.service import Orchestrator
 from iota.protocol import Ack, Report, Work
 from iota.storage import LocalStore, keys
-from iota.storage.transfer import download, upload
+from iota.storage.transfer import upload
 from iota.train.run import Run
-from iota.train.schedule import inner_step_lr
 from iota.validator import scoring
 from tests.orchestrator import run_settings
 from tests.support import Clock
+from tests.support.hops import train_hop as hop
 
 RUN_ID = "run-merge"
 BASE_URL = "http://testserver"
@@ -587,45 +585,8 @@ def net(
 
 
 def train_hop(net: Net, name: str, work: Work) -> None:
-    """A forward or backward hop as the daemon does it: fetch the input, compute, take the inner step it completes
-    (at the epoch plan's learning rate), upload the output, report."""
-    miner, run = net.miners[name], net.miners[name].run
-    worker = miner.worker
-    assert worker is not None and work.sample_id is not None and work.hop_id is not None
-    data = (
-        download(work.input_url, work.input_sha256, worker.max_bytes, miner.http) if work.input_url else None
-    )
-    out: bytes | None
-    if work.kind == "forward":
-        out, loss = worker.forward(work.sample_id, data)
-    else:
-        assert data is not None
-        out, loss = worker.backward(work.sample_id, data), None
-    sketch = None
-    if worker.step_due():
-        tokens = run.micro_batch * int(run.model["seq_len"])
-        plan = work.plan
-        worker.step(
-            inner_step_lr(
-                miner.schedule, plan.tokens_at_start, worker.inner_step, run.accumulate, tokens, plan.replicas
-            )
-        )
-        sketch = worker.sketch(sketch_seed(run.seed, work.epoch, worker.inner_step))
-    if out is not None:
-        assert work.output_url
-        upload(work.output_url, out, miner.http)
-    report = Report(
-        run_id=work.run_id,
-        epoch=work.epoch,
-        hop_id=work.hop_id,
-        inner_step=worker.inner_step,
-        input_sha256=wire.sha256(data) if data is not None else None,
-        output_sha256=wire.sha256(out) if out is not None else None,
-        output_md5=wire.md5_hex(out) if out is not None else None,
-        loss=loss,
-        sketch=sketch,
-    )
-    miner.client.report(report)
+    """A forward or backward hop as the daemon does it (tests.support.hops)."""
+    hop(net.miners[name], work)
     net.hops[name] += 1
 
 

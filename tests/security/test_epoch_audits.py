@@ -27,20 +27,17 @@ from iota.chain.local import LocalChain
 from iota.merge import MergePlan, decode_f32, encode_f32, run_owner, sha256_hex
 from iota.miner.client import OrchestratorClient
 from iota.miner.main import Miner
-from iota.miner.worker import sketch_seed
-from iota.model import wire
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
 from iota.orchestrator.recheck import Rechecker
 from iota.orchestrator.service import Orchestrator
-from iota.protocol import Ack, AuditTask, AuditVerdict, Report, Work
+from iota.protocol import Ack, AuditTask, AuditVerdict, Work
 from iota.storage import LocalStore
-from iota.storage.transfer import download, upload
-from iota.train.schedule import inner_step_lr
 from iota.validator.main import ValidatorDaemon
 from iota.validator.scoring import ORCHESTRATOR, confirmed_failures
 from tests.orchestrator import run_settings
 from tests.security import serving
 from tests.support import Clock
+from tests.support.hops import train_hop
 
 # Registered in this order, the replicas take stages 0, 1, 0, 1, 0, 1.
 REPLICAS = ("s0a", "s1a", "s0b", "s1b", "s0c", "s1c")
@@ -148,48 +145,6 @@ def net(data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path) -> Iterato
 Cheat = Callable[[Net, str, Work], bool]  # does a work item its own way instead of the daemon; True if it did
 
 
-def train_hop(net: Net, name: str, work: Work) -> None:
-    """A forward or backward hop as the daemon does it: fetch the input, compute, take the inner step it completes
-    (at the epoch plan's learning rate, committing the sketch of the weights after it), upload, report."""
-    miner = net.miners[name]
-    worker, run = miner.worker, miner.run
-    assert worker is not None and work.sample_id is not None and work.hop_id is not None
-    data = (
-        download(work.input_url, work.input_sha256, worker.max_bytes, miner.http) if work.input_url else None
-    )
-    out: bytes | None
-    if work.kind == "forward":
-        out, loss = worker.forward(work.sample_id, data)
-    else:
-        assert data is not None
-        out, loss = worker.backward(work.sample_id, data), None
-    sketch = None
-    if worker.step_due():
-        tokens = run.micro_batch * int(run.model["seq_len"])
-        plan = work.plan
-        lr = inner_step_lr(
-            miner.schedule, plan.tokens_at_start, worker.inner_step, run.accumulate, tokens, plan.replicas
-        )
-        worker.step(lr)
-        sketch = worker.sketch(sketch_seed(run.seed, work.epoch, worker.inner_step))
-    if out is not None:
-        assert work.output_url
-        upload(work.output_url, out, miner.http)
-    miner.client.report(
-        Report(
-            run_id=work.run_id,
-            epoch=work.epoch,
-            hop_id=work.hop_id,
-            inner_step=worker.inner_step,
-            input_sha256=wire.sha256(data) if data is not None else None,
-            output_sha256=wire.sha256(out) if out is not None else None,
-            output_md5=wire.md5_hex(out) if out is not None else None,
-            loss=loss,
-            sketch=sketch,
-        )
-    )
-
-
 def run_epoch(net: Net, cheat: Cheat) -> None:
     """Round-robin over the replicas, each asking for work and doing it, until all are told the run is done."""
     for _ in range(300):
@@ -203,7 +158,7 @@ def run_epoch(net: Net, cheat: Cheat) -> None:
             if work.kind == "stop":
                 net.stopped.add(name)
             elif work.kind in ("forward", "backward"):
-                train_hop(net, name, work)
+                train_hop(net.miners[name], work)
             elif work.kind != "wait" and not cheat(net, name, work):
                 miner.do(work)
     raise AssertionError(f"the run did not finish: phase {net.orch.scheduler.phase}")
