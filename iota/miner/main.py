@@ -1,8 +1,9 @@
 """The miner daemon: register, load the stage, then loop over work items until told to stop.
 
-Work kinds: forward / backward (a hop of a sample), upload (the epoch's pseudo-gradient), merge (this miner's
-partitions of the butterfly merge), apply (the next epoch's weights), wait, stop. Torch runs on the main thread
-only; while a hop computes, the next item is fetched and the previous outputs uploaded and reported beside it
+Work kinds: forward / backward (a hop of a sample), snapshot (a challenge: the exact state, copied between hops and
+sent beside the next ones), upload (the epoch's pseudo-gradient), merge (this miner's partitions of the butterfly
+merge), apply (the next epoch's weights), wait, stop. The stage worker is used on the main thread only; while a
+hop computes, the next item is fetched and the previous outputs uploaded and reported beside it
 (iota.miner.pipeline). Failures of one item are logged and the item released; SIGTERM/SIGINT finish the current
 step, release what is leased (a prefetched item included), send what is finished, and exit.
 """
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from iota.storage.base import StoreError
 from iota.storage.transfer import DigestMismatch, TooLarge, TransferError, download, upload
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule, inner_step_lr
-from iota.validator.replay import snapshot_to_f32, take_snapshot
+from iota.validator.replay import Snapshot, snapshot_to_f32, take_snapshot
 
 HOLD_S = 10.0  # how long the orchestrator may hold a request for work (it answers as soon as there is some)
 TRANSFER_PATIENCE_S = (
@@ -177,9 +179,16 @@ class Miner:
         self.outbox: Outbox[Finished, tuple[int, int]] = Outbox(
             self._send, depth=1, on_sent=self.prefetch.kick
         )
+        # A challenged snapshot is uploaded on its own thread: (its inner step, the answer's future).
+        self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        self._answering: tuple[int, Future[None]] | None = None
         # The hop on the main thread, from when it starts computing until it is in the outbox.
         self._computing: Work | None = None
         self._graph_hops: dict[int, int] = {}  # sample -> the item whose forward made its cached graph
+        # The sketch of each recent step, and per epoch the last step whose sketch the orchestrator accepted: when
+        # the report that completed a step is refused, the next report at that step carries its sketch instead.
+        self._sketches: dict[tuple[int, int], WeightSketch] = {}
+        self._committed: dict[int, int] = {}
 
     # -- start-up ---------------------------------------------------------------------------------------
 
@@ -284,6 +293,7 @@ class Miner:
                 )
             finally:
                 self.outbox.close()
+                self._snapshots.shutdown(wait=True)
             # Also answers a request for work still held, and hands back whatever that request leased.
             self._leave()
         finally:
@@ -324,8 +334,13 @@ class Miner:
                 self.prefetch.start(self._forward_wanted(None), after_s=work.wait_s)
             elif work.kind in ("forward", "backward"):
                 self._hop(fetched)
+            elif work.kind == "snapshot":
+                self.do(work)  # copied here; its own thread sends it while the next hops compute
+                self.prefetch.start(self._forward_wanted(None))
             else:
-                self.outbox.drain()  # phase work follows the epoch's last reports
+                self.outbox.drain()  # phase work follows the epoch's last reports (and a snapshot's answer)
+                if self._answering is not None:
+                    self._answering[1].result()
                 self._apply_refusals()
                 self.do(work)
                 self.prefetch.start(self._forward_wanted(None))
@@ -447,6 +462,11 @@ class Miner:
             )
             self.worker.step(lr)
             sketch = self.worker.sketch(sketch_seed(self.run.seed, work.epoch, self.worker.inner_step))
+            step = self.worker.inner_step
+            self._sketches = {
+                k: v for k, v in self._sketches.items() if k[0] == work.epoch and k[1] > step - 4
+            }
+            self._sketches[(work.epoch, step)] = sketch
         tokens = self.run.micro_batch * int(self.run.model["seq_len"])
         return Finished(work, data, out, loss, self.worker.inner_step, tokens, sketch)
 
@@ -457,7 +477,16 @@ class Miner:
             if item.output is not None:
                 assert work.output_url
                 put(work.output_url, item.output, self.http)
-            self.client.report(item.report())
+            answering = self._answering
+            if answering is not None and item.inner_step > answering[0]:
+                answering[1].result()  # the orchestrator refuses a later step until the snapshot is answered
+            report = item.report()
+            if report.sketch is None and item.inner_step > self._committed.get(work.epoch, 0):
+                # The report that completed this step was refused (its sample restarted, say): commit it here.
+                report.sketch = self._sketches.get((work.epoch, item.inner_step))
+            self.client.report(report)
+            if report.sketch is not None:
+                self._committed[work.epoch] = max(self._committed.get(work.epoch, 0), item.inner_step)
         except Refused as error:
             logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
             if work.kind == "forward" and work.sample_id is not None and work.hop_id is not None:
@@ -488,11 +517,11 @@ class Miner:
 
     # -- phase work -----------------------------------------------------------------------------------
 
-    def do(self, work: Work) -> None:
-        """Upload, merge or apply, in turn (nothing of the epoch's training is in flight by then)."""
+    def do(self, work: Work, handler: Callable[[Work], None] | None = None) -> None:
+        """Upload, merge or apply, in turn (nothing of the epoch's training is in flight by then); take or answer
+        a snapshot challenge."""
         try:
-            handler = getattr(self, f"_{work.kind}")
-            handler(work)
+            (handler or getattr(self, f"_{work.kind}"))(work)
         except Refused as error:
             logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
         except (KeyError, ValueError, OSError, StoreError) as error:
@@ -506,9 +535,18 @@ class Miner:
         self._put_and_report(work, encode_f32(pseudo), self.worker.inner_step, extra)
 
     def _snapshot(self, work: Work) -> None:
-        """A challenge: the exact state as it stands since the last step (iota.orchestrator.challenges)."""
+        """A challenge (iota.orchestrator.challenges): copy the exact state as it stands since the last step, say
+        so, and leave the upload to the snapshot thread. Uploading it here stalled the whole pipeline (seconds at 100M
+        parameters a stage, minutes at billions)."""
         assert self.worker is not None and work.output_url
         snapshot = take_snapshot(self.worker)
+        step = snapshot.inner_step
+        self.client.phase_report(self._phase_report(work, step, {"kind": "snapshot_taken", "step": step}))
+        self._answering = step, self._snapshots.submit(self.do, work, lambda w: self._answer(w, snapshot))
+
+    def _answer(self, work: Work, snapshot: Snapshot) -> None:
+        """Snapshot thread: the snapshot `_snapshot` took, encoded, uploaded and reported; a report of a later step
+        waits for this (`_send`)."""
         extra = {"kind": "snapshot", "step": snapshot.inner_step}
         self._put_and_report(work, encode_f32(snapshot_to_f32(snapshot)), snapshot.inner_step, extra)
         logger.info(
@@ -519,17 +557,21 @@ class Miner:
         """Phase work that produces one object: upload it to the item's URL, then report it with its digests."""
         assert work.output_url
         put(work.output_url, data, self.http)
-        self.client.phase_report(
-            Report(
-                run_id=work.run_id,
-                epoch=work.epoch,
-                hop_id=-1,
-                inner_step=inner_step,
-                input_sha256=None,
-                output_sha256=wire.sha256(data),
-                output_md5=wire.md5_hex(data),
-                extra=extra,
-            )
+        self.client.phase_report(self._phase_report(work, inner_step, extra, data))
+
+    @staticmethod
+    def _phase_report(
+        work: Work, inner_step: int, extra: dict[str, Any], data: bytes | None = None
+    ) -> Report:
+        return Report(
+            run_id=work.run_id,
+            epoch=work.epoch,
+            hop_id=-1,
+            inner_step=inner_step,
+            input_sha256=None,
+            output_sha256=wire.sha256(data) if data is not None else None,
+            output_md5=wire.md5_hex(data) if data is not None else None,
+            extra=extra,
         )
 
     def _merge(self, work: Work) -> None:

@@ -8,6 +8,12 @@ iota.validator.replay.snapshot_to_f32) and the inner step t they are at, which m
 (items it had already fetched may have stepped); the snapshot is worth something only against the sketch
 committed for t, which validators check before they replay from it. So an audit can start anywhere in an epoch,
 not only at its checkpoint.
+
+Uploading a snapshot (three times the stage's fp32 size with AdamW) takes seconds to minutes, so the miner need not
+stall its pipeline for it: it copies its state, says at once which step it took it at (`snapshot_taken`), and then
+uploads it beside its work. From then on it gets other work, but a report that reaches a later step is refused
+until the snapshot is answered: its state cannot move past the step unanswered. Such a refusal serves the order
+again, so a miner whose upload failed answers anew.
 """
 
 from __future__ import annotations
@@ -64,8 +70,8 @@ class Challenges:
         return self.state.get(f"challenge/{hotkey}") is not None
 
     def work(self, miner: Miner, epoch: int, plan: EpochPlan, run_id: str) -> Work | None:
-        """The miner's pending challenge, which comes before any other work; a challenge of an epoch that has
-        closed is dropped (counted as missed)."""
+        """The miner's pending challenge, which comes before any other work until the miner says it has taken the
+        snapshot (this session); a challenge of an epoch that has closed is dropped (counted as missed)."""
         challenge = self.state.get(f"challenge/{miner.hotkey}")
         if challenge is None:
             return None
@@ -74,6 +80,8 @@ class Challenges:
                 self.state.put(f"challenge/{miner.hotkey}", None)
                 self.state.bump("challenges_missed")
             return None
+        if challenge.get("session") == miner.session:
+            return None  # taken: it is being uploaded (see `blocks`)
         return Work(
             kind="snapshot",
             run_id=run_id,
@@ -85,17 +93,38 @@ class Challenges:
             extra={"step": challenge["step"]},
         )
 
+    def take(self, miner: Miner, report: Report, now: float) -> str:
+        """The miner copied its state at `extra.step` and uploads it next: other work may go to it meanwhile. Call
+        it inside a transaction."""
+        challenge, step = self._pending(miner, report)
+        self.state.put(f"challenge/{miner.hotkey}", {**challenge, "taken": step, "session": miner.session})
+        self.state.log(now, "snapshot_taken", miner.hotkey, epoch=challenge["epoch"], step=step)
+        return f"snapshot of step {step} taken: answer it before reporting a later step"
+
+    def blocks(self, hotkey: str, epoch: int, inner_step: int) -> str | None:
+        """Why a report reaching `inner_step` must be refused: the miner took a snapshot at an earlier step and has
+        not answered it. The order is then served again (its own transaction), so a failed upload is redone."""
+
+        def blocking(challenge: dict[str, Any] | None) -> bool:
+            taken = None if challenge is None or challenge["epoch"] != epoch else challenge.get("taken")
+            return taken is not None and inner_step > taken
+
+        if not blocking(self.state.get(f"challenge/{hotkey}")):
+            return None  # the common case, read without a transaction
+        with self.state.transaction():
+            challenge = self.state.get(f"challenge/{hotkey}")
+            if not blocking(challenge):
+                return None  # answered meanwhile
+            self.state.put(f"challenge/{hotkey}", {**challenge, "taken": None, "session": None})
+        return (
+            f"answer the snapshot challenge first: you took it at inner step {challenge['taken']} and report step "
+            f"{inner_step}; it is your next order again"
+        )
+
     def answer(self, miner: Miner, report: Report, now: float) -> str:
         """A miner's snapshot, uploaded at its current step (checked for size and digest). Call it inside a
         transaction."""
-        challenge = self.state.get(f"challenge/{miner.hotkey}")
-        step = report.extra.get("step")
-        if challenge is None or challenge["epoch"] != report.epoch:
-            raise SchedulingError(409, "no snapshot challenge is pending for you")
-        if not isinstance(step, int) or step < challenge["step"]:
-            raise SchedulingError(
-                400, f"a snapshot answers for step {challenge['step']} or later, not {step!r}", fault=True
-            )
+        challenge, step = self._pending(miner, report)
         info = self.store.head(challenge["key"])
         size = self.sizes[miner.stage]
         if info is None or info.size != size:
@@ -143,3 +172,15 @@ class Challenges:
             if start <= step <= start + depth
         ]
         return start, chosen
+
+    def _pending(self, miner: Miner, report: Report) -> tuple[dict[str, Any], int]:
+        """The challenge a snapshot report answers, and the step the snapshot is at (the challenged one or later)."""
+        challenge = self.state.get(f"challenge/{miner.hotkey}")
+        step = report.extra.get("step")
+        if challenge is None or challenge["epoch"] != report.epoch:
+            raise SchedulingError(409, "no snapshot challenge is pending for you")
+        if not isinstance(step, int) or step < challenge["step"]:
+            raise SchedulingError(
+                400, f"a snapshot answers for step {challenge['step']} or later, not {step!r}", fault=True
+            )
+        return challenge, step

@@ -199,6 +199,8 @@ class Orchestrator:
             raise SchedulingError(
                 400, f"report names item {report.hop_id} but was sent for item {hop_id}", fault=True
             )
+        if (why := self.challenges.blocks(hotkey, report.epoch, report.inner_step)) is not None:
+            raise SchedulingError(409, why)
         with self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, report.epoch, now)
             if hop.input_sha is not None and report.input_sha256 != hop.input_sha:
@@ -267,6 +269,8 @@ class Orchestrator:
             miner = self.scheduler.live_miner(hotkey, now)
             if report.extra.get("kind") == "snapshot":
                 return Ack(detail=self.challenges.answer(miner, report, now))
+            if report.extra.get("kind") == "snapshot_taken":
+                return Ack(detail=self.challenges.take(miner, report, now))
             self.epochs.report(miner, report, now)
         return Ack(detail=f"{report.extra.get('kind')} recorded")
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from iota.miner.main import Miner
 from iota.miner.worker import StageWorker
+from iota.protocol import Ack, Report
 from iota.train.baseline import train_baseline
 from iota.train.run import build_run
 from tests.miner.conftest import Net
@@ -163,3 +165,96 @@ def test_sigterm_finishes_the_hop_computing_and_releases_the_prefetched_one(
     gone = [e for e in events if e["kind"] == "miner_gone" and e.get("hotkey") == hotkey]
     assert gone and "left" in gone[0]["why"]
     assert tail.state.hops_done == 1
+
+
+def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
+    make_net: Callable[..., Net],
+) -> None:
+    """Every step challenged, each answer held up 1 s (longer than a step takes here): the miners take the snapshot
+    between hops, go on computing while it is sent, never report past its step before it is answered (the
+    orchestrator would refuse it), and follow the baseline."""
+    samples = 8
+    net = make_net(
+        **EXACT,
+        samples_per_epoch=samples,
+        total_tokens=samples * 2 * SEQ_LEN,
+        max_in_flight=8,
+        snapshot_rate=1.0,
+    )
+    for _ in range(3):
+        miner = net.miner()
+        answer = miner._answer
+
+        def slow_answer(*args: Any, answer: Callable[..., None] = answer) -> None:
+            time.sleep(1.0)
+            answer(*args)
+
+        miner._answer = slow_answer  # type: ignore[method-assign]
+        net.start(miner)
+    net.join(timeout_s=120)
+    status = net.orch.status()
+    assert status.phase == "done" and status.samples_lost == 0 and status.samples_requeued == 0
+
+    losses = [loss for _, loss in sorted(net.orch.state.loss_curve())]
+    single = [
+        loss
+        for _, loss in train_baseline(build_run(net.settings), samples * 2 * SEQ_LEN, progress=False)[
+            "loss_curve"
+        ]
+    ]
+    assert max(abs(a - b) for a, b in zip(losses, single, strict=True)) < 1e-4, (losses, single)
+
+    state = net.orch.state
+    answered = int(state.get("challenges_answered", 0))
+    assert answered >= 3 and int(state.get("challenges_issued", 0)) == answered + int(
+        state.get("challenges_missed", 0)
+    ) + sum(state.get(f"challenge/{m.client.hotkey}") is not None for m in net.miners)
+    events = list(reversed(state.events(1000)))
+    taken = {(e["hotkey"], e["step"]): e["at"] for e in events if e["kind"] == "snapshot_taken"}
+    beside = 0
+    for event in events:
+        if event["kind"] != "snapshot":
+            continue
+        hotkey, step = event["hotkey"], event["step"]
+        started = taken[(hotkey, step)]  # every answer was announced when the snapshot was taken
+        leased = net.query(
+            "SELECT COUNT(*) FROM hops WHERE miner = ? AND lease_expires - ? BETWEEN ? AND ?",
+            (hotkey, net.settings.lease_s, started, event["at"]),
+        )[0][0]
+        beside += leased
+        reached = net.query(
+            "SELECT COUNT(*) FROM hops WHERE miner = ? AND inner_step > ? AND done_at < ?",
+            (hotkey, step, event["at"]),
+        )[0][0]
+        assert reached == 0, "a report past the snapshot's step came before its answer"
+    assert beside > 0, "no hop was leased while a snapshot was being sent"
+
+
+def test_a_refused_step_report_leaves_its_sketch_to_the_next_report(make_net: Callable[..., Net]) -> None:
+    """The report that completes a step carries its sketch; when it is refused (here its item is released under
+    it, as when its sample restarts), the miner's next report at that step commits the sketch instead: the
+    orchestrator refuses (400) a report that reaches a step without one, which stalled the miner for good."""
+    samples = 8
+    net = make_net(**EXACT, samples_per_epoch=samples, total_tokens=samples * 2 * SEQ_LEN, max_in_flight=8)
+    miners = [net.miner() for _ in range(3)]
+    refused: list[tuple[str, int]] = []
+    for miner in miners:
+        report = miner.client.report
+
+        def refuse_first(sent: Report, miner: Miner = miner, report: Callable[[Report], Ack] = report) -> Ack:
+            if sent.sketch is not None and not refused:
+                refused.append((miner.client.hotkey, sent.inner_step))
+                net.orch.release(
+                    miner.client.hotkey, sent.hop_id, sent.epoch
+                )  # the orchestrator now refuses it
+            return report(sent)
+
+        miner.client.report = refuse_first  # type: ignore[method-assign]
+        net.start(miner)
+    net.join(timeout_s=120)
+    status = net.orch.status()
+    assert refused and status.phase == "done" and status.samples_lost == 0
+    hotkey, step = refused[0]
+    assert net.orch.state.get(f"sketch/0/{hotkey}/{step}") is not None  # committed by a later report
+    strikes = [why for (why,) in net.query("SELECT why FROM abuse_strikes WHERE hotkey = ?", (hotkey,))]
+    assert len(strikes) == 1 and "not leased to you" in strikes[0], strikes  # the refusal made here, no other

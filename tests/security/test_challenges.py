@@ -94,3 +94,46 @@ def test_a_miner_past_the_step_answers_with_its_current_one(
         assert answer(net, 3, blob) == "snapshot recorded"  # items fetched before the order had stepped
         assert net.orch.challenges.snapshots(tail, 0) == {}  # no sketch committed for step 3 yet: not usable
         assert net.orch.state.get("snapshots/0/" + tail) == [3]
+
+
+def test_a_taken_snapshot_lets_work_go_on_up_to_its_step(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    """The miner copies its state and uploads it beside its work (iota.miner.main._snapshot): once it says it took
+    the snapshot it gets other work, but a report past that step is refused and the order served again."""
+    with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        tail_reaches_step_one(net, SKETCH)
+        order = net.work("tail", kind="snapshot")
+        assert order.output_url and order.output_size
+        refused(lambda: answer(net, 0, b"", kind="snapshot_taken"), 400, "step 1 or later")
+        assert "taken" in answer(net, 1, b"", kind="snapshot_taken")
+
+        def hop(name: str, kind: str, **over: object) -> None:
+            work = net.work(name, kind)  # not the order: the snapshot is on its way
+            data = download(work.input_url, work.input_sha256, 1 << 24) if work.input_url else None
+            out = net.activation(0.1) if work.output_url else None
+            if work.output_url and out is not None:
+                upload(work.output_url, out)
+            net.clients[name].report(report_for(work, data, out, **over))
+
+        hop("head", "forward")  # sample 1
+        hop("mid", "backward")  # sample 0's, first
+        hop("mid", "forward")
+        hop("head", "backward")
+        hop("head", "forward")  # sample 2
+        hop("mid", "forward")
+        hop("tail", "forward", loss=2.0, inner_step=1)  # a micro-batch of the next step: accepted
+        before = net.snapshot()
+        refused(
+            lambda: hop("tail", "forward", loss=2.0, inner_step=2, sketch=SKETCH),
+            409,
+            "answer the snapshot challenge first",
+        )
+        after = net.snapshot()
+        assert before["samples"] == after["samples"] and before["losses"] == after["losses"]
+        assert net.work("tail", kind="snapshot").extra["step"] == 1  # served again: a failed upload is redone
+        blob = b"\x02" * order.output_size
+        upload(order.output_url, blob)
+        assert answer(net, 1, blob) == "snapshot recorded"
+        found = net.orch.challenges.snapshots(net.keys["tail"].ss58_address, 0)
+        assert found[1]["sha256"] == hashlib.sha256(blob).hexdigest()
