@@ -39,7 +39,7 @@ How each figure is measured:
   measured window (before the profiler) come from /proc/<pid>/stat. py-spy is a bench-only tool: `pip install
   py-spy` into the venv; without it the miner view is skipped.
 
-Run:  python -m bench.pipeline [--preset tiny] [--samples 40] [--micro-batch 4] [--accumulate 2]
+Run:  python -m bench.pipeline [--preset tiny] [--seq-len 0] [--samples 40] [--micro-batch 4] [--accumulate 2]
                                [--profile-s 15] [--profile-after 0.6] [--work-dir DIR] [--json FILE]
 """
 
@@ -282,6 +282,7 @@ def run_values(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         "preset": args.preset,
         "stages": args.stages,
         "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
         "accumulate": args.accumulate,
         "layers_per_stage": args.layers_per_stage,
         "samples_per_epoch": args.samples,
@@ -587,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--samples", type=int, default=40, help="samples (micro-batches) both runs train on")
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=0, help="tokens per sequence; 0: the preset's")
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument(
         "--layers-per-stage",

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class LocalOptions:
     miner_timeout_s: float = 20.0
     lease_s: float = 60.0
     max_in_flight: int = 8
+    snapshot_rate: float | None = None  # IOTA_SNAPSHOT_RATE; None: the orchestrator's default
     progress: bool = True
     s3_access_key: str = "test"  # what a local S3-compatible server (moto, MinIO) accepts
     s3_secret_key: str = "test"
@@ -117,6 +118,8 @@ class LocalNetwork:
             "IOTA_MAX_IN_FLIGHT": str(options.max_in_flight),
             "IOTA_PHASE_TIMEOUT_S": "120",
         }
+        if options.snapshot_rate is not None:
+            self.orch_env["IOTA_SNAPSHOT_RATE"] = str(options.snapshot_rate)
         if options.s3_endpoint:
             self.orch_env.update(
                 {
@@ -265,6 +268,9 @@ def _progress_line(status: Status) -> None:
 
 
 def run_local(options: LocalOptions) -> dict[str, Any]:
+    if options.validators == 0 and options.snapshot_rate is None:
+        # Nobody will audit this run, so snapshot challenges would only cost the miners (and the pipeline) time.
+        options = replace(options, snapshot_rate=0.0)
     net = LocalNetwork(options)
     n_miners = net.settings.stages * options.miners_per_stage
     # The cores this process may use (its affinity, which taskset and cgroups set), not the host's.
