@@ -328,6 +328,14 @@ def read_slice(store: BlobStore, ref: FlatRef, start: int, end: int) -> torch.Te
     return decode_f32(data)
 
 
+def read_previous(store: BlobStore, partition: Partition) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A partition's slice of the previous weights, and of the previous outer momentum if there is one."""
+    weights = read_slice(store, partition.prev_weights, partition.start, partition.end)
+    if partition.prev_momentum is None:
+        return weights, None
+    return weights, read_slice(store, partition.prev_momentum, partition.start, partition.end)
+
+
 @dataclass
 class OwnerRun:
     """What one owner did: a result per merged partition, and the partitions it could not merge, with why."""
@@ -354,12 +362,7 @@ def run_owner(
     for index in partitions if partitions is not None else plan.partitions_of(hotkey):
         partition = plan.partitions[index]
         try:
-            prev_weights = read_slice(store, partition.prev_weights, partition.start, partition.end)
-            prev_momentum = (
-                read_slice(store, partition.prev_momentum, partition.start, partition.end)
-                if partition.prev_momentum is not None
-                else None
-            )
+            prev_weights, prev_momentum = read_previous(store, partition)
         except (*_READ_ERRORS, ValueError) as error:
             run.failed[index] = f"previous state unreadable: {type(error).__name__}: {error}"
             logger.warning(f"merge p{index}: {hotkey} cannot merge: {run.failed[index]}")

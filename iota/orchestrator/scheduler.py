@@ -362,9 +362,8 @@ class Scheduler:
     def miner_gone(self, hotkey: str, now: float, why: str) -> None:
         self.state.set_miner_dead(hotkey)
         self.state.log(now, "miner_gone", hotkey, why=why)
-        self.doorbell.answer_now(
-            hotkey
-        )  # a request it has held is refused now (it is gone), not left waiting
+        # A request it has held is refused now (it is gone), not left waiting.
+        self.doorbell.answer_now(hotkey)
         for sample_id in self.state.samples_waiting_on(hotkey, self.policy.n_stages - 1):
             self.restart_sample(sample_id, now, f"miner {hotkey[:8]} {why}")
         for hop in self.state.open_hops_of_miner(hotkey):

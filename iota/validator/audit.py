@@ -23,7 +23,7 @@ from iota.merge import (
     PartitionResult,
     decode_f32,
     merge_partition,
-    read_slice,
+    read_previous,
     sha256_hex,
 )
 from iota.miner.main import stage_clip
@@ -286,12 +286,7 @@ def check_merge(claim: MergeClaim) -> tuple[list[Verdict], list[str]]:
             verdicts.append(Verdict.refuse("merge", f"partition {index}: slices of the wrong size"))
             continue
         try:
-            previous = read_slice(store, partition.prev_weights, partition.start, partition.end)
-            prev_momentum = (
-                read_slice(store, partition.prev_momentum, partition.start, partition.end)
-                if partition.prev_momentum is not None
-                else None
-            )
+            previous, prev_momentum = read_previous(store, partition)
             result = merge_partition(store, plan, index, previous, prev_momentum)
         except (KeyError, ValueError, OSError, RuntimeError) as error:
             notes.append(f"partition {index} not judged: previous state unreadable: {error}")

@@ -25,7 +25,6 @@ import pytest
 import torch
 from bittensor.keyfiles import Keypair
 
-import iota.miner.main as miner_main
 from iota.chain.local import LocalChain
 from iota.config import OrchestratorSettings
 from iota.merge import (
@@ -41,7 +40,6 @@ from iota.merge import (
     merge_partition,
     partition_bounds,
     read_slice,
-    run_owner,
     sha256_hex,
 )
 from iota.miner.client import OrchestratorClient, Refused
@@ -57,6 +55,7 @@ from iota.train.run import Run
 from iota.validator import scoring
 from tests.orchestrator import run_settings
 from tests.support import Clock
+from tests.support.hops import corrupted_merge
 from tests.support.hops import train_hop as hop
 
 RUN_ID = "run-merge"
@@ -253,29 +252,7 @@ class OwnerUploadsBadSlices(OwnerFault):
     def strike(
         self, net: Net, name: str, work: Work, plan: MergePlan, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        corrupt, hotkey = self.corrupt, net.miners[name].client.hotkey
-        weights_keys = {plan.output_key(i, hotkey, "weights") for i in plan.partitions_of(hotkey)}
-
-        class CorruptingUrlStore(miner_main.UrlStore):
-            def put(self, key: str, data: bytes) -> None:
-                if key in weights_keys:
-                    data = encode_f32(corrupt(decode_f32(data)))
-                super().put(key, data)
-
-        def cheating_owner(store: Any, plan: MergePlan, hotkey: str, **kw: Any) -> Any:
-            done = run_owner(store, plan, hotkey, **kw)
-            for index, result in done.results.items():
-                result.weights = corrupt(result.weights)
-                result.weights_digest = sha256_hex(encode_f32(result.weights))
-                store.put(plan.output_key(index, hotkey, "weights"), encode_f32(result.weights))
-            return done
-
-        with monkeypatch.context() as patch:
-            if self.honest_digest:
-                patch.setattr(miner_main, "UrlStore", CorruptingUrlStore)
-            else:
-                patch.setattr(miner_main, "run_owner", cheating_owner)
-            net.miners[name].do(work)
+        corrupted_merge(net.miners[name], work, self.corrupt, self.honest_digest)
 
 
 class SubmitterFault(Fault):

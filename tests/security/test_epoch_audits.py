@@ -16,15 +16,13 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from bittensor.keyfiles import Keypair
 
-import iota.miner.main as miner_main
 from iota.chain.local import LocalChain
-from iota.merge import MergePlan, decode_f32, encode_f32, run_owner, sha256_hex
+from iota.merge import MergePlan
 from iota.miner.client import OrchestratorClient
 from iota.miner.main import Miner
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
@@ -37,7 +35,7 @@ from iota.validator.scoring import ORCHESTRATOR, confirmed_failures
 from tests.orchestrator import run_settings
 from tests.security import serving
 from tests.support import Clock
-from tests.support.hops import train_hop
+from tests.support.hops import corrupted_merge, train_hop
 
 # Registered in this order, the replicas take stages 0, 1, 0, 1, 0, 1.
 REPLICAS = ("s0a", "s1a", "s0b", "s1b", "s0c", "s1c")
@@ -264,26 +262,7 @@ def poison_merges(net: Net, name: str, work: Work) -> bool:
     if hotkey != plan.partitions[0].owners[0]:
         return False
     own_digest = net.poisoners[name] = OWN_DIGEST[plan.stage]
-    weights_keys = {plan.output_key(i, hotkey, "weights") for i in plan.partitions_of(hotkey)}
-
-    class PoisoningUrlStore(miner_main.UrlStore):
-        def put(self, key: str, data: bytes) -> None:
-            super().put(key, encode_f32(noise(decode_f32(data))) if key in weights_keys else data)
-
-    def poisoning_owner(store: Any, plan: MergePlan, hotkey: str, **kw: Any) -> Any:
-        done = run_owner(store, plan, hotkey, **kw)
-        for index, result in done.results.items():
-            result.weights = noise(result.weights)
-            result.weights_digest = sha256_hex(encode_f32(result.weights))
-            store.put(plan.output_key(index, hotkey, "weights"), encode_f32(result.weights))
-        return done
-
-    with pytest.MonkeyPatch.context() as patch:
-        if own_digest:
-            patch.setattr(miner_main, "run_owner", poisoning_owner)
-        else:
-            patch.setattr(miner_main, "UrlStore", PoisoningUrlStore)
-        net.miners[name].do(work)
+    corrupted_merge(net.miners[name], work, noise, honest_digest=not own_digest)
     return True
 
 

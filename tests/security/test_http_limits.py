@@ -157,12 +157,16 @@ def test_one_ip_cannot_take_every_connection(net: Net) -> None:
 PARSER_HEADER_TIMEOUT_S = 2.0  # long enough that a refusal on size is told apart from the deadline
 
 
+# httptools is a dependency (pyproject.toml): only an install without it skips the httptools cases.
+HTTPTOOLS_MISSING = "httptools, uvicorn's C parser, is not installed: pip install httptools"
+
+
 @pytest.fixture(params=["httptools", "h11"])
 def parser_net(
     request: pytest.FixtureRequest, data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
 ) -> Iterator[Net]:
     if request.param == "httptools":
-        pytest.importorskip("httptools")
+        pytest.importorskip("httptools", reason=HTTPTOOLS_MISSING)
     options = server_options(run_settings(data_dir, tmp_path), max_connections_per_ip=PER_IP)
     options["http"] = guarded_http(PARSER_HEADER_TIMEOUT_S, PER_IP, parser=request.param)
     with serve_net(data_dir, keypairs, tmp_path, options=options) as net:
@@ -170,7 +174,7 @@ def parser_net(
 
 
 def test_server_options_take_httptools_where_installed(data_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("httptools")
+    pytest.importorskip("httptools", reason=HTTPTOOLS_MISSING)
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     assert issubclass(server_options(run_settings(data_dir, tmp_path))["http"], HttpToolsProtocol)

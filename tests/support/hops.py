@@ -1,7 +1,16 @@
-"""A training hop done on the test's thread by the miner daemon's own code, for tests that drive miners step by step."""
+"""Work done on the test's thread by the miner daemon's own code, for tests that drive miners step by step: a
+training hop, and a merge whose uploaded slices are corrupted."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import iota.miner.main as miner_main
+from iota.merge import MergePlan, decode_f32, encode_f32, run_owner, sha256_hex
 from iota.miner.main import Miner
 from iota.protocol import Work
 from iota.storage.transfer import download, upload
@@ -22,3 +31,34 @@ def train_hop(miner: Miner, work: Work) -> None:
         assert work.output_url
         upload(work.output_url, finished.output, miner.http)
     miner.client.report(finished.report())
+
+
+def corrupted_merge(
+    miner: Miner, work: Work, corrupt: Callable[[torch.Tensor], torch.Tensor], honest_digest: bool
+) -> None:
+    """Do a merge order with the daemon's code, but upload `corrupt(merged weights)` for each partition the miner
+    owns. `honest_digest`: the report names the digest of the correct merge (a lying owner, or bytes corrupted on
+    their way to the bucket), so the owners' reports agree and only the bytes betray it; otherwise it names the
+    digest of what was uploaded, and the owners disagree."""
+    plan = MergePlan.model_validate(work.extra["plan"])
+    hotkey = miner.client.hotkey
+    weights_keys = {plan.output_key(i, hotkey, "weights") for i in plan.partitions_of(hotkey)}
+
+    class CorruptingUrlStore(miner_main.UrlStore):
+        def put(self, key: str, data: bytes) -> None:
+            super().put(key, encode_f32(corrupt(decode_f32(data))) if key in weights_keys else data)
+
+    def corrupting_owner(store: Any, plan: MergePlan, hotkey: str, **kw: Any) -> Any:
+        done = run_owner(store, plan, hotkey, **kw)
+        for index, result in done.results.items():
+            result.weights = corrupt(result.weights)
+            result.weights_digest = sha256_hex(encode_f32(result.weights))
+            store.put(plan.output_key(index, hotkey, "weights"), encode_f32(result.weights))
+        return done
+
+    with pytest.MonkeyPatch.context() as patch:
+        if honest_digest:
+            patch.setattr(miner_main, "UrlStore", CorruptingUrlStore)
+        else:
+            patch.setattr(miner_main, "run_owner", corrupting_owner)
+        miner.do(work)
