@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: sets up if needed, then lint, format check, type check and the test suite, timing each part.
+# The test command: sets up if needed, then lint, format check, type check, import contracts and the test suite,
+# timing each part.
 # Usage: bash run_tests.sh [pytest arguments]   e.g. bash run_tests.sh -m "not slow"   or   tests/train -x
 # Every part runs even when an earlier one fails; the exit status is non-zero if any part failed.
 set -uo pipefail
@@ -35,6 +36,7 @@ part() {
 part ruff ruff check .
 part format ruff format --check .
 part mypy mypy
+part imports lint-imports  # the layering contracts in pyproject.toml ([tool.importlinter])
 # Without arguments: everything but the long runs marked `extended` (run those with: bash run_tests.sh -m extended).
 if [ "$#" -eq 0 ]; then set -- -m "not extended"; fi
 part pytest python -m pytest -q -ra --durations=15 "$@"

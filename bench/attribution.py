@@ -17,7 +17,7 @@ Miner 0 of stage 1 (a body stage) is `NoisyOutput` from iota/validator/adversari
              audit catches (tests/validator/test_adversaries.py)
   x1, x3, x10  noise of 1, 3 and 10 times the norm of the stage's change, on outputs and input gradients alike
 
-Every `check_every` samples `iota.validator.attribution.attribute` runs on all samples so far (windows of 64); the
+Every `check_every` samples `iota.audit.attribution.attribute` runs on all samples so far (windows of 64); the
 bench records the first check at which the noisy miner is flagged (z > 4), where the trial stops (unless
 --keep-going), and every honest miner's flags at every check.
 
@@ -51,15 +51,15 @@ from typing import Any
 
 import torch
 
+from iota.audit.adversaries import Honest, NoisyOutput
+from iota.audit.attribution import MinerAttribution, attribute
+from iota.audit.compare import FP32
 from iota.config import RunSettings
-from iota.miner.worker import StageWorker, TrainFlags
 from iota.model import wire
 from iota.model.llama import loss_fn
 from iota.train.run import Run, build_run
 from iota.train.schedule import inner_step_lr
-from iota.validator.adversaries import Honest, NoisyOutput
-from iota.validator.attribution import MinerAttribution, attribute
-from iota.validator.compare import FP32
+from iota.train.worker import StageWorker, TrainFlags
 
 MINERS_PER_STAGE = 3
 NOISY = (1, 0)  # (stage, miner): a body stage, so its noise reaches the loss through the tail

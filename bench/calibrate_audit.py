@@ -40,23 +40,14 @@ from typing import Any
 
 import torch
 
-from iota.miner.worker import StageWorker, TrainFlags
+from iota.audit import ReplaySetup, Thresholds, replay
+from iota.audit.adversaries import Honest, Int8Weights, Pipeline, synthetic_batch
+from iota.audit.records import HopRecord, decode_records, encode_records
 from iota.model.config import ModelConfig, preset
 from iota.model.stages import StageSpec, build_stage, plan_stages
 from iota.train.schedule import LRSchedule
-from iota.validator import (
-    HopRecord,
-    ReplaySetup,
-    Snapshot,
-    Thresholds,
-    decode_records,
-    decode_snapshot,
-    encode_records,
-    encode_snapshot,
-    replay,
-    take_snapshot,
-)
-from iota.validator.adversaries import Honest, Int8Weights, Pipeline, synthetic_batch
+from iota.train.snapshot import Snapshot, decode_snapshot, encode_snapshot, take_snapshot
+from iota.train.worker import StageWorker, TrainFlags
 
 VOCAB = {"test": 512, "tiny": 4096}
 N_STAGES = 3

@@ -31,13 +31,13 @@ from iota.merge import (
     OuterConfig,
     Submitter,
     apply_merged,
-    encode_f32,
     make_plan,
     partition_bounds,
     pseudo_gradient,
     run_owner,
     squared_norm,
 )
+from iota.model.flat import encode_f32
 
 MB = 1e6
 

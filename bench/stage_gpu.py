@@ -16,10 +16,10 @@ import time
 import torch
 
 from iota.merge import outer_step
-from iota.miner.worker import StageWorker, TrainFlags
 from iota.model import wire
 from iota.model.config import default_stages, preset
 from iota.model.stages import plan_stages
+from iota.train.worker import StageWorker, TrainFlags
 
 VOCAB = 128256
 

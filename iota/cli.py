@@ -80,9 +80,9 @@ def cmd_miner(args: argparse.Namespace) -> int:
     import torch
     from loguru import logger
 
-    from iota.miner.client import OrchestratorClient
+    from iota.client.orchestrator import OrchestratorClient
     from iota.miner.main import Miner
-    from iota.miner.worker import StageWorker
+    from iota.train.worker import StageWorker
 
     settings = load(MinerSettings)
     device = _device(settings.device)
@@ -95,7 +95,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
     miner_dir.mkdir(parents=True, exist_ok=True)
     factory = StageWorker
     if settings.adversary:
-        from iota.validator import adversaries
+        from iota.audit import adversaries
 
         factory = getattr(adversaries, settings.adversary)
         logger.warning("this miner cheats on purpose ({}): validators will catch it", settings.adversary)
@@ -120,7 +120,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
 
 def _miner_status(settings: MinerSettings) -> int:
     """What a miner operator checks: its stage, work done, and the run as the orchestrator sees it."""
-    from iota.miner.client import OrchestratorClient
+    from iota.client.orchestrator import OrchestratorClient
 
     keypair = _keypair(settings)
     local = Path(settings.miner_dir) / f"status-{keypair.ss58_address}.json"
@@ -168,7 +168,7 @@ def cmd_validator(args: argparse.Namespace) -> int:
     validator_dir.mkdir(parents=True, exist_ok=True)
     if args.action == "status":
         return _validator_status(settings, keypair.ss58_address, validator_dir)
-    from iota.miner.client import OrchestratorClient
+    from iota.client.orchestrator import OrchestratorClient
     from iota.validator.main import ValidatorDaemon
 
     client = OrchestratorClient(settings.orchestrator_url, keypair, settings.orchestrator_hotkey)
@@ -329,7 +329,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Operator controls, signed with the operator's hotkey (IOTA_WALLET_* settings)."""
-    from iota.miner.client import OrchestratorClient, Refused
+    from iota.client.orchestrator import OrchestratorClient, Refused
     from iota.protocol import Ack
 
     settings = load(MinerSettings)

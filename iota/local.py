@@ -309,7 +309,7 @@ def _scores(net: LocalNetwork) -> dict[str, Any]:
         log = httpx.get(f"{net.url}/scores", timeout=30).json()
     except (httpx.HTTPError, ValueError):
         return {}
-    from iota.validator.scoring import compute_scores
+    from iota.audit.scoring import compute_scores
 
     verdicts = log["verdicts"]
     return {

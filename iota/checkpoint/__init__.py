@@ -11,11 +11,8 @@ from iota.checkpoint.manifest import (
     CheckpointError,
     base_manifest,
     bucket_manifest,
-    flat_bytes,
-    flat_sha256,
     flat_to_state,
     stage_tensor_lists,
-    state_to_flat,
     tensor_list,
 )
 
@@ -33,8 +30,6 @@ __all__ = [
     "export_hf",
     "export_native",
     "find_prepared",
-    "flat_bytes",
-    "flat_sha256",
     "flat_to_state",
     "generate",
     "latest_epoch",
@@ -44,7 +39,6 @@ __all__ = [
     "pull_checkpoint",
     "save_hf_tokenizer",
     "stage_tensor_lists",
-    "state_to_flat",
     "tensor_list",
     "write_local_checkpoint",
 ]

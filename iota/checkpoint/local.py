@@ -19,12 +19,12 @@ from iota.checkpoint.manifest import (
     MANIFEST_FILE,
     CheckpointError,
     expected_tensors,
-    flat_sha256,
     parse_manifest,
     stage_entry_fields,
     tensor_list,
 )
 from iota.data.tokenizer import TOKENIZER_FILE, Llama3Tokenizer, Tokenizer, load_tokenizer
+from iota.model import flat
 from iota.model.config import ModelConfig
 from iota.model.llama import Llama
 from iota.model.stages import Pipeline, StageSpec
@@ -64,7 +64,7 @@ def write_local_checkpoint(
         _check_names_and_shapes(
             tensor_list(state), expected_tensors(config, spec), f"stage {spec.index} weights"
         )
-        fields = stage_entry_fields(tensor_list(state), flat_sha256(state))
+        fields = stage_entry_fields(tensor_list(state), flat.sha256(state))
         for name in ("sha256", "n_params", "tensors"):
             if name in entry and entry[name] != fields[name]:
                 raise CheckpointError(f"stage {spec.index}: the weights' {name} differs from the manifest's")
@@ -171,7 +171,7 @@ def _load_stage(
     non_finite = sorted(n for n, t in state.items() if not bool(torch.isfinite(t).all()))
     if non_finite:
         raise CheckpointError(f"{where}: tensors {non_finite[:5]} hold NaN or Inf values")
-    sha = flat_sha256(state)
+    sha = flat.sha256(state)
     if sha != entry.get("sha256"):
         raise CheckpointError(
             f"{where}: sha256 of the weights is {sha}, the manifest records {entry.get('sha256')}"

@@ -1,4 +1,4 @@
-"""The checkpoint manifest and the flat layout of a stage: tensors in sorted-name order, concatenated as fp32.
+"""The checkpoint manifest, and a stage's tensors named by it (their flat layout is iota.model.flat's).
 
 A bucket checkpoint (written by the orchestrator) and a local checkpoint directory share one manifest; a bucket
 stage entry names its flat object ("key"), a local one its safetensors file ("file").
@@ -6,17 +6,16 @@ stage entry names its flat object ("key"), a local one its safetensors file ("fi
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from iota.data.plan import DataPlan
 from iota.model.config import ModelConfig
+from iota.model.flat import decode_f32, named
 from iota.model.llama import Llama
 from iota.model.stages import StageSpec
 from iota.train.schedule import LRSchedule
@@ -33,21 +32,11 @@ class CheckpointError(ValueError):
 
 def tensor_list(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> TensorList:
     """[[name, shape], ...] of a model's parameters (or a state dict's tensors), sorted by name."""
-    if isinstance(model_or_state, nn.Module):
-        items: Iterable[tuple[str, torch.Tensor]] = model_or_state.named_parameters()
-    else:
-        items = model_or_state.items()
-    return [[name, list(tensor.shape)] for name, tensor in sorted(items, key=lambda item: item[0])]
+    return [[name, list(tensor.shape)] for name, tensor in named(model_or_state)]
 
 
 def n_params(tensors: Sequence[Sequence[Any]]) -> int:
     return sum(math.prod(shape) for _, shape in tensors)
-
-
-def state_to_flat(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """fp32 tensors flattened and concatenated in sorted-name order (the layout the merge partitions)."""
-    parts = [state[name].detach().to(device="cpu", dtype=torch.float32).reshape(-1) for name in sorted(state)]
-    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def flat_to_state(flat: torch.Tensor, tensors: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
@@ -66,25 +55,12 @@ def flat_to_state(flat: torch.Tensor, tensors: Sequence[Sequence[Any]]) -> dict[
     return state
 
 
-def flat_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """The bytes of `state_to_flat(state)`: raw little-endian float32."""
-    return state_to_flat(state).numpy().astype("<f4", copy=False).tobytes()
-
-
-def flat_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of the flat bytes, computed tensor by tensor so a large stage is never copied whole."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        values = state[name].detach().to(device="cpu", dtype=torch.float32).contiguous()
-        digest.update(values.numpy().astype("<f4", copy=False).tobytes())
-    return digest.hexdigest()
-
-
 def decode_flat(data: bytes) -> torch.Tensor:
-    """Raw little-endian float32 bytes as a 1-D fp32 tensor."""
-    if len(data) % 4:
-        raise CheckpointError(f"{len(data)} bytes is not a whole number of float32 values")
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
+    """A stage's flat object as a 1-D fp32 tensor; bytes that are not whole float32 values are a CheckpointError."""
+    try:
+        return decode_f32(data)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def expected_tensors(model: ModelConfig, spec: StageSpec) -> TensorList:

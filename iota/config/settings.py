@@ -154,7 +154,7 @@ class MinerSettings(ChainSettings, WalletSettings):
     health_port: int = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
     adversary: str = Field(
         "",
-        description="Tests and demos only: cheat like this class of iota.validator.adversaries (validators catch it)",
+        description="Tests and demos only: cheat like this class of iota.audit.adversaries (validators catch it)",
     )
     miner_dir: Path = Field(Path("runs/miner"), description="Where the miner keeps its cache and status")
 

@@ -13,9 +13,8 @@ from iota.merge.butterfly import (
     PartitionResult,
     apply_merged,
     check_claimed_norms,
-    decode_f32,
-    encode_f32,
     merge_partition,
+    partition_digest,
     pseudo_gradient,
     read_previous,
     read_slice,
@@ -31,11 +30,9 @@ from iota.merge.plan import (
     Partition,
     Submitter,
     assign_owners,
-    flatten,
     make_plan,
     partition_bounds,
     plan_seed,
-    unflatten_into,
 )
 
 __all__ = [
@@ -54,11 +51,9 @@ __all__ = [
     "apply_merged",
     "assign_owners",
     "check_claimed_norms",
-    "decode_f32",
-    "encode_f32",
-    "flatten",
     "make_plan",
     "merge_partition",
+    "partition_digest",
     "outer_lr",
     "outer_step",
     "partition_bounds",
@@ -69,5 +64,4 @@ __all__ = [
     "run_owner",
     "sha256_hex",
     "squared_norm",
-    "unflatten_into",
 ]

@@ -22,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 from loguru import logger
 
 from iota.merge.outer import outer_lr, outer_step
 from iota.merge.plan import FlatRef, MergePlan, Partition, Submitter
+from iota.model.flat import decode_f32, encode_f32
 
 NORM_RTOL = 1e-3
 """How far (relative) a claimed pseudo-gradient norm may be from the norm of what was uploaded."""
@@ -117,26 +117,17 @@ class CallerView:
         self.store.put(key, data, self.caller)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# fp32 vectors as bytes.
-
-
-def encode_f32(vector: torch.Tensor) -> bytes:
-    """A 1-D fp32 tensor as raw little-endian float32 bytes."""
-    if vector.dim() != 1 or vector.dtype != torch.float32:
-        raise ValueError(f"expected a 1-D fp32 tensor, got {vector.dtype} of shape {tuple(vector.shape)}")
-    return vector.detach().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes()
-
-
-def decode_f32(data: bytes) -> torch.Tensor:
-    """Raw little-endian float32 bytes as a 1-D fp32 tensor (a copy, writable)."""
-    if len(data) % 4:
-        raise ValueError(f"{len(data)} bytes is not a whole number of float32 values")
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
-
-
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def partition_digest(weights: bytes, momentum: bytes) -> str:
+    """PartitionResult.digest of a partition's two uploaded slices: what an owner reports, from the bytes alone."""
+    return _combined(sha256_hex(weights), sha256_hex(momentum))
+
+
+def _combined(weights_digest: str, momentum_digest: str) -> str:
+    return sha256_hex(f"{weights_digest}:{momentum_digest}".encode())
 
 
 def pseudo_gradient(theta_start: torch.Tensor, theta_end: torch.Tensor) -> torch.Tensor:
@@ -172,7 +163,7 @@ class PartitionResult:
     @property
     def digest(self) -> str:
         """One digest for both outputs: what the orchestrator compares between the two owners."""
-        return sha256_hex(f"{self.weights_digest}:{self.momentum_digest}".encode())
+        return _combined(self.weights_digest, self.momentum_digest)
 
 
 def _read_upload_slice(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from iota.merge.outer import OuterConfig
@@ -18,37 +17,6 @@ DEFAULT_OUTPUT_TEMPLATE = "runs/{run}/epochs/{epoch}/merge/{stage}/{partition}/{
 """Where an owner uploads its merged slice; the orchestrator normally passes its own template from its key layout.
 Fields: run, epoch, stage, partition, hotkey, kind ("weights" or "momentum"). Each owner writes its own keys so the
 two owners' outputs can be compared."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The flat layout: one fp32 vector per stage, parameters in sorted-name order.
-
-
-def flatten(named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    """All tensors as one fp32 vector, concatenated in sorted-name order (the order every replica agrees on)."""
-    items = dict(named_params.items() if isinstance(named_params, Mapping) else named_params)
-    if not items:
-        raise ValueError("flatten needs at least one tensor")
-    parts = [items[name].detach().to(torch.float32).reshape(-1) for name in sorted(items)]
-    return torch.cat(parts)
-
-
-def unflatten_into(target: torch.nn.Module | MutableMapping[str, torch.Tensor], flat: torch.Tensor) -> None:
-    """Copy `flat` back into a module's parameters (or a dict of tensors), in place, in sorted-name order.
-
-    Each tensor keeps its own dtype and device; `flat` must have exactly as many elements as the tensors together.
-    """
-    tensors = dict(target.named_parameters()) if isinstance(target, torch.nn.Module) else dict(target)
-    total = sum(t.numel() for t in tensors.values())
-    if flat.dim() != 1 or flat.numel() != total:
-        raise ValueError(f"flat vector has shape {tuple(flat.shape)}, the tensors need ({total},)")
-    offset = 0
-    with torch.no_grad():
-        for name in sorted(tensors):
-            tensor = tensors[name]
-            n = tensor.numel()
-            tensor.copy_(flat[offset : offset + n].view(tensor.shape))
-            offset += n
 
 
 def partition_bounds(n_params: int, n_partitions: int) -> list[tuple[int, int]]:

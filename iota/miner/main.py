@@ -10,9 +10,7 @@ step, release what is leased (a prefetched item included), send what is finished
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import signal
 import threading
@@ -28,85 +26,23 @@ import httpx
 import torch
 from loguru import logger
 
+from iota.client.orchestrator import OrchestratorClient, Refused
+from iota.client.transfers import UrlStore, fetch_data, get, put
 from iota.data import DataPlan, TokenData
-from iota.merge import MergePlan, decode_f32, encode_f32, run_owner
-from iota.miner.client import OrchestratorClient, Refused
+from iota.merge import MergePlan, run_owner
 from iota.miner.pipeline import Fetched, Outbox, Prefetcher
-from iota.miner.worker import StageWorker, TrainFlags, sketch_seed
 from iota.model import wire
 from iota.model.config import ModelConfig
+from iota.model.flat import decode_f32, encode_f32
 from iota.model.stages import StageSpec
 from iota.protocol import RegisterRequest, Report, RunInfo, WeightSketch, Work
 from iota.storage.base import StoreError
-from iota.storage.transfer import DigestMismatch, TooLarge, TransferError, download, upload
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule, inner_step_lr
-from iota.validator.replay import Snapshot, snapshot_to_f32, take_snapshot
+from iota.train.snapshot import Snapshot, snapshot_to_f32, take_snapshot
+from iota.train.worker import StageWorker, TrainFlags, sketch_seed, stage_clip
 
 HOLD_S = 10.0  # how long the orchestrator may hold a request for work (it answers as soon as there is some)
-TRANSFER_PATIENCE_S = (
-    180.0  # how long a transfer keeps trying through an unreachable store (a restarting orchestrator)
-)
-
-
-def _patient(action: Any, what: str) -> Any:
-    """Run a transfer, retrying connection failures and 5xx for a while; a 4xx or a bad digest fails at once."""
-    deadline, delay = time.monotonic() + TRANSFER_PATIENCE_S, 1.0
-    while True:
-        try:
-            return action()
-        except (DigestMismatch, TooLarge):
-            raise
-        except TransferError as error:
-            final = error.status is not None and error.status < 500 and error.status not in (408, 429)
-            if final or time.monotonic() > deadline:
-                raise
-            logger.warning("{} failed ({}); retrying in {:.0f} s", what, error, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, 15.0)
-
-
-def get(
-    url: str, sha: str | None, max_bytes: int, http: httpx.Client, byte_range: tuple[int, int] | None = None
-) -> bytes:
-    return _patient(lambda: download(url, sha, max_bytes, http, byte_range=byte_range), "download")  # type: ignore[no-any-return]
-
-
-def put(url: str, data: bytes, http: httpx.Client) -> None:
-    _patient(lambda: upload(url, data, http), "upload")
-
-
-def fetch_data(plan: DataPlan, urls: dict[str, str], cache_dir: Path, http: httpx.Client) -> TokenData:
-    """The plan's shards, fetched once by URL, checked against the plan's sha256, and cached on disk."""
-    directory = cache_dir / "data" / plan.digest[:16]
-    directory.mkdir(parents=True, exist_ok=True)
-    for shard in plan.shards:
-        path = directory / shard.file
-        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != shard.sha256:
-            path.write_bytes(get(urls[shard.file], shard.sha256, 1 << 34, http))
-    return TokenData.open(directory, plan)
-
-
-class UrlStore:
-    """The merge's BlobStore over presigned URLs: a miner reads and writes only the keys its work item names."""
-
-    def __init__(self, gets: dict[str, str], puts: dict[str, str], http: httpx.Client, max_bytes: int):
-        self.gets, self.puts, self.http, self.max_bytes = gets, puts, http, max_bytes
-
-    def get(self, key: str) -> bytes:
-        return get(self._url(self.gets, key), None, self.max_bytes, self.http)
-
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        return get(self._url(self.gets, key), None, self.max_bytes, self.http, byte_range=(start, end))
-
-    def put(self, key: str, data: bytes) -> None:
-        put(self._url(self.puts, key), data, self.http)
-
-    @staticmethod
-    def _url(urls: dict[str, str], key: str) -> str:
-        if key not in urls:
-            raise KeyError(f"the work item gives no URL for {key}")
-        return urls[key]
 
 
 @dataclass(frozen=True)
@@ -639,12 +575,6 @@ class Miner:
 def unknown_session(error: Refused) -> bool:
     """The orchestrator lost or timed out this miner's registration: registering again is the remedy."""
     return error.status == 404 or (error.status == 409 and "register again" in str(error.detail))
-
-
-def stage_clip(run: RunInfo, stage: int) -> float:
-    """The run clips the whole model's gradient norm at C; a stage sees only its share, C * sqrt(n_stage / n)."""
-    total = sum(s.n_params for s in run.stages)
-    return run.clip * math.sqrt(run.stages[stage].n_params / total)
 
 
 def _no_data(sample_id: int) -> tuple[torch.Tensor, torch.Tensor]:

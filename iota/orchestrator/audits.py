@@ -5,10 +5,10 @@ claims this epoch, so claiming more means being watched more. A validator reads 
 
 Once an epoch's merge is done, every miner whose pseudo-gradient went into it is audited once more, before any
 draw: that audit's window ends at the miner's last inner step where a snapshot (or a short epoch) allows, and it
-checks the pseudo-gradient the miner uploaded and the partitions it merged as an owner (iota.validator.audit).
+checks the pseudo-gradient the miner uploaded and the partitions it merged as an owner (iota.audit.judge).
 Any audit of an epoch whose uploads or merge reports are in carries them.
 
-A failing verdict is not believed on one validator's word (iota.validator.scoring): it waits for confirmation.
+A failing verdict is not believed on one validator's word (iota.audit.scoring): it waits for confirmation.
 The next validator other than the accuser to ask for work replays the same miner's same epoch; when no other
 validator asks within `confirm_wait_s`, the orchestrator recomputes the audit itself (iota.orchestrator.recheck).
 The score log is mirrored to the bucket with every checkpoint, so a run resumed from its bucket keeps every
@@ -27,6 +27,8 @@ from typing import Any
 
 from loguru import logger
 
+from iota.audit.compare import thresholds
+from iota.audit.scoring import ORCHESTRATOR, standing
 from iota.merge import MergePlan
 from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.scheduler import Scheduler, SchedulingError
@@ -45,8 +47,6 @@ from iota.protocol import (
 )
 from iota.storage import keys
 from iota.storage.base import ObjectStore, StoreError
-from iota.validator.compare import thresholds
-from iota.validator.scoring import ORCHESTRATOR, standing
 
 MAX_AUDIT_HOPS = 512  # the replay stops at its calibrated depth long before this
 CONFIRMATIONS = "confirmations"  # kv: audit id of a failing verdict -> what confirming it needs

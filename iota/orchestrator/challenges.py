@@ -4,7 +4,7 @@ Every report that completes an inner step carries a sketch of the weights after 
 before the miner can know whether it will be challenged). With probability `rate` per step the orchestrator then
 challenges the miner: its next work item is a `snapshot` order, which comes before any other work. The miner
 answers with its weights and inner optimizer state as they stand (a flat fp32 object,
-iota.validator.replay.snapshot_to_f32) and the inner step t they are at, which may be past the challenged step
+iota.audit.replay.snapshot_to_f32) and the inner step t they are at, which may be past the challenged step
 (items it had already fetched may have stepped); the snapshot is worth something only against the sketch
 committed for t, which validators check before they replay from it. So an audit can start anywhere in an epoch,
 not only at its checkpoint.

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from iota.audit.scoring import confirmed_failures
 from iota.checkpoint import bucket_manifest, latest_epoch
 from iota.merge import (
     FlatRef,
@@ -30,21 +31,20 @@ from iota.merge import (
     OuterConfig,
     Partition,
     Submitter,
-    decode_f32,
-    encode_f32,
     make_plan,
+    partition_digest,
     read_slice,
     run_owner,
 )
 from iota.merge.butterfly import check_claimed_norms, sha256_hex
 from iota.model.config import ModelConfig
+from iota.model.flat import decode_f32, encode_f32, flatten
 from iota.model.stages import StageSpec, build_stage
 from iota.orchestrator.scheduler import APPLY, DONE, MERGE, TRAIN, UPLOAD, Scheduler, SchedulingError
 from iota.orchestrator.state import Miner, StateStore
 from iota.protocol import EpochPlan, Report, Work
 from iota.storage import keys
 from iota.storage.base import ObjectStore
-from iota.validator.scoring import confirmed_failures
 
 ORCHESTRATOR = "orchestrator"  # owner name under which the orchestrator writes partitions it recomputed
 
@@ -106,7 +106,7 @@ class EpochDriver:
             return
         shas = []
         for spec in self.stages:
-            flat = _flat(build_stage(self.model, spec, self.settings.seed))
+            flat = flatten(build_stage(self.model, spec, self.settings.seed))
             data = encode_f32(flat)
             self.store.put(keys.checkpoint_stage(self.run_id, 0, spec.index), data)
             shas.append(sha256_hex(data))
@@ -480,7 +480,7 @@ class EpochDriver:
                 # A report vouches only for what the bucket holds: else an owner that reports the honest digest
                 # over garbage (or NaN) slices would have them accepted whenever its partner agrees.
                 slices = self._uploaded(partition, plan, h)
-                if slices is None or _result_digest(*slices) != digest:
+                if slices is None or partition_digest(*slices) != digest:
                     why = (
                         "its uploaded slices are missing, the wrong size or not finite"
                         if slices is None
@@ -533,15 +533,6 @@ class EpochDriver:
         self.state.log(now, "phase", None, epoch=epoch, phase=phase)
         self.scheduler.doorbell.ring_all()
         logger.info("epoch {}: phase {}", epoch, phase)
-
-
-def _result_digest(weights: bytes, momentum: bytes) -> str:
-    """PartitionResult.digest of a partition's two output slices: what an owner reports."""
-    return sha256_hex(f"{sha256_hex(weights)}:{sha256_hex(momentum)}".encode())
-
-
-def _flat(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().float().reshape(-1) for _, p in sorted(model.named_parameters())])
 
 
 __all__ = ["EpochDriver", "EpochSettings", "TRAIN"]

@@ -1,7 +1,7 @@
 """The orchestrator's own recomputation of a failing verdict that no other validator took up in time.
 
 With one validator, nobody else can confirm its failing verdicts; the orchestrator then replays the same miner's
-same epoch itself, from the objects in its own store, with the validators' code (iota.validator.audit), with the
+same epoch itself, from the objects in its own store, with the validators' code (iota.audit.judge), with the
 same end-of-epoch checks (pseudo-gradient, merged partitions) a validator's task would carry, and its verdict
 confirms or refutes the claim. It runs on a background thread on the CPU, one claim at a time; failing
 verdicts are rare, so this costs an honest run nothing.
@@ -18,15 +18,8 @@ from typing import Any
 import torch
 from loguru import logger
 
-from iota.merge import MergePlan, decode_f32
-from iota.miner.worker import Batch
-from iota.orchestrator.audits import MAX_AUDIT_HOPS, Auditor
-from iota.orchestrator.challenges import Challenges
-from iota.orchestrator.state import StateStore
-from iota.protocol import AuditVerdict, EpochPlan, RunInfo, WeightSketch
-from iota.storage import keys
-from iota.storage.base import ObjectStore
-from iota.validator.audit import (
+from iota.audit.compare import thresholds
+from iota.audit.judge import (
     Evidence,
     FinalClaim,
     MergeClaim,
@@ -35,8 +28,17 @@ from iota.validator.audit import (
     judge,
     replay_setup,
 )
-from iota.validator.compare import thresholds
-from iota.validator.replay import HopRecord, ReplaySetup
+from iota.audit.records import HopRecord
+from iota.audit.replay import ReplaySetup
+from iota.merge import MergePlan
+from iota.model.flat import decode_f32
+from iota.orchestrator.audits import MAX_AUDIT_HOPS, Auditor
+from iota.orchestrator.challenges import Challenges
+from iota.orchestrator.state import StateStore
+from iota.protocol import AuditVerdict, EpochPlan, RunInfo, WeightSketch
+from iota.storage import keys
+from iota.storage.base import ObjectStore
+from iota.train.worker import Batch
 
 
 class Rechecker:

@@ -32,7 +32,7 @@ from iota.protocol import (
     Work,
 )
 from iota.storage.base import ObjectStore
-from iota.validator.replay import snapshot_size
+from iota.train.snapshot import snapshot_size
 
 if TYPE_CHECKING:
     from iota.orchestrator.abuse import AbusePolicy
@@ -409,7 +409,7 @@ class Orchestrator:
         )
         lines += [f'iota_hop_seconds{{stage="{int(s)}"}} {float(v):.4f}' for s, v in latency]
         if self.auditor is not None:
-            from iota.validator.scoring import compute_scores
+            from iota.audit.scoring import compute_scores
 
             for hotkey, weight in compute_scores(self.auditor.score_log()).items():
                 lines.append(f'iota_score{{hotkey="{hotkey}"}} {weight:.6f}')

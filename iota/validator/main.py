@@ -1,9 +1,9 @@
 """The validator daemon: draw audits, replay them, report verdicts; compute weights from the score log and set them.
 
 Each audit replays a miner's committed hops of an epoch from the epoch's checkpoint (or a challenged snapshot) with
-the miners' own code (iota.validator.replay), in the miner's declared precision, and compares every claim; once the
-epoch has ended, also its uploaded pseudo-gradient and the partitions it merged (iota.validator.audit). Weights
-follow from the orchestrator's score log by a pure function (iota.validator.scoring), so two validators with the
+the miners' own code (iota.audit.replay), in the miner's declared precision, and compares every claim; once the
+epoch has ended, also its uploaded pseudo-gradient and the partitions it merged (iota.audit.judge). Weights
+follow from the orchestrator's score log by a pure function (iota.audit.scoring), so two validators with the
 same log set the same weights; they go to the chain on an interval, retried, and the last result is kept for
 `status`.
 """
@@ -20,15 +20,7 @@ import httpx
 import torch
 from loguru import logger
 
-from iota.chain.base import Chain, ChainError
-from iota.data import DataPlan
-from iota.merge import MergePlan, decode_f32
-from iota.miner.client import OrchestratorClient, Refused
-from iota.miner.main import UrlStore, fetch_data, get
-from iota.miner.worker import Batch
-from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
-from iota.train.run import batch_fn
-from iota.validator.audit import (
+from iota.audit.judge import (
     Evidence,
     FinalClaim,
     MergeClaim,
@@ -38,8 +30,18 @@ from iota.validator.audit import (
     judge,
     replay_setup,
 )
-from iota.validator.replay import HopRecord, ReplaySetup
-from iota.validator.scoring import compute_scores, weights_by_uid, with_burn
+from iota.audit.records import HopRecord
+from iota.audit.replay import ReplaySetup
+from iota.audit.scoring import compute_scores, weights_by_uid, with_burn
+from iota.chain.base import Chain, ChainError
+from iota.client.orchestrator import OrchestratorClient, Refused
+from iota.client.transfers import UrlStore, fetch_data, get
+from iota.data import DataPlan
+from iota.merge import MergePlan
+from iota.model.flat import decode_f32
+from iota.protocol import Ack, AuditTask, AuditVerdict, RunInfo
+from iota.train.run import batch_fn
+from iota.train.worker import Batch
 
 VERSION_KEY = 1  # weights version this validator sets; bumped with incompatible scoring changes
 
@@ -104,7 +106,7 @@ class ValidatorDaemon:
         return AuditTask.model_validate_json(response.content)
 
     def audit(self, task: AuditTask) -> AuditVerdict:
-        """Fetch the task's evidence by its URLs, replay it, and judge it (iota.validator.audit)."""
+        """Fetch the task's evidence by its URLs, replay it, and judge it (iota.audit.judge)."""
 
         def load() -> Evidence:
             setup = self._setup(task)

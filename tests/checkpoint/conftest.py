@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iota.checkpoint import bucket_manifest, stage_tensor_lists, state_to_flat
+from iota.checkpoint import bucket_manifest, stage_tensor_lists
 from iota.data import Corpus, Prepared, load_prepared, load_tokenizer, prepare
 from iota.model import Llama, ModelConfig, StageSpec, build_stage, plan_stages, preset
+from iota.model.flat import encode_f32, flatten
 from iota.storage import keys
 from iota.storage.base import ObjectStore
 from iota.storage.local import LocalStore
@@ -50,7 +51,7 @@ def put_checkpoint(
     models = [build_stage(config, spec, seed=seed + epoch) for spec in stages]
     shas = []
     for spec, model in zip(stages, models, strict=True):
-        data = state_to_flat(dict(model.named_parameters())).numpy().astype("<f4").tobytes()
+        data = encode_f32(flatten(model))
         store.put(keys.checkpoint_stage(RUN, epoch, spec.index), data)
         shas.append(hashlib.sha256(data).hexdigest())
     manifest = bucket_manifest(

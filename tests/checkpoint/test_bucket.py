@@ -15,10 +15,10 @@ from iota.checkpoint import (
     latest_epoch,
     load_checkpoint,
     pull_checkpoint,
-    state_to_flat,
     tensor_list,
 )
 from iota.data import BPETokenizer, Corpus, Prepared
+from iota.model.flat import flatten
 from iota.storage import keys
 from iota.storage.local import LocalStore
 from tests.checkpoint.conftest import RUN, put_checkpoint, same_tensors
@@ -27,7 +27,7 @@ from tests.checkpoint.conftest import RUN, put_checkpoint, same_tensors
 def test_flat_layout_is_sorted_names_and_round_trips(prepared: Prepared) -> None:
     models = put_checkpoint(LocalStoreLike(), prepared, 0)
     state = dict(models[1].named_parameters())
-    flat = state_to_flat(state)
+    flat = flatten(state)
     # The miner's flat_weights: fp32 parameters concatenated in sorted-name order.
     by_hand = torch.cat([p.detach().reshape(-1) for _, p in sorted(models[1].named_parameters())])
     assert torch.equal(flat, by_hand)

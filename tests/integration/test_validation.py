@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from iota.audit.scoring import ORCHESTRATOR
 from iota.local import LocalNetwork, LocalOptions, run_local
-from iota.validator.scoring import ORCHESTRATOR
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path) -> 
             log = net.scores_log()
     finally:
         net.stop()
-    from iota.validator.scoring import compute_scores
+    from iota.audit.scoring import compute_scores
 
     hotkey = {name: net.hotkey(name) for name in [*honest, cheater]}
     failed = {v["miner"] for v in log["verdicts"] if not v["passed"]}

@@ -19,8 +19,6 @@ from iota.merge import (
     Submitter,
     apply_merged,
     check_claimed_norms,
-    decode_f32,
-    encode_f32,
     make_plan,
     partition_bounds,
     pseudo_gradient,
@@ -28,6 +26,7 @@ from iota.merge import (
     sha256_hex,
     squared_norm,
 )
+from iota.model.flat import decode_f32, encode_f32
 
 N_PARAMS = 10_000
 N_PARTITIONS = 8

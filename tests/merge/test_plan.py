@@ -7,16 +7,8 @@ import pydantic
 import pytest
 import torch
 
-from iota.merge import (
-    FlatRef,
-    MergePlan,
-    OuterConfig,
-    Submitter,
-    flatten,
-    make_plan,
-    partition_bounds,
-    unflatten_into,
-)
+from iota.merge import FlatRef, MergePlan, OuterConfig, Submitter, make_plan, partition_bounds
+from iota.model.flat import flatten, unflatten_into
 
 
 def submitters(r: int) -> list[Submitter]:

@@ -14,13 +14,13 @@ import torch
 from bittensor.keyfiles import Keypair
 
 from iota.chain.local import LocalChain
+from iota.client.orchestrator import OrchestratorClient
 from iota.config import OrchestratorSettings
-from iota.miner.client import OrchestratorClient
 from iota.miner.main import Miner
-from iota.miner.worker import StageWorker
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
 from iota.orchestrator.service import Orchestrator
 from iota.storage import LocalStore
+from iota.train.worker import StageWorker
 from tests.support import running_server
 
 

@@ -11,7 +11,7 @@ import pytest
 from bittensor.keyfiles import Keypair
 from fastapi import FastAPI
 
-from iota.miner.client import OrchestratorClient
+from iota.client.orchestrator import OrchestratorClient
 from iota.orchestrator.app import Admission, AdmissionMiddleware
 from iota.protocol import EpochPlan, Work
 from tests.support import running_server

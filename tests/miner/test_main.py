@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from iota.miner.main import Miner
-from iota.miner.worker import StageWorker
 from iota.protocol import Ack, Report
 from iota.train.baseline import train_baseline
 from iota.train.run import build_run
+from iota.train.worker import StageWorker
 from tests.miner.conftest import Net
 
 SEQ_LEN = 32  # the `test` preset's

@@ -28,8 +28,8 @@ import pytest
 
 from iota.auth import create_wallet, load_hotkey
 from iota.chain.local import LocalChain
+from iota.client.orchestrator import OrchestratorClient
 from iota.config import MinerSettings
-from iota.miner.client import OrchestratorClient
 from iota.protocol import Ack, Status
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from iota.miner.client import Refused
+from iota.client.orchestrator import Refused
 from iota.protocol import RegisterRequest, Work
 from tests.orchestrator import test_routes
 from tests.orchestrator.test_routes import MINERS, Net, forward_with_bytes, lease_at

@@ -25,7 +25,9 @@ import pytest
 import torch
 from bittensor.keyfiles import Keypair
 
+from iota.audit import scoring
 from iota.chain.local import LocalChain
+from iota.client.orchestrator import OrchestratorClient, Refused
 from iota.config import OrchestratorSettings
 from iota.merge import (
     DictStore,
@@ -33,17 +35,14 @@ from iota.merge import (
     MergePlan,
     OuterConfig,
     Submitter,
-    decode_f32,
-    encode_f32,
-    flatten,
     make_plan,
     merge_partition,
     partition_bounds,
     read_slice,
     sha256_hex,
 )
-from iota.miner.client import OrchestratorClient, Refused
 from iota.miner.main import Miner
+from iota.model.flat import decode_f32, encode_f32, flatten
 from iota.model.stages import build_stage
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
 from iota.orchestrator.epochs import ORCHESTRATOR
@@ -52,7 +51,6 @@ from iota.protocol import Ack, Report, Work
 from iota.storage import LocalStore, keys
 from iota.storage.transfer import upload
 from iota.train.run import Run
-from iota.validator import scoring
 from tests.orchestrator import run_settings
 from tests.support import Clock
 from tests.support.hops import corrupted_merge

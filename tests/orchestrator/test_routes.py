@@ -22,10 +22,9 @@ from bittensor.keyfiles import Keypair
 
 from iota.auth import sign_headers
 from iota.chain.local import LocalChain
-from iota.merge import decode_f32
-from iota.miner.client import OrchestratorClient, Refused
-from iota.miner.worker import StageWorker, TrainFlags
+from iota.client.orchestrator import OrchestratorClient, Refused
 from iota.model import wire
+from iota.model.flat import decode_f32
 from iota.model.llama import loss_fn
 from iota.model.stages import build_stage
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
@@ -35,6 +34,7 @@ from iota.protocol.version import PROTOCOL_VERSION, VERSION_HEADER
 from iota.storage import LocalStore
 from iota.storage.transfer import download, upload
 from iota.train.run import Run, batch_fn
+from iota.train.worker import StageWorker, TrainFlags
 from tests.orchestrator import run_settings
 from tests.support import Clock, running_server
 

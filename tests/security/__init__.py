@@ -26,7 +26,7 @@ from bittensor.keyfiles import Keypair
 
 from iota.auth import sign_headers
 from iota.chain.local import LocalChain
-from iota.miner.client import OrchestratorClient, Refused
+from iota.client.orchestrator import OrchestratorClient, Refused
 from iota.model import wire
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
 from iota.orchestrator.service import Orchestrator

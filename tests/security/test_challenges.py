@@ -11,7 +11,7 @@ from bittensor.keyfiles import Keypair
 
 from iota.protocol import AuditTask, Report, WeightSketch
 from iota.storage.transfer import download, upload
-from iota.validator.replay import snapshot_size
+from iota.train.snapshot import snapshot_size
 from tests.security import MINERS, Net, refused, report_for, serve_net
 
 SKETCH = WeightSketch(norms=[1.0], projection=[0.0] * 8)

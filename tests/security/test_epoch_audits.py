@@ -21,9 +21,10 @@ import pytest
 import torch
 from bittensor.keyfiles import Keypair
 
+from iota.audit.scoring import ORCHESTRATOR, confirmed_failures
 from iota.chain.local import LocalChain
+from iota.client.orchestrator import OrchestratorClient
 from iota.merge import MergePlan
-from iota.miner.client import OrchestratorClient
 from iota.miner.main import Miner
 from iota.orchestrator.app import STORAGE_PREFIX, assemble
 from iota.orchestrator.recheck import Rechecker
@@ -31,7 +32,6 @@ from iota.orchestrator.service import Orchestrator
 from iota.protocol import Ack, AuditTask, AuditVerdict, Work
 from iota.storage import LocalStore
 from iota.validator.main import ValidatorDaemon
-from iota.validator.scoring import ORCHESTRATOR, confirmed_failures
 from tests.orchestrator import run_settings
 from tests.security import serving
 from tests.support import Clock

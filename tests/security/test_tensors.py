@@ -16,13 +16,14 @@ import torch
 
 from iota.chain.local import LocalChain
 from iota.checkpoint import CheckpointError, load_checkpoint, pull_checkpoint
-from iota.merge import DictStore, FlatRef, Submitter, apply_merged, encode_f32, make_plan, merge_partition
+from iota.merge import DictStore, FlatRef, Submitter, apply_merged, make_plan, merge_partition
 from iota.merge import partition_bounds as bounds_of
-from iota.miner.worker import StageWorker, TrainFlags
 from iota.model import wire
+from iota.model.flat import encode_f32
 from iota.orchestrator.app import assemble
 from iota.storage import LocalStore, keys
 from iota.train.run import Run, batch_fn, build_run
+from iota.train.worker import StageWorker, TrainFlags
 from tests.orchestrator import run_settings
 
 WIRE = torch.float32  # the run_settings' wire dtype
@@ -222,7 +223,7 @@ def test_checkpoint_load_refuses_non_finite_weights_with_a_matching_manifest(
     state = safetensors.torch.load_file(str(path))
     name = sorted(state)[0]
     state[name][0] = float("nan")
-    from iota.checkpoint import flat_sha256
+    from iota.model.flat import sha256 as flat_sha256
 
     entry = next(e for e in manifest["stages"] if e["file"] == path.name)
     entry["sha256"] = flat_sha256(state)  # a consistent checkpoint that someone made from NaN weights

@@ -11,16 +11,16 @@ import pytest
 import torch
 from bittensor.keyfiles import Keypair
 
+from iota.audit.judge import replay_setup
+from iota.audit.scoring import ORCHESTRATOR, STRIKES, compute_scores
 from iota.chain.local import LocalChain
-from iota.merge import decode_f32
+from iota.model.flat import decode_f32
 from iota.orchestrator.app import assemble
 from iota.orchestrator.audits import Auditor
 from iota.orchestrator.recheck import Rechecker
 from iota.protocol import AuditTask, AuditVerdict
 from iota.storage import keys
 from iota.storage.transfer import upload
-from iota.validator.audit import replay_setup
-from iota.validator.scoring import ORCHESTRATOR, STRIKES, compute_scores
 from tests.orchestrator import run_settings
 from tests.security import Net, report_for, serve_net
 

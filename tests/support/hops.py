@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import iota.miner.main as miner_main
-from iota.merge import MergePlan, decode_f32, encode_f32, run_owner, sha256_hex
+from iota.merge import MergePlan, run_owner, sha256_hex
 from iota.miner.main import Miner
+from iota.model.flat import decode_f32, encode_f32
 from iota.protocol import Work
 from iota.storage.transfer import download, upload
 

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from iota.miner.worker import StageWorker
-from iota.validator import (
+from iota.audit import (
     BF16,
     FP32,
     Thresholds,
@@ -16,7 +15,8 @@ from iota.validator import (
     relative_error,
     thresholds,
 )
-from tests.validator import initial_weights, make_setups
+from iota.train.worker import StageWorker
+from tests.audit import initial_weights, make_setups
 
 
 def test_relative_error_edge_cases():

@@ -6,20 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from iota.miner.worker import StageWorker
-from iota.validator import (
-    check_loss,
-    check_pseudo_gradient,
-    check_snapshot,
-    check_tokens,
-    check_weights,
-    decode_records,
-    decode_snapshot,
-    encode_records,
-    encode_snapshot,
-    replay,
-)
-from tests.validator import SKETCH_SEED, initial_weights, make_setups, run_epoch
+from iota.audit import check_loss, check_pseudo_gradient, check_snapshot, check_tokens, check_weights, replay
+from iota.audit.records import decode_records, encode_records
+from iota.train.snapshot import decode_snapshot, encode_snapshot
+from iota.train.worker import StageWorker
+from tests.audit import SKETCH_SEED, initial_weights, make_setups, run_epoch
 
 
 @pytest.fixture(scope="module")

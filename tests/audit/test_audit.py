@@ -1,4 +1,4 @@
-"""An audit as the validator daemon and the orchestrator's recomputation run it (iota.validator.audit): from the
+"""An audit as the validator daemon and the orchestrator's recomputation run it (iota.audit.judge): from the
 checkpoint or from a challenged snapshot, which must match the sketch committed for its step; and, once the epoch
 has ended, the miner's uploaded pseudo-gradient and the partitions it merged as an owner."""
 
@@ -9,19 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from iota.merge import (
-    DictStore,
-    FlatRef,
-    Submitter,
-    decode_f32,
-    encode_f32,
-    make_plan,
-    partition_bounds,
-    run_owner,
-    sha256_hex,
-)
-from iota.miner.worker import sketch_seed
-from iota.validator.audit import (
+from iota.audit.compare import FP32
+from iota.audit.judge import (
     Evidence,
     FinalClaim,
     MergeClaim,
@@ -30,15 +19,12 @@ from iota.validator.audit import (
     judge,
     stage_size,
 )
-from iota.validator.compare import FP32
-from iota.validator.replay import (
-    check_pseudo_gradient,
-    check_pseudo_gradient_sketch,
-    replay,
-    snapshot_from_f32,
-    snapshot_to_f32,
-)
-from tests.validator import initial_weights, make_setups, run_epoch
+from iota.audit.replay import check_pseudo_gradient, check_pseudo_gradient_sketch, replay
+from iota.merge import DictStore, FlatRef, Submitter, make_plan, partition_bounds, run_owner, sha256_hex
+from iota.model.flat import decode_f32, encode_f32
+from iota.train.snapshot import snapshot_from_f32, snapshot_to_f32
+from iota.train.worker import sketch_seed
+from tests.audit import initial_weights, make_setups, run_epoch
 
 STAGE, STEP = 1, 2
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from iota.validator.scoring import (
+from iota.audit.scoring import (
     ORCHESTRATOR,
     STRIKES,
     compute_scores,
@@ -61,7 +61,7 @@ def test_registration_alone_earns_nothing() -> None:
 def test_two_validators_compute_identical_weights_from_the_same_log() -> None:
     log = {**LOG, "verdicts": [_verdict("v1", "a", True), _verdict("v2", "c", True)]}
     script = (
-        "import json,sys; from iota.validator.scoring import compute_scores; "
+        "import json,sys; from iota.audit.scoring import compute_scores; "
         "print(json.dumps(compute_scores(json.load(sys.stdin))))"
     )
     outputs = {

@@ -33,13 +33,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-# Only read through its database: the validator does not depend on the orchestrator at run time.
-if TYPE_CHECKING:
-    from iota.orchestrator.state import StateStore
 
 Z_THRESHOLD = 4.0
 # Samples per time window: a few dozen per miner at 3 miners per stage, and short next to a loss curve.
@@ -163,41 +158,3 @@ class Paths:
     paths: dict[int, tuple[str, ...]]
     losses: dict[int, float]
     order: dict[int, float]
-
-
-def read_paths(store: StateStore, n_stages: int, epoch: int | None = None) -> Paths:
-    """Completed samples with a forward hop done at every stage of their current attempt, and its tail's loss.
-
-    One read-only query of the state's tables: each forward hop names its stage's miner, the tail's carries the
-    loss it reported (the same value as the `losses` table, but tied to this attempt's path), and
-    `samples.done_at` orders the samples.
-    """
-    where = "AND s.epoch = ?" if epoch is not None else ""
-    params: tuple[int, ...] = (epoch,) if epoch is not None else ()
-    rows = store.db.execute(
-        "SELECT h.sample_id, h.stage, h.miner, h.loss, s.done_at FROM hops h "
-        "JOIN samples s ON s.id = h.sample_id AND s.attempt = h.attempt "
-        f"WHERE h.direction = 'forward' AND h.status = 'done' AND s.status = 'done' {where}",
-        params,
-    )
-    stages: dict[int, dict[int, str]] = {}
-    losses: dict[int, float] = {}
-    order: dict[int, float] = {}
-    for sample_id, stage, miner, loss, done_at in rows:
-        sample_id, stage = int(sample_id), int(stage)
-        if miner is None or done_at is None:
-            continue
-        stages.setdefault(sample_id, {})[stage] = str(miner)
-        order[sample_id] = float(done_at)
-        if stage == n_stages - 1 and loss is not None:
-            losses[sample_id] = float(loss)
-    paths = {
-        sample_id: tuple(by_stage[s] for s in range(n_stages))
-        for sample_id, by_stage in stages.items()
-        if sample_id in losses and all(s in by_stage for s in range(n_stages))
-    }
-    return Paths(
-        paths,
-        {i: losses[i] for i in paths},
-        {i: order[i] for i in paths},
-    )

@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iota.miner.worker import StageWorker, TrainFlags
+from iota.audit import ReplaySetup
+from iota.audit.adversaries import Honest, Pipeline, synthetic_batch
+from iota.audit.records import HopRecord
+from iota.audit.replay import WorkerFactory
 from iota.model import build_stage, plan_stages, preset
 from iota.protocol import WeightSketch
 from iota.train.schedule import LRSchedule
-from iota.validator import HopRecord, ReplaySetup, Snapshot, take_snapshot
-from iota.validator.adversaries import Honest, Pipeline, synthetic_batch
-from iota.validator.replay import WorkerFactory
+from iota.train.snapshot import Snapshot, take_snapshot
+from iota.train.worker import StageWorker, TrainFlags
 
 VOCAB = 512
 SKETCH_SEED = 7

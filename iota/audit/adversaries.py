@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from iota.miner.worker import Batch, Cached, StageWorker
+from iota.audit.records import Direction, HopRecord
 from iota.model import wire
 from iota.model.llama import autocast, loss_fn
-from iota.validator.replay import Direction, HopRecord, Snapshot, take_snapshot
+from iota.train.snapshot import Snapshot, take_snapshot
+from iota.train.worker import Batch, Cached, StageWorker
 
 # -- the harness ---------------------------------------------------------------------------------------------
 

@@ -13,52 +13,26 @@ passes them in; nothing here touches the network.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-import safetensors.torch
 import torch
 
-from iota.miner.worker import Batch, Cached, StageWorker, TrainFlags
+from iota.audit.compare import Thresholds, Verdict, compare_change, compare_loss, compare_sketch, thresholds
+from iota.audit.records import HopRecord
 from iota.model import wire
 from iota.model.config import ModelConfig
 from iota.model.stages import StageSpec
 from iota.protocol import WeightSketch
 from iota.train.schedule import LRSchedule, inner_step_lr
-from iota.validator.compare import (
-    Thresholds,
-    Verdict,
-    compare_change,
-    compare_loss,
-    compare_sketch,
-    thresholds,
-)
+from iota.train.snapshot import Snapshot, restore_snapshot
+from iota.train.worker import Batch, Cached, StageWorker, TrainFlags
 
-Direction = Literal["forward", "backward"]
 WorkerFactory = Callable[..., StageWorker]  # StageWorker's constructor signature
-MOMENTS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ()}  # inner optimizer state a snapshot carries
 REPLAY_CACHE = (
     1 << 30
 )  # the replay never evicts: a forward the miner evicted has no backward record to replay
-
-
-@dataclass(frozen=True)
-class HopRecord:
-    """One committed hop of one miner, as its report and the bucket hold it."""
-
-    epoch: int
-    stage: int
-    direction: Direction
-    sample_id: int
-    inner_step: int  # as reported: the miner's inner step after the hop and any step the hop completed
-    input: bytes | None  # the object the miner downloaded (None for the head's forward: it reads tokens)
-    output: (
-        bytes | None
-    )  # the object it uploaded (None for the head's backward); the tail's is its input grad
-    loss: float | None = None  # the tail's reported loss
 
 
 @dataclass(frozen=True)
@@ -106,129 +80,6 @@ class ReplaySetup:
         worker.use_autocast = self.bf16
         worker.load_flat(weights)
         return worker
-
-
-# -- snapshots ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A miner's exact state at a step boundary (right after inner step `inner_step`, no gradient pending):
-    what it uploads when challenged, and what a replay can start from instead of the checkpoint."""
-
-    inner_step: int
-    weights: torch.Tensor  # flat fp32, sorted-name order
-    steps: torch.Tensor  # per tensor, optimizer steps taken (AdamW's bias correction); 0: no optimizer state
-    moments: dict[str, torch.Tensor]  # optimizer state name -> flat fp32 (AdamW: exp_avg, exp_avg_sq)
-
-
-def take_snapshot(worker: StageWorker) -> Snapshot:
-    """The worker's weights and inner optimizer state as they stand since its last step (gradients accumulated
-    since do not change them until the next step, and are not part of a snapshot)."""
-    params = [p for _, p in sorted(worker.model.named_parameters())]
-    names = MOMENTS[worker.flags.optimizer]
-    moments: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    steps = []
-    for p in params:
-        state = worker.optimizer.state.get(p, {})
-        steps.append(float(state.get("step", 0.0)))
-        for name in names:
-            value = state.get(name)
-            moments[name].append(
-                torch.zeros(p.numel()) if value is None else value.detach().float().cpu().reshape(-1)
-            )
-    return Snapshot(
-        inner_step=worker.inner_step,
-        weights=worker.flat_weights(),
-        steps=torch.tensor(steps, dtype=torch.float32),
-        moments={name: torch.cat(parts) for name, parts in moments.items()},
-    )
-
-
-def restore_snapshot(worker: StageWorker, snapshot: Snapshot, epoch_start: torch.Tensor) -> None:
-    """Put a worker in the snapshot's state, in the epoch that started from `epoch_start`."""
-    worker.load_flat(snapshot.weights)
-    worker.inner_step = snapshot.inner_step
-    worker.epoch_start = epoch_start.detach().float().cpu().clone()
-    params = [p for _, p in sorted(worker.model.named_parameters())]
-    if snapshot.steps.numel() != len(params):
-        raise ValueError(
-            f"snapshot has steps for {snapshot.steps.numel()} tensors, the stage has {len(params)}"
-        )
-    offset = 0
-    for p, step in zip(params, snapshot.steps.tolist(), strict=True):
-        n = p.numel()
-        if step > 0:
-            state: dict[str, torch.Tensor] = {"step": torch.tensor(step, dtype=torch.float32)}
-            for name, flat in snapshot.moments.items():
-                state[name] = flat[offset : offset + n].view_as(p).to(p.device).clone()
-            worker.optimizer.state[p] = state
-        offset += n
-
-
-def encode_snapshot(snapshot: Snapshot) -> bytes:
-    tensors = {
-        "weights": snapshot.weights,
-        "steps": snapshot.steps,
-        "inner_step": torch.tensor(snapshot.inner_step, dtype=torch.int64),
-    }
-    tensors.update({f"moment.{name}": flat for name, flat in snapshot.moments.items()})
-    return wire.encode_state(tensors)
-
-
-def snapshot_size(n_params: int, n_tensors: int, optimizer: str) -> int:
-    """Bytes of a snapshot in the flat layout the live protocol uploads (exact, so its PUT URL can sign it)."""
-    return 4 * (1 + n_tensors + n_params * (1 + len(MOMENTS[optimizer])))
-
-
-def snapshot_to_f32(snapshot: Snapshot) -> torch.Tensor:
-    """[inner_step, steps per tensor, weights, moments in MOMENTS order] as one flat fp32 vector."""
-    head = torch.tensor([float(snapshot.inner_step)], dtype=torch.float32)
-    moments = [snapshot.moments[name] for name in sorted(snapshot.moments, key=_moment_order)]
-    return torch.cat([head, snapshot.steps.float(), snapshot.weights.float(), *[m.float() for m in moments]])
-
-
-def snapshot_from_f32(flat: torch.Tensor, n_params: int, n_tensors: int, optimizer: str) -> Snapshot:
-    """The inverse of `snapshot_to_f32`, for a stage of `n_params` in `n_tensors` tensors; the size is checked."""
-    names = MOMENTS[optimizer]
-    expected = snapshot_size(n_params, n_tensors, optimizer) // 4
-    if flat.dim() != 1 or flat.numel() != expected:
-        raise ValueError(f"a snapshot of this stage has {expected} values, got {tuple(flat.shape)}")
-    step = float(flat[0])
-    if not step.is_integer() or step < 0:
-        raise ValueError(f"snapshot inner step {step} is not a step count")
-    steps = flat[1 : 1 + n_tensors].clone()
-    body = flat[1 + n_tensors :]
-    parts = body.split(n_params)
-    return Snapshot(
-        int(step), parts[0].clone(), steps, {n: p.clone() for n, p in zip(names, parts[1:], strict=True)}
-    )
-
-
-def _moment_order(name: str) -> int:
-    return [n for names in MOMENTS.values() for n in names].index(name)
-
-
-def decode_snapshot(data: bytes, worker: StageWorker) -> Snapshot:
-    """A snapshot for `worker`'s stage and optimizer: names, shapes and dtypes are checked before use."""
-    params = [p for _, p in sorted(worker.model.named_parameters())]
-    n = sum(p.numel() for p in params)
-    moment_names = MOMENTS[worker.flags.optimizer]
-    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-        "weights": ((n,), torch.float32),
-        "steps": ((len(params),), torch.float32),
-        "inner_step": ((), torch.int64),
-    }
-    expected.update({f"moment.{name}": ((n,), torch.float32) for name in moment_names})
-    tensors = wire.decode_state(
-        data, expected=expected, max_bytes=(len(moment_names) + 2) * 4 * n + (1 << 20)
-    )
-    return Snapshot(
-        inner_step=int(tensors["inner_step"]),
-        weights=tensors["weights"],
-        steps=tensors["steps"],
-        moments={name: tensors[f"moment.{name}"] for name in moment_names},
-    )
 
 
 # -- replay ------------------------------------------------------------------------------------------------
@@ -582,60 +433,3 @@ def check_snapshot(setup: ReplaySetup, snapshot: Snapshot, sketch: WeightSketch,
     of the window before it (`claimed_weights`) checks the snapshot's weights against the committed hops.
     """
     return check_committed_weights(setup, snapshot.weights, sketch, seed)
-
-
-# -- records on disk ---------------------------------------------------------------------------------------
-
-
-def encode_records(records: Sequence[HopRecord]) -> bytes:
-    """Records as one safetensors file (objects as uint8 tensors, fields as JSON metadata): no pickle."""
-    tensors: dict[str, torch.Tensor] = {}
-    fields = []
-    for i, record in enumerate(records):
-        for name in ("input", "output"):
-            data: bytes | None = getattr(record, name)
-            if data is not None:
-                tensors[f"{i}.{name}"] = (
-                    torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                    if data
-                    else torch.empty(0, dtype=torch.uint8)
-                )
-        fields.append(
-            {
-                "epoch": record.epoch,
-                "stage": record.stage,
-                "direction": record.direction,
-                "sample_id": record.sample_id,
-                "inner_step": record.inner_step,
-                "loss": record.loss,
-            }
-        )
-    return safetensors.torch.save(tensors, metadata={"records": json.dumps(fields)})
-
-
-def decode_records(data: bytes) -> list[HopRecord]:
-    tensors = safetensors.torch.load(data)
-    fields = _metadata(data)
-    records = []
-    for i, f in enumerate(fields):
-        objects = {name: tensors.get(f"{i}.{name}") for name in ("input", "output")}
-        loss = f["loss"]
-        records.append(
-            HopRecord(
-                epoch=int(f["epoch"]),
-                stage=int(f["stage"]),
-                direction=f["direction"],
-                sample_id=int(f["sample_id"]),
-                inner_step=int(f["inner_step"]),
-                input=None if objects["input"] is None else objects["input"].numpy().tobytes(),
-                output=None if objects["output"] is None else objects["output"].numpy().tobytes(),
-                loss=None if loss is None else float(loss),
-            )
-        )
-    return records
-
-
-def _metadata(data: bytes) -> list[dict]:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return list(json.loads(header["__metadata__"]["records"]))

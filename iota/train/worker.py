@@ -6,6 +6,7 @@ encodes what it uploads, so the daemon around it only moves bytes and talks to t
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ import torch
 
 from iota.model import wire
 from iota.model.config import ModelConfig
+from iota.model.flat import flatten, parameters, unflatten_into
 from iota.model.llama import Llama, autocast, loss_fn
 from iota.model.stages import StageSpec, build_stage
-from iota.protocol import WeightSketch
+from iota.protocol import RunInfo, WeightSketch
 from iota.train import optim
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # sample id -> (tokens (B, T), targets (B, T))
@@ -167,13 +169,7 @@ class StageWorker:
     @torch.no_grad()
     def load_flat(self, flat: torch.Tensor) -> None:
         """New epoch weights (flat fp32, sorted-name order): load them, forget the inner optimizer and graphs."""
-        offset = 0
-        for _, p in sorted(self.model.named_parameters()):
-            n = p.numel()
-            p.copy_(flat[offset : offset + n].view_as(p).to(p.device))
-            offset += n
-        if offset != flat.numel():
-            raise ValueError(f"flat weights hold {flat.numel()} values, the stage has {offset}")
+        unflatten_into(self.model, flat)
         optim.reset(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.cache.clear()
@@ -184,8 +180,7 @@ class StageWorker:
 
     def flat_weights(self) -> torch.Tensor:
         """fp32 weights flattened in name order: the layout the merge partitions."""
-        params = sorted(self.model.named_parameters())
-        return torch.cat([p.detach().float().cpu().reshape(-1) for _, p in params])
+        return flatten(self.model)
 
     def pseudo_gradient(self) -> torch.Tensor:
         """The change of the stage over the epoch, start minus end (the outer optimizer's gradient)."""
@@ -196,7 +191,7 @@ class StageWorker:
         """Per-tensor norms and a seeded projection of a strided sample: cheap, and hard to fake without the weights."""
         gen = torch.Generator().manual_seed(seed)
         norms, projection = [], [0.0] * SKETCH_SIZE
-        for _, p in sorted(self.model.named_parameters()):
+        for p in parameters(self.model):
             flat = p.detach().float().cpu().reshape(-1)
             norms.append(float(flat.norm()))
             picked = flat[torch.randint(0, flat.numel(), (64,), generator=gen)]
@@ -204,3 +199,9 @@ class StageWorker:
             for i, v in enumerate((signs @ picked).tolist()):
                 projection[i] += v
         return WeightSketch(norms=norms, projection=projection)
+
+
+def stage_clip(run: RunInfo, stage: int) -> float:
+    """The run clips the whole model's gradient norm at C; a stage sees only its share, C * sqrt(n_stage / n)."""
+    total = sum(s.n_params for s in run.stages)
+    return run.clip * math.sqrt(run.stages[stage].n_params / total)

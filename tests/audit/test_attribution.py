@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import pytest
 
+from iota.audit.attribution import Attribution, attribute
+from iota.orchestrator.attribution import read_paths
 from iota.orchestrator.scheduler import BACKWARD, FORWARD, TRAIN, Policy, Scheduler
 from iota.orchestrator.state import StateStore
 from iota.state.db import SqliteDatabase
-from iota.validator.attribution import Attribution, attribute, read_paths
 
 MINERS = [["h0", "h1", "h2"], ["b0", "b1", "b2"], ["t0", "t1", "t2"]]
 SIGMA = 0.2  # nats: the spread of a micro-batch's loss the bench measures (bench/attribution.py)

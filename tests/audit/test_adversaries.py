@@ -9,15 +9,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from iota.validator import (
-    ReplayResult,
-    ReplaySetup,
-    check_pseudo_gradient,
-    check_snapshot,
-    check_tokens,
-    replay,
-)
-from iota.validator.adversaries import (
+from iota.audit import ReplayResult, ReplaySetup, check_pseudo_gradient, check_snapshot, check_tokens, replay
+from iota.audit.adversaries import (
     CopiedOutput,
     FakeLoss,
     ForgedPseudoGradient,
@@ -33,8 +26,8 @@ from iota.validator.adversaries import (
     WrongTokens,
     ZeroBackward,
 )
-from iota.validator.replay import WorkerFactory
-from tests.validator import SKETCH_SEED, Epoch, initial_weights, make_setups, run_epoch
+from iota.audit.replay import WorkerFactory
+from tests.audit import SKETCH_SEED, Epoch, initial_weights, make_setups, run_epoch
 
 SAMPLES = range(8)  # 4 inner steps at k = 2, with 2 samples in flight
 

@@ -21,21 +21,12 @@ from typing import Any
 import pytest
 import torch
 
-from iota.miner.worker import StageWorker
+from iota.audit import ReplaySetup, check_pseudo_gradient, check_snapshot, replay
+from iota.audit.records import HopRecord, decode_records, encode_records
 from iota.protocol import WeightSketch
-from iota.validator import (
-    ReplaySetup,
-    Snapshot,
-    check_pseudo_gradient,
-    check_snapshot,
-    decode_records,
-    decode_snapshot,
-    encode_records,
-    encode_snapshot,
-    replay,
-)
-from iota.validator.replay import HopRecord
-from tests.validator import SKETCH_SEED, initial_weights, make_setups, run_epoch
+from iota.train.snapshot import Snapshot, decode_snapshot, encode_snapshot
+from iota.train.worker import StageWorker
+from tests.audit import SKETCH_SEED, initial_weights, make_setups, run_epoch
 
 STEPS = 28  # inner steps per epoch (k = 1, one sample per window as the daemon takes them): 84 windows
 WINDOW = 2  # steps per audit, or the calibrated depth D where that is less
@@ -165,7 +156,7 @@ def test_validator_on_another_cpus_kernels(epochs: Path) -> None:
     """The one honest difference CPUs show: ATen's vector kernels for AVX2 instead of AVX-512."""
     out = epochs / "child.json"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_WAIT_POLICY": "PASSIVE"}
-    command = [sys.executable, "-m", "tests.validator.test_honest", str(epochs), str(out)]
+    command = [sys.executable, "-m", "tests.audit.test_honest", str(epochs), str(out)]
     subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=600)
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * 3 * STEPS

@@ -17,35 +17,31 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 
-from iota.merge import (
-    BlobStore,
-    MergePlan,
-    PartitionResult,
-    decode_f32,
-    merge_partition,
-    read_previous,
-    sha256_hex,
-)
-from iota.miner.main import stage_clip
-from iota.miner.worker import Batch, TrainFlags, sketch_seed
-from iota.model import wire
-from iota.model.config import ModelConfig
-from iota.model.stages import StageSpec, build_stage
-from iota.protocol import EpochPlan, RunInfo, WeightSketch
-from iota.train.schedule import LRSchedule
-from iota.validator.compare import Verdict, compare_change
-from iota.validator.replay import (
-    HopRecord,
+from iota.audit.compare import Verdict, compare_change
+from iota.audit.records import HopRecord
+from iota.audit.replay import (
     ReplayResult,
     ReplaySetup,
-    Snapshot,
     check_pseudo_gradient,
     check_pseudo_gradient_sketch,
     check_snapshot,
     replay,
-    snapshot_from_f32,
-    snapshot_size,
 )
+from iota.merge import (
+    BlobStore,
+    MergePlan,
+    merge_partition,
+    partition_digest,
+    read_previous,
+)
+from iota.model import wire
+from iota.model.config import ModelConfig
+from iota.model.flat import decode_f32, size
+from iota.model.stages import StageSpec, build_stage
+from iota.protocol import EpochPlan, RunInfo, WeightSketch
+from iota.train.schedule import LRSchedule
+from iota.train.snapshot import Snapshot, snapshot_from_f32, snapshot_size
+from iota.train.worker import Batch, TrainFlags, sketch_seed, stage_clip
 
 MERGE_TOLERANCE = 1e-6
 """Largest relative error of a merged slice whose digest differs from the recomputation's. The merge is one plain
@@ -107,8 +103,7 @@ def stage_size(setup: ReplaySetup) -> tuple[int, int]:
     """(parameters, tensors) of the stage: what a snapshot's layout depends on."""
     with torch.device("meta"):
         model = build_stage(setup.config, setup.spec, seed=0, device="meta")
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), len(params)
+    return size(model)
 
 
 def decode_challenged(setup: ReplaySetup, data: bytes) -> Snapshot:
@@ -277,7 +272,7 @@ def check_merge(claim: MergeClaim) -> tuple[list[Verdict], list[str]]:
         except (KeyError, OSError, RuntimeError) as error:
             verdicts.append(Verdict.refuse("merge", f"partition {index}: its slices cannot be read: {error}"))
             continue
-        uploaded = _merge_digest(index, weights, momentum)
+        uploaded = partition_digest(weights, momentum)
         if uploaded != claimed:
             reason = f"partition {index}: its uploaded slices are not the result it reported"
             verdicts.append(Verdict.refuse("merge", reason))
@@ -313,14 +308,6 @@ def check_merge(claim: MergeClaim) -> tuple[list[Verdict], list[str]]:
         reason = f"partition {index} is not the merge of the uploads: {verdict.reason}"
         verdicts.append(Verdict(False, "merge", verdict.error, verdict.threshold, reason))
     return verdicts, notes
-
-
-def _merge_digest(index: int, weights: bytes, momentum: bytes) -> str:
-    """The digest an owner reports for a partition's two slices (PartitionResult.digest)."""
-    empty = torch.empty(0)
-    return PartitionResult(
-        index, empty, empty, {}, [], weights_digest=sha256_hex(weights), momentum_digest=sha256_hex(momentum)
-    ).digest
 
 
 def _worst(*verdicts: Verdict) -> Verdict:
