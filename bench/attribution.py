@@ -10,11 +10,11 @@ forward work to whichever miner asks next, and its backward returns along the sa
 `samples_per_epoch` samples the replicas of each stage are averaged and reloaded (a merge with outer step 1 and no
 momentum; the inner optimizer resets, as at APPLY).
 
-Miner 0 of stage 1 (a body stage) is `NoisyOutput` from iota/validator/adversaries.py at each level:
+Miner 0 of stage 1 (a body stage) is `NoisyOutput` from iota/audit/adversaries.py at each level:
 
   honest     no noise: every miner honest, the false-flag population
   audit      1.25x the fp32 audit thresholds (activation 1.1e-3, gradient 3.1e-3 of the stage's change): noise the
-             audit catches (tests/validator/test_adversaries.py)
+             audit catches (tests/audit/test_adversaries.py)
   x1, x3, x10  noise of 1, 3 and 10 times the norm of the stage's change, on outputs and input gradients alike
 
 Every `check_every` samples `iota.audit.attribution.attribute` runs on all samples so far (windows of 64); the

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from iota.audit import ReplaySetup, Thresholds, replay
-from iota.audit.adversaries import Honest, Int8Weights, Pipeline, synthetic_batch
+from iota.audit.adversaries import Honest, Int8Weights, WorkerPipeline, synthetic_batch
 from iota.audit.records import HopRecord, decode_records, encode_records
 from iota.model.config import ModelConfig, preset
 from iota.model.stages import StageSpec, build_stage, plan_stages
@@ -105,7 +105,7 @@ def run_miner(
     """One epoch of `job.steps` inner steps; snapshots[stage][s] is the stage's state after step s."""
     setups = job.setups()
     workers = [setup.worker(flat, factory) for setup, flat in zip(setups, checkpoint, strict=True)]
-    pipeline = Pipeline(workers, setups[0].lr)
+    pipeline = WorkerPipeline(workers, setups[0].lr)
     snapshots = [[take_snapshot(w)] for w in workers]
     per_step = ACCUMULATE
     for step in range(job.steps):
@@ -323,7 +323,7 @@ def calibrate(
                 f"  {kind:10s} honest max+5std {chosen[kind]['honest_bound']:.2e}   "
                 f"int8 min {chosen[kind]['int8_min']:.2e}   threshold {getattr(limits, kind):.2e}"
             )
-    emit("\nfor iota/validator/compare.py:")
+    emit("\nfor iota/audit/compare.py:")
     for precision in ("fp32", "bf16"):
         values = ", ".join(f"{k}={v:.2g}" for k, v in results["chosen"][precision]["thresholds"].items())
         emit(f"{precision.upper()} = Thresholds({values})")

@@ -205,7 +205,7 @@ class SimMiner:
         self.period, self.download, self.payloads = period, download, payloads
         self.timeout_s = timeout_s + hold_s
         self.tail = len(run.stages) - 1
-        self.tokens = run.micro_batch * int(run.model["seq_len"])
+        self.tokens = run.micro_batch_tokens
         self.slot = 0.0
         self.last_nonce_ns = 0
         host = f"Host: {connection.host}:{connection.port}\r\n"

@@ -1,7 +1,7 @@
 """What a miner needs per stage: memory (estimated on fake tensors, checked live) and bytes moved per epoch.
 
 Memory of one miner holding stage s with P parameters, one micro-batch of B sequences of T tokens, as
-iota/miner/worker.py and iota/train/optim.py train it (the device is the GPU; the host is the machine's RAM):
+iota/train/worker.py and iota/train/optim.py train it (the device is the GPU; the host is the machine's RAM):
 
     static      = 4P weights (fp32 master) + 4P grads (fp32; counted as always present, as they are while
                   micro-batches accumulate) + 8P AdamW state (exp_avg, exp_avg_sq in fp32) = 16P bytes on the device

@@ -281,7 +281,7 @@ def one_level(work: Path, n: int, hold_s: float, keys: Path, args: argparse.Name
             "error": profile.error,
             "categories": {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])},
             "top_self": top_frames(busy, 15),
-            # The uvicorn entry (iota/cli.py) is in every stack: a sample with no deeper iota frame goes to its leaf.
+            # The uvicorn entry (iota/cli/roles.py) is in every stack: a sample with no deeper iota frame goes to its leaf.
             "top_iota": top_frames(
                 busy,
                 15,

@@ -26,12 +26,12 @@ How each figure is measured:
   rest it was asking for work with nothing leased (pipeline bubbles).
 - Miner view (py-spy): once --profile-after of the samples are done, `py-spy record --idle --threads
   --nonblocking` samples every thread of every miner (wall clock, idle included) for --profile-s seconds or to
-  the end of training. The main thread runs torch (iota/miner/main.py); beside it a prefetch thread asks for the
+  the end of training. The main thread runs torch (iota/miner/hops.py); beside it a prefetch thread asks for the
   next item and downloads its input, and an outbox thread uploads outputs and reports them
   (iota/miner/pipeline.py). Each main-thread sample is put in the first category whose frames it contains:
   serialise (iota/model/wire.py: safetensors encode/decode, sha256, md5), transfer (iota/storage/transfer.py:
-  presigned GET/PUT), rpc (iota/miner/client.py: signed calls to the orchestrator, signing included), compute
-  (iota/miner/worker.py: forward, backward, optimizer step; `recompute` is the part of backward that re-runs a
+  presigned GET/PUT), rpc (iota/client/orchestrator.py: signed calls to the orchestrator, signing included), compute
+  (iota/train/worker.py: forward, backward, optimizer step; `recompute` is the part of backward that re-runs a
   forward because an inner step changed the weights since), wait (blocked in `Prefetcher.take`: no next item
   ready, the orchestrator had none or its request or download was not done), outbox (blocked in `Outbox.put`:
   two outputs were still unsent), other. For the two helper threads, the share of wall time they spent in
@@ -61,17 +61,15 @@ from typing import Any
 
 import httpx
 
-LEASE_S = (
-    60.0  # what iota/local.py gives the orchestrator (IOTA_LEASE_S): lease time = lease_expires - LEASE_S
-)
+LEASE_S = 60.0  # what iota/local gives the orchestrator (IOTA_LEASE_S): lease time = lease_expires - LEASE_S
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Miner stack categories, in the order they are tried: a sample goes to the first whose marker is in its stack.
 MINER_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("serialise", ("model/wire.py",)),
     ("transfer", ("storage/transfer.py",)),
-    ("rpc", ("miner/client.py",)),
-    ("compute", ("miner/worker.py",)),
+    ("rpc", ("client/orchestrator.py",)),
+    ("compute", ("train/worker.py",)),
     ("wait", ("Prefetcher.take (iota/miner/pipeline.py",)),
     ("outbox", ("Outbox.put (iota/miner/pipeline.py",)),
 )
@@ -179,7 +177,7 @@ def _recompute(frames: list[str]) -> bool:
     """A forward run inside StageWorker.backward: the graph was stale (an inner step changed the weights)."""
     in_backward = False
     for frame in frames:
-        if frame.startswith("backward (iota/miner/worker.py"):
+        if frame.startswith("backward (iota/train/worker.py"):
             in_backward = True
         elif in_backward and frame.startswith("forward (iota/model/"):
             return True

@@ -49,7 +49,7 @@ def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -
     return batch
 
 
-class Pipeline:
+class WorkerPipeline:
     """One worker per stage, driven as the miner daemons drive them: each hop, then the inner step if due, then
     the report. Every hop is recorded per stage in commit order, as a validator later reads it."""
 

@@ -137,7 +137,7 @@ def replay_setup(
         wire.wire_dtype(run.wire_dtype),
     )
     return ReplaySetup(
-        config=ModelConfig.from_dict(run.model),
+        config=ModelConfig.from_dict(run.model.model_dump()),
         spec=StageSpec(info.index, len(run.stages), info.first_layer, info.last_layer),
         seed=run.seed,
         flags=flags,
@@ -152,7 +152,7 @@ def replay_setup(
 
 def activation_limit(run: RunInfo, setup: ReplaySetup) -> int:
     """The largest object a hop may name: one micro-batch of wire activations."""
-    shape = (run.micro_batch, int(run.model["seq_len"]), setup.config.wire_width)
+    shape = (run.micro_batch, run.model.seq_len, setup.config.wire_width)
     return wire.encoded_size(shape, setup.flags.wire_dtype)
 
 

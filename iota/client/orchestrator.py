@@ -10,7 +10,17 @@ from loguru import logger
 from pydantic import BaseModel
 
 from iota.auth import HotkeyAuth
-from iota.protocol import Ack, RegisterRequest, Registration, Report, RunInfo, Status, Work, WorkRequest
+from iota.protocol import (
+    Ack,
+    PhaseReport,
+    RegisterRequest,
+    Registration,
+    Report,
+    RunInfo,
+    Status,
+    Work,
+    WorkRequest,
+)
 
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -142,5 +152,5 @@ class OrchestratorClient:
     def leave(self, give_up_s: float | None = None) -> Ack:
         return self.call("POST", "/miners/leave", Ack, give_up_s=give_up_s)
 
-    def phase_report(self, report: Report) -> Ack:
+    def phase_report(self, report: PhaseReport) -> Ack:
         return self.call("POST", "/phase/report", Ack, report)

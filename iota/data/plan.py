@@ -1,4 +1,9 @@
-"""Deterministic sample addressing: the published data plan, and the tokens and targets each sample id names."""
+"""Deterministic data addressing: the published data plan, and the tokens and targets each sequence id names.
+
+A sequence id names one window of `seq_len` tokens; a sample (what a miner computes in one hop) is a micro-batch
+of consecutive sequence ids (iota.train.run.sample_batch). A pass is one permutation of the train windows; the
+word epoch is the run's (TRAIN, UPLOAD, MERGE, APPLY), never the data's.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ def seeded_permutation(n: int, seed: int, stream: int) -> np.ndarray:
     """A permutation of range(n) fixed by (seed, stream) alone.
 
     Sorting by a 64-bit integer hash (splitmix64) rather than drawing from numpy's generators, whose streams
-    numpy does not promise to keep across versions: two machines must agree on sample order forever.
+    numpy does not promise to keep across versions: two machines must agree on sequence order forever.
     The hash is a bijection, so keys never tie.
     """
     if n < 0 or seed < 0 or stream < 0:
@@ -75,12 +80,12 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class DataPlan:
-    """Everything a miner, validator or baseline needs to turn sample ids into the same tokens.
+    """Everything a miner, validator or baseline needs to turn sequence ids into the same tokens.
 
     The stream is the prepared shards concatenated (documents joined by EOS). Its last `heldout_fraction` is
     the held-out region; the rest is the train region, cut into non-overlapping windows of `seq_len` inputs
-    (+1 target token). Sample id i is window `seeded_permutation(train_windows, seed, epoch)[i % train_windows]`
-    with `epoch = i // train_windows`: ids past the end start a new pass over the data in a new order.
+    (+1 target token). Sequence id i is window `seeded_permutation(train_windows, seed, p)[i % train_windows]` in
+    pass `p = i // train_windows`: ids past the end start a new pass over the data in a new order.
     """
 
     corpus_digest: str
@@ -167,7 +172,7 @@ def load_shards(directory: Path, shards: Sequence[ShardInfo], dtype: str, verify
 
 
 class TokenData:
-    """The token stream of a data plan, answering for samples by id."""
+    """The token stream of a data plan, answering for sequences by id."""
 
     def __init__(self, plan: DataPlan, tokens: np.ndarray) -> None:
         if tokens.shape != (plan.total_tokens,):
@@ -184,21 +189,21 @@ class TokenData:
         """The stream of `plan` from a prepared directory holding its shards (sha256-checked when `verify`)."""
         return cls(plan, load_shards(directory, plan.shards, plan.dtype, verify))
 
-    def train_window(self, sample_id: int) -> int:
-        """Which train window sample `sample_id` reads."""
-        if sample_id < 0:
-            raise ValueError(f"sample ids are >= 0, got {sample_id}")
-        epoch, position = divmod(sample_id, self.plan.train_windows)
-        return int(self._permutation(epoch)[position])
+    def train_window(self, sequence_id: int) -> int:
+        """Which train window sequence `sequence_id` reads."""
+        if sequence_id < 0:
+            raise ValueError(f"sequence ids are >= 0, got {sequence_id}")
+        data_pass, position = divmod(sequence_id, self.plan.train_windows)
+        return int(self._permutation(data_pass)[position])
 
-    def sample(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence(self, sequence_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, targets), each LongTensor[seq_len]; targets are the tokens shifted left by one."""
-        tokens, targets = self.batch([sample_id])
+        tokens, targets = self.batch([sequence_id])
         return tokens[0], targets[0]
 
-    def batch(self, sample_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, targets), each LongTensor[B, seq_len], row b for sample_ids[b]."""
-        windows = np.array([self.train_window(int(i)) for i in sample_ids], dtype=np.int64)
+    def batch(self, sequence_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, targets), each LongTensor[B, seq_len], row b for sequence_ids[b]."""
+        windows = np.array([self.train_window(int(i)) for i in sequence_ids], dtype=np.int64)
         return self._windows(windows * self.plan.seq_len)
 
     def heldout_batches(
@@ -225,11 +230,11 @@ class TokenData:
         rows = torch.from_numpy(self._tokens[starts[:, None] + offsets].astype(np.int64))  # (B, T+1)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        perm = self._permutations.get(epoch)
+    def _permutation(self, data_pass: int) -> np.ndarray:
+        perm = self._permutations.get(data_pass)
         if perm is None:
-            if len(self._permutations) >= 2:  # callers move through epochs in order; keep this and the last
+            if len(self._permutations) >= 2:  # callers move through passes in order; keep this and the last
                 self._permutations.pop(min(self._permutations))
-            perm = seeded_permutation(self.plan.train_windows, self.plan.seed, epoch)
-            self._permutations[epoch] = perm
+            perm = seeded_permutation(self.plan.train_windows, self.plan.seed, data_pass)
+            self._permutations[data_pass] = perm
         return perm

@@ -29,7 +29,9 @@ from iota.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB of uint16: small enough to hash and re-fetch one at a time
-DOCUMENT_ORDER_STREAM = 1 << 32  # seeded_permutation stream for document order, apart from sample epochs
+DOCUMENT_ORDER_STREAM = (
+    1 << 32
+)  # seeded_permutation stream for document order, apart from the passes over windows
 _ENCODE_CHUNK_DOCUMENTS = 1024  # documents per encode_batch call: parallel enough, bounded memory
 
 

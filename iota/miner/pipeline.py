@@ -36,7 +36,7 @@ class Fetched:
     def settled(self) -> bool:
         """Worth handing to the main thread: anything but a `wait`, or a `wait` whose `holding` list the main
         thread must act on (only a quiet answer's list is complete: a forward still being reported is missing)."""
-        return self.work.kind != "wait" or (self.quiet and "holding" in self.work.extra)
+        return self.work.kind != "wait" or (self.quiet and self.work.holding is not None)
 
 
 class Prefetcher:

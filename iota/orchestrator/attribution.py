@@ -13,18 +13,10 @@ def read_paths(store: StateStore, n_stages: int, epoch: int | None = None) -> Pa
     loss it reported (the same value as the `losses` table, but tied to this attempt's path), and
     `samples.done_at` orders the samples.
     """
-    where = "AND s.epoch = ?" if epoch is not None else ""
-    params: tuple[int, ...] = (epoch,) if epoch is not None else ()
-    rows = store.db.execute(
-        "SELECT h.sample_id, h.stage, h.miner, h.loss, s.done_at FROM hops h "
-        "JOIN samples s ON s.id = h.sample_id AND s.attempt = h.attempt "
-        f"WHERE h.direction = 'forward' AND h.status = 'done' AND s.status = 'done' {where}",
-        params,
-    )
     stages: dict[int, dict[int, str]] = {}
     losses: dict[int, float] = {}
     order: dict[int, float] = {}
-    for sample_id, stage, miner, loss, done_at in rows:
+    for sample_id, stage, miner, loss, done_at in store.work.completed_forwards(epoch):
         sample_id, stage = int(sample_id), int(stage)
         if miner is None or done_at is None:
             continue

@@ -21,9 +21,18 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from iota.orchestrator.ledgers import ChallengeRecord, SnapshotRecord
 from iota.orchestrator.scheduler import SchedulingError
-from iota.orchestrator.state import Miner, StateStore
-from iota.protocol import AuditSnapshot, EpochPlan, Report, WeightSketch, Work
+from iota.orchestrator.state import MinerRecord, StateStore
+from iota.protocol import (
+    AuditSnapshot,
+    EpochPlan,
+    PhaseReport,
+    SnapshotDone,
+    SnapshotTaken,
+    WeightSketch,
+    Work,
+)
 from iota.storage import keys
 from iota.storage.base import ObjectStore
 
@@ -50,8 +59,7 @@ class Challenges:
     ) -> None:
         """Record the sketch of a report that completes a step, and perhaps challenge that step. Call it inside
         the report's transaction, after the hop is accepted."""
-        last = int(self.state.get(f"step/{epoch}/{hotkey}", 0))
-        if inner_step <= last:
+        if inner_step <= self.state.steps.last(epoch, hotkey):
             return
         if sketch is None:
             raise SchedulingError(
@@ -59,28 +67,29 @@ class Challenges:
                 f"a report that reaches inner step {inner_step} must carry the sketch of the weights",
                 fault=True,
             )
-        self.state.put(f"step/{epoch}/{hotkey}", inner_step)
-        self.state.put(f"sketch/{epoch}/{hotkey}/{inner_step}", sketch.model_dump())
-        if self.state.get(f"challenge/{hotkey}") is None and self.random.random() < self.rate:
+        self.state.steps.commit(epoch, hotkey, inner_step, sketch)
+        if self.state.snapshots.pending(hotkey) is None and self.random.random() < self.rate:
             key = keys.snapshot(self.run_id, epoch, stage, hotkey, inner_step)
-            self.state.put(f"challenge/{hotkey}", {"epoch": epoch, "step": inner_step, "key": key, "at": now})
-            self.state.bump("challenges_issued")
+            self.state.snapshots.set_pending(
+                hotkey, ChallengeRecord(epoch=epoch, step=inner_step, key=key, at=now)
+            )
+            self.state.counters.bump("challenges_issued")
 
     def pending(self, hotkey: str) -> bool:
-        return self.state.get(f"challenge/{hotkey}") is not None
+        return self.state.snapshots.pending(hotkey) is not None
 
-    def work(self, miner: Miner, epoch: int, plan: EpochPlan, run_id: str) -> Work | None:
+    def work(self, miner: MinerRecord, epoch: int, plan: EpochPlan, run_id: str) -> Work | None:
         """The miner's pending challenge, which comes before any other work until the miner says it has taken the
         snapshot (this session); a challenge of an epoch that has closed is dropped (counted as missed)."""
-        challenge = self.state.get(f"challenge/{miner.hotkey}")
+        challenge = self.state.snapshots.pending(miner.hotkey)
         if challenge is None:
             return None
-        if challenge["epoch"] != epoch:
+        if challenge.epoch != epoch:
             with self.state.transaction():
-                self.state.put(f"challenge/{miner.hotkey}", None)
-                self.state.bump("challenges_missed")
+                self.state.snapshots.set_pending(miner.hotkey, None)
+                self.state.counters.bump("challenges_missed")
             return None
-        if challenge.get("session") == miner.session:
+        if challenge.session == miner.session:
             return None  # taken: it is being uploaded (see `blocks`)
         return Work(
             kind="snapshot",
@@ -88,69 +97,72 @@ class Challenges:
             epoch=epoch,
             stage=miner.stage,
             plan=plan,
-            output_url=self.store.presign_put(challenge["key"], self.url_ttl_s, self.sizes[miner.stage]),
+            output_url=self.store.presign_put(challenge.key, self.url_ttl_s, self.sizes[miner.stage]),
             output_size=self.sizes[miner.stage],
-            extra={"step": challenge["step"]},
+            challenged_step=challenge.step,
         )
 
-    def take(self, miner: Miner, report: Report, now: float) -> str:
-        """The miner copied its state at `extra.step` and uploads it next: other work may go to it meanwhile. Call
+    def take(self, miner: MinerRecord, report: PhaseReport, taken: SnapshotTaken, now: float) -> str:
+        """The miner copied its state at `step` and uploads it next: other work may go to it meanwhile. Call
         it inside a transaction."""
-        challenge, step = self._pending(miner, report)
-        self.state.put(f"challenge/{miner.hotkey}", {**challenge, "taken": step, "session": miner.session})
-        self.state.log(now, "snapshot_taken", miner.hotkey, epoch=challenge["epoch"], step=step)
+        challenge, step = self._pending(miner, report.epoch, taken.step)
+        self.state.snapshots.set_pending(
+            miner.hotkey, challenge.model_copy(update={"taken": step, "session": miner.session})
+        )
+        self.state.log(now, "snapshot_taken", miner.hotkey, epoch=challenge.epoch, step=step)
         return f"snapshot of step {step} taken: answer it before reporting a later step"
 
     def blocks(self, hotkey: str, epoch: int, inner_step: int) -> str | None:
         """Why a report reaching `inner_step` must be refused: the miner took a snapshot at an earlier step and has
         not answered it. The order is then served again (its own transaction), so a failed upload is redone."""
 
-        def blocking(challenge: dict[str, Any] | None) -> bool:
-            taken = None if challenge is None or challenge["epoch"] != epoch else challenge.get("taken")
-            return taken is not None and inner_step > taken
+        def blocking(challenge: ChallengeRecord | None) -> int | None:
+            """The step the miner took the snapshot at, if the report must wait for its answer."""
+            taken = None if challenge is None or challenge.epoch != epoch else challenge.taken
+            return taken if taken is not None and inner_step > taken else None
 
-        if not blocking(self.state.get(f"challenge/{hotkey}")):
+        if blocking(self.state.snapshots.pending(hotkey)) is None:
             return None  # the common case, read without a transaction
         with self.state.transaction():
-            challenge = self.state.get(f"challenge/{hotkey}")
-            if not blocking(challenge):
+            challenge = self.state.snapshots.pending(hotkey)
+            taken = blocking(challenge)
+            if challenge is None or taken is None:
                 return None  # answered meanwhile
-            self.state.put(f"challenge/{hotkey}", {**challenge, "taken": None, "session": None})
+            self.state.snapshots.set_pending(
+                hotkey, challenge.model_copy(update={"taken": None, "session": None})
+            )
         return (
-            f"answer the snapshot challenge first: you took it at inner step {challenge['taken']} and report step "
+            f"answer the snapshot challenge first: you took it at inner step {taken} and report step "
             f"{inner_step}; it is your next order again"
         )
 
-    def answer(self, miner: Miner, report: Report, now: float) -> str:
+    def answer(self, miner: MinerRecord, report: PhaseReport, done: SnapshotDone, now: float) -> str:
         """A miner's snapshot, uploaded at its current step (checked for size and digest). Call it inside a
         transaction."""
-        challenge, step = self._pending(miner, report)
-        info = self.store.head(challenge["key"])
+        challenge, step = self._pending(miner, report.epoch, done.step)
+        info = self.store.head(challenge.key)
         size = self.sizes[miner.stage]
         if info is None or info.size != size:
             raise SchedulingError(400, f"snapshot missing or not {size} bytes", fault=True)
         if not report.output_sha256 or (info.sha256 and info.sha256 != report.output_sha256):
             raise SchedulingError(400, "snapshot does not match the reported sha256", fault=True)
-        epoch = challenge["epoch"]
-        self.state.put(f"challenge/{miner.hotkey}", None)
-        self.state.put(
-            f"snapshot/{epoch}/{miner.hotkey}/{step}",
-            {"key": challenge["key"], "sha256": report.output_sha256},
-        )
-        steps = self.state.get(f"snapshots/{epoch}/{miner.hotkey}", [])
-        self.state.put(f"snapshots/{epoch}/{miner.hotkey}", sorted({*steps, step}))
-        self.state.bump("challenges_answered")
-        self.state.log(now, "snapshot", miner.hotkey, epoch=epoch, step=step, challenged=challenge["step"])
+        epoch = challenge.epoch
+        self.state.snapshots.set_pending(miner.hotkey, None)
+        answered = SnapshotRecord(key=challenge.key, sha256=report.output_sha256)
+        self.state.snapshots.record(epoch, miner.hotkey, step, answered)
+        self.state.counters.bump("challenges_answered")
+        self.state.log(now, "snapshot", miner.hotkey, epoch=epoch, step=step, challenged=challenge.step)
         return "snapshot recorded"
 
     def snapshots(self, hotkey: str, epoch: int) -> dict[int, dict[str, Any]]:
         """step -> {key, sha256, sketch} of every answered challenge of this miner in this epoch whose sketch has
         been committed (a snapshot taken past the last reported step waits for that step's report)."""
         found = {}
-        for step in self.state.get(f"snapshots/{epoch}/{hotkey}", []):
-            sketch = self.state.get(f"sketch/{epoch}/{hotkey}/{step}")
-            if sketch is not None:
-                found[step] = {**self.state.get(f"snapshot/{epoch}/{hotkey}/{step}"), "sketch": sketch}
+        for step in self.state.snapshots.steps(epoch, hotkey):
+            sketch = self.state.steps.sketch(epoch, hotkey, step)
+            snapshot = self.state.snapshots.get(epoch, hotkey, step)
+            if sketch is not None and snapshot is not None:
+                found[step] = {**snapshot.model_dump(), "sketch": sketch.model_dump()}
         return found
 
     def for_audit(
@@ -173,14 +185,13 @@ class Challenges:
         ]
         return start, chosen
 
-    def _pending(self, miner: Miner, report: Report) -> tuple[dict[str, Any], int]:
+    def _pending(self, miner: MinerRecord, epoch: int, step: int) -> tuple[ChallengeRecord, int]:
         """The challenge a snapshot report answers, and the step the snapshot is at (the challenged one or later)."""
-        challenge = self.state.get(f"challenge/{miner.hotkey}")
-        step = report.extra.get("step")
-        if challenge is None or challenge["epoch"] != report.epoch:
+        challenge = self.state.snapshots.pending(miner.hotkey)
+        if challenge is None or challenge.epoch != epoch:
             raise SchedulingError(409, "no snapshot challenge is pending for you")
-        if not isinstance(step, int) or step < challenge["step"]:
+        if step < challenge.step:
             raise SchedulingError(
-                400, f"a snapshot answers for step {challenge['step']} or later, not {step!r}", fault=True
+                400, f"a snapshot answers for step {challenge.step} or later, not {step!r}", fault=True
             )
         return challenge, step

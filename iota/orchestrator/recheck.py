@@ -13,7 +13,6 @@ import hashlib
 import threading
 import uuid
 from functools import partial
-from typing import Any
 
 import torch
 from loguru import logger
@@ -30,12 +29,13 @@ from iota.audit.judge import (
 )
 from iota.audit.records import HopRecord
 from iota.audit.replay import ReplaySetup
-from iota.merge import MergePlan
 from iota.model.flat import decode_f32
 from iota.orchestrator.audits import MAX_AUDIT_HOPS, Auditor
 from iota.orchestrator.challenges import Challenges
+from iota.orchestrator.commitments import epoch_end
+from iota.orchestrator.ledgers import Claim
 from iota.orchestrator.state import StateStore
-from iota.protocol import AuditVerdict, EpochPlan, RunInfo, WeightSketch
+from iota.protocol import AuditVerdict, RunInfo, WeightSketch
 from iota.storage import keys
 from iota.storage.base import ObjectStore
 from iota.train.worker import Batch
@@ -61,12 +61,12 @@ class Rechecker:
         """Recompute every claim now due; returns how many were settled."""
         done = 0
         for audit_id, claim in self.auditor.unconfirmed(self.auditor.clock()):
-            outcome = judge(partial(self._load, claim), "orchestrator", claim["miner"], int(claim["epoch"]))
+            outcome = judge(partial(self._load, claim), "orchestrator", claim.miner, claim.epoch)
             verdict = AuditVerdict(
                 audit_id=uuid.uuid4().hex,
-                miner=claim["miner"],
-                epoch=claim["epoch"],
-                stage=claim["stage"],
+                miner=claim.miner,
+                epoch=claim.epoch,
+                stage=claim.stage,
                 passed=outcome.passed,
                 hops_replayed=outcome.hops,
                 depth=outcome.depth,
@@ -77,12 +77,12 @@ class Rechecker:
             done += 1
         return done
 
-    def _load(self, claim: dict[str, Any]) -> Evidence:
+    def _load(self, claim: Claim) -> Evidence:
         """The claim's evidence from the orchestrator's own store: the same window the accuser replayed."""
-        epoch, stage, hotkey = int(claim["epoch"]), int(claim["stage"]), str(claim["miner"])
-        plan = EpochPlan.model_validate(claim["plan"])
-        setup = replay_setup(self.run, stage, plan, bool(claim["bf16"]), self.batch, torch.device("cpu"))
-        shas = self.state.get(f"checkpoint_shas/{epoch}")
+        epoch, stage, hotkey = claim.epoch, claim.stage, claim.miner
+        setup = replay_setup(self.run, stage, claim.plan, claim.bf16, self.batch, torch.device("cpu"))
+        shas = self.state.epochs.checkpoint_shas(epoch)
+        assert shas is not None  # audits are issued only for epochs whose checkpoint is known
         checkpoint = decode_f32(self._get(keys.checkpoint_stage(self.run.run_id, epoch, stage), shas[stage]))
         records = [
             HopRecord(
@@ -100,10 +100,10 @@ class Rechecker:
             )
         ]
         final, merge = self._epoch_end(hotkey, epoch, stage, setup)
-        first = int(claim.get("start_step", 0))
+        first = claim.start_step
         if not first or self.challenges is None:
             return Evidence(setup, checkpoint, records, final=final, merge=merge)
-        depth = thresholds(bool(claim["bf16"])).depth
+        depth = thresholds(claim.bf16).depth
         snapshots = {
             step: decode_challenged(setup, self._get(snap["key"], snap["sha256"]))
             for step, snap in self.challenges.snapshots(hotkey, epoch).items()
@@ -126,15 +126,14 @@ class Rechecker:
         self, hotkey: str, epoch: int, stage: int, setup: ReplaySetup
     ) -> tuple[FinalClaim | None, MergeClaim | None]:
         """What the miner committed at the epoch's end, as a validator's task would name it, from our store."""
-        end = self.auditor.epoch_end(hotkey, epoch, stage)
+        end = epoch_end(self.state, hotkey, epoch, stage)
         final = None
         if end.upload_key is not None:
             pseudo = decode_pseudo_gradient(setup, self._get(end.upload_key, end.upload_sha))
             final = FinalClaim(pseudo, end.final_step, end.final_sketch)
         merge = None
         if end.plan is not None and end.digests:
-            plan = MergePlan.model_validate(end.plan)
-            merge = MergeClaim(plan, hotkey, end.digests, self.store, end.upload_shas)
+            merge = MergeClaim(end.plan, hotkey, end.digests, self.store, end.upload_shas)
         return final, merge
 
     def _get(self, key: str, sha: str | None) -> bytes:

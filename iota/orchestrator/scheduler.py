@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from iota.orchestrator.doorbell import Doorbell
-from iota.orchestrator.state import Hop, Miner, StateStore
+from iota.orchestrator.state import Hop, MinerRecord, StateStore
 
 FORWARD, BACKWARD = "forward", "backward"
 TRAIN, UPLOAD, MERGE, APPLY, DONE = "train", "upload", "merge", "apply", "done"
@@ -87,15 +87,15 @@ class Scheduler:
 
     @property
     def epoch(self) -> int:
-        return int(self.state.get("epoch", 0))
+        return self.state.run.epoch
 
     @property
     def phase(self) -> str:
-        return str(self.state.get("phase", TRAIN))
+        return self.state.run.phase or TRAIN
 
     @property
     def paused(self) -> bool:
-        return bool(self.state.get("paused", False))
+        return self.state.run.paused
 
     # -- registration -----------------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ class Scheduler:
                 self.miner_gone(hotkey, now, "re-registered with a new session")
             stage = known.stage if known is not None else self._choose_stage(memory_bytes)
             self.state.upsert_miner(
-                Miner(hotkey, uid, stage, session, device, memory_bytes, now, now, True, 0, None)
+                MinerRecord(hotkey, uid, stage, session, device, memory_bytes, now, now, True, 0, None)
             )
             self.state.log(now, "register", hotkey, stage=stage, device=device, session=session)
         if stage not in staffed:
@@ -160,7 +160,7 @@ class Scheduler:
                     return Assignment(None, "no work queued for this stage", takes_forward=True)
             return Assignment(self._lease(hop, hotkey, now))
 
-    def _inflow_blocked(self, miner: Miner) -> str:
+    def _inflow_blocked(self, miner: MinerRecord) -> str:
         if self.paused:
             return "the run is paused by its operator"
         # Asked on most requests for work: indexed lookups, never a pass over every miner or every hop.
@@ -179,12 +179,11 @@ class Scheduler:
 
     def _new_sample(self, now: float) -> Hop | None:
         epoch = self.epoch
-        allocated = int(self.state.get(f"allocated/{epoch}", 0))
+        allocated = self.state.epochs.allocated(epoch)
         if allocated >= self.policy.samples_per_epoch:
             return None
-        self.state.put(f"allocated/{epoch}", allocated + 1)
-        sample_id = int(self.state.get("cursor", 0))
-        self.state.put("cursor", sample_id + 1)
+        self.state.epochs.set_allocated(epoch, allocated + 1)
+        sample_id = self.state.counters.bump("cursor") - 1  # the cursor names the next sample
         self.state.new_sample(sample_id, epoch, now)
         hop_id = self.state.add_hop(
             sample_id=sample_id,
@@ -213,7 +212,7 @@ class Scheduler:
         assert leased is not None
         return leased
 
-    def live_miner(self, hotkey: str, now: float) -> Miner:
+    def live_miner(self, hotkey: str, now: float) -> MinerRecord:
         miner = self.state.miner(hotkey)
         if miner is None:
             raise SchedulingError(
@@ -314,7 +313,7 @@ class Scheduler:
         else:
             self.state.release_graphs(hop.sample_id)
             self.state.set_sample(hop.sample_id, status="done", done_at=now)
-            self.state.bump("samples_completed")
+            self.state.counters.bump("samples_completed")
             self._maybe_end_train(now)
 
     def release(self, hop: Hop, now: float) -> None:
@@ -342,7 +341,7 @@ class Scheduler:
 
     def _requeue(self, hop: Hop, now: float, why: str) -> None:
         if why == "lease expired":
-            self.state.bump("leases_expired")
+            self.state.counters.bump("leases_expired")
         holder_alive = False
         if hop.direction == BACKWARD and hop.miner:
             m = self.state.miner(hop.miner)
@@ -390,7 +389,7 @@ class Scheduler:
             status="queued",
             created_at=now,
         )
-        self.state.bump("samples_requeued")
+        self.state.counters.bump("samples_requeued")
         self.state.log(now, "restart_sample", None, sample=sample_id, attempt=attempt + 1, why=why)
         self.doorbell.ring_stage(0)
         for holder in holders:  # room for another forward graph
@@ -400,14 +399,11 @@ class Scheduler:
 
     def _maybe_end_train(self, now: float) -> None:
         epoch = self.epoch
-        if (
-            self.phase != TRAIN
-            or int(self.state.get(f"allocated/{epoch}", 0)) < self.policy.samples_per_epoch
-        ):
+        if self.phase != TRAIN or self.state.epochs.allocated(epoch) < self.policy.samples_per_epoch:
             return
         if self.state.active_samples(epoch):
             return  # in-flight samples drain first
-        self.state.put("phase", UPLOAD)
+        self.state.run.set_phase(UPLOAD)
         self.state.log(now, "phase", None, epoch=epoch, phase=UPLOAD)
         self.doorbell.ring_all()
 
@@ -415,15 +411,15 @@ class Scheduler:
         """Operator: stop handing out new samples this epoch; in-flight ones drain."""
         with self.state.transaction():
             epoch = self.epoch
-            allocated = int(self.state.get(f"allocated/{epoch}", 0))
-            self.state.put(f"allocated/{epoch}", max(allocated, self.policy.samples_per_epoch))
+            allocated = self.state.epochs.allocated(epoch)
+            self.state.epochs.set_allocated(epoch, max(allocated, self.policy.samples_per_epoch))
             self.state.log(now, "close_epoch", None, epoch=epoch, allocated=allocated)
             self._maybe_end_train(now)
 
     def next_epoch(self, now: float) -> None:
         epoch = self.epoch + 1
         done = self.policy.epochs and epoch >= self.policy.epochs
-        self.state.put("epoch", epoch)
-        self.state.put("phase", DONE if done else TRAIN)
+        self.state.run.set_epoch(epoch)
+        self.state.run.set_phase(DONE if done else TRAIN)
         self.state.log(now, "phase", None, epoch=epoch, phase=DONE if done else TRAIN)
         self.doorbell.ring_all()

@@ -23,10 +23,13 @@ from iota.protocol import (
     Ack,
     EpochPlan,
     MinerStatus,
+    PhaseReport,
     RegisterRequest,
     Registration,
     Report,
     RunInfo,
+    SnapshotDone,
+    SnapshotTaken,
     StageStatus,
     Status,
     Work,
@@ -94,11 +97,11 @@ class Orchestrator:
             hotkey=hotkey,
             stage=stage,
             epoch=self.scheduler.epoch,
-            checkpoint_url=self.epochs.weights_url(stage),
-            checkpoint_sha256=self.epochs.weights_sha(stage),
+            checkpoint_url=self.epochs.checkpoints.weights_url(stage),
+            checkpoint_sha256=self.epochs.checkpoints.weights_sha(stage),
             data_urls=self.epochs.data_urls(),
             heartbeat_s=self.scheduler.policy.miner_timeout_s / 4,
-            state_id=str(self.state.get("state_id", "")),
+            state_id=self.state.run.state_id or "",
         )
 
     def heartbeat(self, hotkey: str) -> Ack:
@@ -157,14 +160,14 @@ class Orchestrator:
                 plan=plan,
                 wait_s=0.05,
                 reason=assignment.wait_reason,
-                extra={} if forward else {"holding": holding},
+                holding=None if forward else holding,
             )
             return wait, assignment
         return self._work_for(assignment.hop, plan), assignment
 
     def _work_for(self, hop: Hop, plan: EpochPlan) -> Work:
         ttl = self.limits.url_ttl_s
-        shape = [self.run.micro_batch, self.run.model["seq_len"], self._wire_width()]
+        shape = [self.run.micro_batch, self.run.model.seq_len, self.run.model.wire_width]
         return Work(
             kind="forward" if hop.direction == FORWARD else "backward",
             run_id=self.run.run_id,
@@ -184,10 +187,6 @@ class Orchestrator:
             output_size=self.limits.activation_bytes if hop.output_key else None,
             lease_expires=hop.lease_expires,
         )
-
-    def _wire_width(self) -> int:
-        bottleneck = self.run.model.get("bottleneck")
-        return int(bottleneck) if bottleneck else int(self.run.model["hidden"])
 
     def report(self, hotkey: str, hop_id: int, report: Report) -> Ack:
         now = self.clock()
@@ -216,11 +215,11 @@ class Orchestrator:
                 raise SchedulingError(400, "the tail must report the sample's loss", fault=True)
             if loss is not None and not math.isfinite(loss):  # JSON admits NaN; /status could not serve it
                 raise SchedulingError(400, f"the loss must be a finite number, got {loss}", fault=True)
-            tokens = self.run.micro_batch * int(self.run.model["seq_len"])
+            tokens = self.run.micro_batch_tokens
             self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now, report.inner_step)
             self.challenges.on_report(hotkey, hop.stage, hop.epoch, report.inner_step, report.sketch, now)
             if hop.direction == BACKWARD and hop.stage == 0:
-                self.state.bump("tokens_trained", tokens)
+                self.state.counters.bump("tokens_trained", tokens)
         # What the miner asks for next may differ now (its window may be closed): a request it has held answers.
         self.scheduler.doorbell.answer_now(hotkey)
         return Ack(detail=f"item {hop_id} recorded")
@@ -248,7 +247,7 @@ class Orchestrator:
             )
         if info.md5 and report.output_md5 and info.md5 != report.output_md5:
             raise SchedulingError(400, f"output of item {hop.id} does not match the reported md5", fault=True)
-        self.state.bump("bytes_transferred", 2 * info.size)  # uploaded once, downloaded once
+        self.state.counters.bump("bytes_transferred", 2 * info.size)  # uploaded once, downloaded once
         return info.size
 
     def release(self, hotkey: str, hop_id: int, epoch: int) -> Ack:
@@ -259,7 +258,7 @@ class Orchestrator:
         self.scheduler.doorbell.answer_now(hotkey)
         return Ack(detail=f"item {hop_id} released")
 
-    def phase_report(self, hotkey: str, report: Report) -> Ack:
+    def phase_report(self, hotkey: str, report: PhaseReport) -> Ack:
         now = self.clock()
         if report.run_id != self.run.run_id:
             raise SchedulingError(
@@ -267,19 +266,19 @@ class Orchestrator:
             )
         with self.state.transaction():
             miner = self.scheduler.live_miner(hotkey, now)
-            if report.extra.get("kind") == "snapshot":
-                return Ack(detail=self.challenges.answer(miner, report, now))
-            if report.extra.get("kind") == "snapshot_taken":
-                return Ack(detail=self.challenges.take(miner, report, now))
+            if isinstance(report.result, SnapshotDone):
+                return Ack(detail=self.challenges.answer(miner, report, report.result, now))
+            if isinstance(report.result, SnapshotTaken):
+                return Ack(detail=self.challenges.take(miner, report, report.result, now))
             self.epochs.report(miner, report, now)
-        return Ack(detail=f"{report.extra.get('kind')} recorded")
+        return Ack(detail=f"{report.result.kind} recorded")
 
     def operate(self, hotkey: str, action: str, target: str, value: str) -> Ack:
         """The operator's controls; each is logged with who did it."""
         now = self.clock()
         with self.state.transaction():
             if action in ("pause", "resume"):
-                self.state.put("paused", action == "pause")
+                self.state.run.set_paused(action == "pause")
                 self.scheduler.doorbell.ring_all()
             elif action == "close-epoch":
                 self.scheduler.close_epoch(now)
@@ -297,7 +296,7 @@ class Orchestrator:
                 if not target:
                     raise SchedulingError(400, "set-flag needs target=NAME and value=VALUE")
                 self.run.flags[target] = value
-                self.state.put("flags", self.run.flags)
+                self.state.run.set_flags(self.run.flags)
             else:
                 raise SchedulingError(
                     404, f"unknown action {action!r}: pause, resume, close-epoch, ban, unban, set-flag"
@@ -362,31 +361,32 @@ class Orchestrator:
             phase=self.scheduler.phase,
             paused=self.scheduler.paused,
             stages=stages,
-            tokens_trained=int(self.state.get("tokens_trained", 0)),
-            samples_completed=int(self.state.get("samples_completed", 0)),
+            tokens_trained=self.state.counters.get("tokens_trained"),
+            samples_completed=self.state.counters.get("samples_completed"),
             samples_in_flight=len(self.state.active_samples()),
-            samples_requeued=int(self.state.get("samples_requeued", 0)),
+            samples_requeued=self.state.counters.get("samples_requeued"),
             samples_lost=self.samples_lost(),
             latest_loss=curve[-1][1] if curve else None,
             loss_curve=curve,
-            bytes_transferred=int(self.state.get("bytes_transferred", 0)),
-            checkpoint=self.epochs.latest_checkpoint(),
+            bytes_transferred=self.state.counters.get("bytes_transferred"),
+            checkpoint=self.epochs.checkpoints.latest(),
         )
 
     def loss_curve(self) -> list[tuple[int, float]]:
         """(tokens trained when the sample completed, its loss), in completion order."""
-        tokens = self.run.micro_batch * int(self.run.model["seq_len"])
+        tokens = self.run.micro_batch_tokens
         return [(tokens * (i + 1), loss) for i, (_, loss) in enumerate(self.state.loss_curve())]
 
     def samples_lost(self) -> int:
         """Allocated samples that are neither completed nor still in flight: must always be 0."""
-        allocated = int(self.state.get("cursor", 0))
-        done = int(self.state.get("samples_completed", 0))
+        allocated = self.state.counters.get("cursor")
+        done = self.state.counters.get("samples_completed")
         return allocated - done - len(self.state.active_samples())
 
     def metrics(self) -> str:
         """Prometheus text exposition of the run's counters and queues."""
         status = self.status()
+        counters = self.state.counters
         lines = [
             f"iota_epoch {status.epoch}",
             f"iota_tokens_trained_total {status.tokens_trained}",
@@ -395,19 +395,15 @@ class Orchestrator:
             f"iota_samples_requeued_total {status.samples_requeued}",
             f"iota_samples_lost {status.samples_lost}",
             f"iota_bytes_transferred_total {status.bytes_transferred}",
-            f"iota_merges_total {int(self.state.get('merges', 0))}",
-            f"iota_audits_passed_total {int(self.state.get('audits_passed', 0))}",
-            f"iota_leases_expired_total {int(self.state.get('leases_expired', 0))}",
-            f"iota_audits_failed_total {int(self.state.get('audits_failed', 0))}",
+            f"iota_merges_total {counters.get('merges')}",
+            f"iota_audits_passed_total {counters.get('audits_passed')}",
+            f"iota_leases_expired_total {counters.get('leases_expired')}",
+            f"iota_audits_failed_total {counters.get('audits_failed')}",
             f"iota_paused {int(status.paused)}",
         ]
         if status.latest_loss is not None:
             lines.append(f"iota_loss {status.latest_loss}")
-        latency = self.state.db.execute(
-            "SELECT stage, AVG(done_at - created_at) FROM (SELECT stage, done_at, created_at FROM hops "
-            "WHERE status = 'done' ORDER BY id DESC LIMIT 1000) recent GROUP BY stage"
-        )
-        lines += [f'iota_hop_seconds{{stage="{int(s)}"}} {float(v):.4f}' for s, v in latency]
+        lines += [f'iota_hop_seconds{{stage="{s}"}} {v:.4f}' for s, v in self.state.work.hop_seconds()]
         if self.auditor is not None:
             from iota.audit.scoring import compute_scores
 

@@ -1,4 +1,5 @@
-"""The orchestrator's durable state: miners, samples, hops (units of work) and the run's counters, in SQL."""
+"""The orchestrator's durable state: miners, samples, hops (units of work), verdicts and the operator's log, in
+SQL, and the typed ledgers (iota.orchestrator.ledgers) over the rest of it."""
 
 from __future__ import annotations
 
@@ -6,80 +7,21 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from iota.orchestrator.ledgers import (
+    AbuseLedger,
+    Audits,
+    Counters,
+    EpochValues,
+    Merges,
+    RunValues,
+    Snapshots,
+    Steps,
+    Uploads,
+    WorkDone,
+)
+from iota.orchestrator.schema import MIGRATIONS
 from iota.state.db import Database
 from iota.state.migrations import migrate
-
-# Portable SQL (SQLite and PostgreSQL). Ids are allocated from counters in `kv` inside the writing transaction,
-# so no dialect-specific auto-increment is needed.
-MIGRATIONS = [
-    (
-        1,
-        "initial",
-        [
-            "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-            """CREATE TABLE miners (
-                hotkey TEXT PRIMARY KEY, uid BIGINT, stage BIGINT NOT NULL, session TEXT NOT NULL,
-                device TEXT NOT NULL, memory_bytes BIGINT NOT NULL, registered_at DOUBLE PRECISION NOT NULL,
-                last_seen DOUBLE PRECISION NOT NULL, alive BIGINT NOT NULL, hops_done BIGINT NOT NULL,
-                banned TEXT)""",
-            """CREATE TABLE samples (
-                id BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, attempt BIGINT NOT NULL, status TEXT NOT NULL,
-                created_at DOUBLE PRECISION NOT NULL, done_at DOUBLE PRECISION, loss DOUBLE PRECISION)""",
-            "CREATE INDEX samples_status ON samples (status, epoch)",
-            """CREATE TABLE hops (
-                id BIGINT PRIMARY KEY, sample_id BIGINT NOT NULL, attempt BIGINT NOT NULL, epoch BIGINT NOT NULL,
-                stage BIGINT NOT NULL, direction TEXT NOT NULL, status TEXT NOT NULL, miner TEXT,
-                lease_no BIGINT NOT NULL, lease_expires DOUBLE PRECISION, input_key TEXT, input_sha TEXT,
-                output_key TEXT, output_sha TEXT, output_size BIGINT, created_at DOUBLE PRECISION NOT NULL,
-                done_at DOUBLE PRECISION)""",
-            "CREATE INDEX hops_queue ON hops (stage, direction, status, miner)",
-            "CREATE INDEX hops_lease ON hops (status, lease_expires)",
-            "CREATE INDEX hops_sample ON hops (sample_id, attempt)",
-            "CREATE INDEX hops_miner ON hops (miner, status)",
-            """CREATE TABLE losses (
-                sample_id BIGINT PRIMARY KEY, epoch BIGINT NOT NULL, tokens BIGINT NOT NULL,
-                loss DOUBLE PRECISION NOT NULL)""",
-            """CREATE TABLE events (
-                id BIGINT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL, hotkey TEXT,
-                detail TEXT NOT NULL)""",
-        ],
-    ),
-    (
-        2,
-        "audits",
-        [
-            "ALTER TABLE hops ADD COLUMN inner_step BIGINT",  # the miner's inner step after the hop: replay order
-            "ALTER TABLE hops ADD COLUMN loss DOUBLE PRECISION",
-            """CREATE TABLE verdicts (
-                id BIGINT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, validator TEXT NOT NULL, miner TEXT NOT NULL,
-                epoch BIGINT NOT NULL, stage BIGINT NOT NULL, passed BIGINT NOT NULL, hops BIGINT NOT NULL,
-                depth BIGINT NOT NULL, detail TEXT NOT NULL)""",
-            "CREATE INDEX verdicts_miner ON verdicts (miner, epoch)",
-        ],
-    ),
-    (
-        3,
-        "per-request lookups by index",
-        [
-            # Which stages have a live miner, and each stage's load, without reading every miner row.
-            "CREATE INDEX miners_alive_stage ON miners (alive, stage, hops_done)",
-            # The forward graphs a miner holds for a backward still to come: one row per (sample, attempt, stage)
-            # from the forward's report until that backward is done or the attempt ends, so asking what a miner
-            # holds costs what it holds, not every hop it ever did. Derived from hops and samples (filled below
-            # from them for a run in progress); the samples join stays in the read, so a stale row is harmless.
-            """CREATE TABLE held_graphs (
-                sample_id BIGINT NOT NULL, attempt BIGINT NOT NULL, stage BIGINT NOT NULL, miner TEXT NOT NULL,
-                PRIMARY KEY (sample_id, attempt, stage))""",
-            "CREATE INDEX held_graphs_miner ON held_graphs (miner, stage)",
-            "INSERT INTO held_graphs (sample_id, attempt, stage, miner) "
-            "SELECT h.sample_id, h.attempt, h.stage, h.miner FROM hops h "
-            "JOIN samples s ON s.id = h.sample_id AND s.attempt = h.attempt "
-            "WHERE h.direction = 'forward' AND h.status = 'done' AND s.status = 'active' AND h.miner IS NOT NULL "
-            "AND NOT EXISTS (SELECT 1 FROM hops b WHERE b.sample_id = h.sample_id AND b.attempt = h.attempt "
-            "AND b.stage = h.stage AND b.direction = 'backward' AND b.status = 'done')",
-        ],
-    ),
-]
 
 OPEN = ("queued", "leased")
 
@@ -110,7 +52,9 @@ HOP_COLUMNS = (
 
 
 @dataclass(frozen=True)
-class Miner:
+class MinerRecord:
+    """A miner's row: the stage it was given, its session and device, and how it stands."""
+
     hotkey: str
     uid: int | None
     stage: int
@@ -129,8 +73,8 @@ MINER_COLUMNS = (
 )
 
 
-def _miner(row: tuple) -> Miner:
-    return Miner(*row[:8], bool(row[8]), row[9], row[10])  # type: ignore[arg-type,call-arg]
+def _miner(row: tuple) -> MinerRecord:
+    return MinerRecord(*row[:8], bool(row[8]), row[9], row[10])  # type: ignore[arg-type,call-arg]
 
 
 class StateStore:
@@ -139,11 +83,21 @@ class StateStore:
     def __init__(self, db: Database):
         self.db = db
         migrate(db, MIGRATIONS)
+        self.run = RunValues(self)
+        self.counters = Counters(self)
+        self.epochs = EpochValues(self)
+        self.uploads = Uploads(self)
+        self.merges = Merges(self)
+        self.steps = Steps(self)
+        self.snapshots = Snapshots(self)
+        self.audits = Audits(self)
+        self.abuse = AbuseLedger(db)
+        self.work = WorkDone(db)
 
     def transaction(self):
         return self.db.transaction()
 
-    # -- run-level values -------------------------------------------------------------------------------
+    # -- the kv table under the ledgers (tests read it by key) ------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
         row = self.db.one("SELECT value FROM kv WHERE key = ?", (key,))
@@ -163,16 +117,16 @@ class StateStore:
 
     # -- miners -----------------------------------------------------------------------------------------
 
-    def miner(self, hotkey: str) -> Miner | None:
+    def miner(self, hotkey: str) -> MinerRecord | None:
         row = self.db.one(f"SELECT {MINER_COLUMNS} FROM miners WHERE hotkey = ?", (hotkey,))
         return None if row is None else _miner(row)
 
-    def miners(self, alive_only: bool = False) -> list[Miner]:
+    def miners(self, alive_only: bool = False) -> list[MinerRecord]:
         where = " WHERE alive = 1" if alive_only else ""
         rows = self.db.execute(f"SELECT {MINER_COLUMNS} FROM miners{where} ORDER BY stage, hotkey")
         return [_miner(r) for r in rows]
 
-    def upsert_miner(self, m: Miner) -> None:
+    def upsert_miner(self, m: MinerRecord) -> None:
         self.db.execute(
             f"INSERT INTO miners ({MINER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (hotkey) DO UPDATE SET uid = excluded.uid, stage = excluded.stage, "
@@ -293,7 +247,7 @@ class StateStore:
         depth: int,
         detail: dict[str, Any],
     ) -> int:
-        verdict_id = self.bump("next_verdict_id")
+        verdict_id = self.counters.bump("next_verdict_id")
         self.db.execute(
             "INSERT INTO verdicts (id, at, validator, miner, epoch, stage, passed, hops, depth, detail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -323,7 +277,7 @@ class StateStore:
     # -- hops -------------------------------------------------------------------------------------------
 
     def add_hop(self, **fields: Any) -> int:
-        hop_id = self.bump("next_hop_id")
+        hop_id = self.counters.bump("next_hop_id")
         names = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         self.db.execute(
@@ -427,7 +381,7 @@ class StateStore:
     # -- the operator's log -----------------------------------------------------------------------------
 
     def log(self, now: float, kind: str, hotkey: str | None = None, **detail: Any) -> None:
-        event_id = self.bump("next_event_id")
+        event_id = self.counters.bump("next_event_id")
         self.db.execute(
             "INSERT INTO events (id, at, kind, hotkey, detail) VALUES (?, ?, ?, ?, ?)",
             (event_id, now, kind, hotkey, json.dumps(detail)),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from iota.protocol.version import PROTOCOL_VERSION
 
@@ -20,12 +20,43 @@ class StageInfo(BaseModel):
     n_params: int
 
 
+class RopeScalingInfo(BaseModel):
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+class ModelInfo(BaseModel):
+    """The run's model shape: iota.model.config.ModelConfig's fields, typed on the wire (ModelConfig validates them)."""
+
+    model_config = ConfigDict(extra="forbid")  # a field this client does not know means it is older: say so
+
+    vocab_size: int
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn: int
+    seq_len: int
+    rope_theta: float
+    rope_scaling: RopeScalingInfo | None
+    norm_eps: float
+    bottleneck: int | None
+    init_std: float
+
+    @property
+    def wire_width(self) -> int:
+        """Channels of an activation between stages: the bottleneck's width, else the residual stream's."""
+        return self.bottleneck or self.hidden
+
+
 class RunInfo(Message):
     """What the orchestrator serves so that no client guesses: model, stages, data, schedule and flags."""
 
     run_id: str
     orchestrator_hotkey: str
-    model: dict[str, Any]  # ModelConfig.to_dict()
+    model: ModelInfo
     stages: list[StageInfo]
     data: dict[str, Any]  # DataPlan.to_dict()
     schedule: dict[str, Any]  # LRSchedule.to_dict()
@@ -37,6 +68,11 @@ class RunInfo(Message):
     wire_dtype: Literal["bf16", "fp32"]
     seed: int
     flags: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        """Tokens in one sample (a micro-batch): what a hop trains on, and the unit of the learning-rate schedule."""
+        return self.micro_batch * self.model.seq_len
 
 
 class RegisterRequest(Message):
@@ -77,6 +113,14 @@ class WorkRequest(Message):
     hold_s: float = Field(0.0, ge=0.0, le=MAX_HOLD_S)
 
 
+class MergeOrder(BaseModel):
+    """A merge owner's work: the stage's merge plan and a URL for exactly each object it reads or writes."""
+
+    plan: dict[str, Any]  # iota.merge.MergePlan's JSON: the owner validates it with the merge package
+    get: dict[str, str]  # object key -> GET URL: the uploads, the previous weights and momentum
+    put: dict[str, str]  # object key -> PUT URL: this owner's merged slices
+
+
 class Work(Message):
     kind: WorkKind
     run_id: str
@@ -93,7 +137,11 @@ class Work(Message):
     lease_expires: float | None = None
     wait_s: float = 0.0
     reason: str = ""
-    extra: dict[str, Any] = Field(default_factory=dict)  # phase-specific payload (merge plan and its URLs)
+    holding: list[int] | None = (
+        None  # wait without forward work: samples whose backward this miner still owes
+    )
+    challenged_step: int | None = None  # snapshot: the inner step the challenge names
+    merge: MergeOrder | None = None  # merge: the plan and its URLs
 
 
 class WeightSketch(BaseModel):
@@ -104,6 +152,8 @@ class WeightSketch(BaseModel):
 
 
 class Report(Message):
+    """A hop's result (POST /work/{hop_id}/report)."""
+
     run_id: str
     epoch: int
     hop_id: int
@@ -114,7 +164,63 @@ class Report(Message):
     loss: float | None = None  # the tail's loss on this sample
     tokens: int = 0
     sketch: WeightSketch | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class UploadDone(BaseModel):
+    """The epoch's pseudo-gradient is uploaded (the report's output digests name it)."""
+
+    kind: Literal["upload"] = "upload"
+    norm: float  # its L2 norm, checked against the object by the merge
+
+
+class PartitionDone(BaseModel):
+    digest: str  # iota.merge.PartitionResult.digest of the owner's two uploaded slices
+    sq_norms: dict[str, float]  # submitter hotkey -> squared norm of its upload's slice of this partition
+
+
+class MergeDone(BaseModel):
+    """The owner's partitions are merged and uploaded."""
+
+    kind: Literal["merge"] = "merge"
+    partitions: dict[int, PartitionDone]
+    failed: dict[int, str] = Field(default_factory=dict)  # partition -> why this owner could not merge it
+
+
+class ApplyDone(BaseModel):
+    """The next epoch's weights are loaded (the report's output_sha256 is their digest)."""
+
+    kind: Literal["apply"] = "apply"
+
+
+class SnapshotTaken(BaseModel):
+    """The challenged state is copied at `step`; its upload follows, and other work may go on meanwhile."""
+
+    kind: Literal["snapshot_taken"] = "snapshot_taken"
+    step: int
+
+
+class SnapshotDone(BaseModel):
+    """The snapshot taken at `step` is uploaded (the report's output digests name it)."""
+
+    kind: Literal["snapshot"] = "snapshot"
+    step: int
+
+
+PhaseResult = Annotated[
+    UploadDone | MergeDone | ApplyDone | SnapshotTaken | SnapshotDone, Field(discriminator="kind")
+]
+
+
+class PhaseReport(Message):
+    """End-of-epoch work or a snapshot challenge's answer (POST /phase/report)."""
+
+    run_id: str
+    epoch: int
+    inner_step: int
+    result: PhaseResult
+    input_sha256: str | None = None
+    output_sha256: str | None = None  # of the object it uploaded, if any
+    output_md5: str | None = None
 
 
 class Ack(Message):

@@ -1,6 +1,6 @@
 """The wire protocol's version and the headers that carry it."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on every incompatible change of a message or route; a mismatched client is told to upgrade."""
 
 VERSION_HEADER = "X-Iota-Protocol"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from iota.audit import ReplaySetup
-from iota.audit.adversaries import Honest, Pipeline, synthetic_batch
+from iota.audit.adversaries import Honest, WorkerPipeline, synthetic_batch
 from iota.audit.records import HopRecord
 from iota.audit.replay import WorkerFactory
 from iota.model import build_stage, plan_stages, preset
@@ -85,6 +85,6 @@ def run_epoch(
         snapshots[stage][worker.inner_step] = snapshot
         sketches[stage][worker.inner_step] = worker.sketch(SKETCH_SEED)
 
-    pipeline = Pipeline(workers, setups[0].lr, on_step=on_step)
+    pipeline = WorkerPipeline(workers, setups[0].lr, on_step=on_step)
     pipeline.run(samples, in_flight=in_flight)
     return Epoch(list(checkpoint), workers, pipeline.records, snapshots, sketches)

@@ -16,8 +16,9 @@ from bittensor.keyfiles import Keypair
 from iota.chain.local import LocalChain
 from iota.client.orchestrator import OrchestratorClient
 from iota.config import OrchestratorSettings
-from iota.miner.main import Miner
-from iota.orchestrator.app import STORAGE_PREFIX, assemble
+from iota.miner.main import MinerDaemon
+from iota.orchestrator.app import STORAGE_PREFIX
+from iota.orchestrator.assembly import assemble
 from iota.orchestrator.service import Orchestrator
 from iota.storage import LocalStore
 from iota.train.worker import StageWorker
@@ -32,14 +33,14 @@ class Net:
     orchestrator_hotkey: str
     keys: list[Keypair]  # on the chain before the orchestrator started (it may cache the subnet's members)
     root: Path
-    miners: list[Miner] = field(default_factory=list)
+    miners: list[MinerDaemon] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
-    def miner(self, worker_factory: type[StageWorker] = StageWorker) -> Miner:
+    def miner(self, worker_factory: type[StageWorker] = StageWorker) -> MinerDaemon:
         """A miner with the next registered hotkey; not started."""
         key = self.keys[len(self.miners)]
         client = OrchestratorClient(self.url, key, self.orchestrator_hotkey, timeout_s=10, give_up_s=20)
-        miner = Miner(
+        miner = MinerDaemon(
             client,
             torch.device("cpu"),
             use_autocast=False,
@@ -51,7 +52,7 @@ class Net:
         self.miners.append(miner)
         return miner
 
-    def start(self, miner: Miner) -> None:
+    def start(self, miner: MinerDaemon) -> None:
         """Run the miner's loop on a thread (the way `iota miner` runs it, less the signal handlers)."""
         thread = threading.Thread(target=miner.run_until_stopped, daemon=True)
         thread.start()

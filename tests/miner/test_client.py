@@ -12,7 +12,7 @@ from bittensor.keyfiles import Keypair
 from fastapi import FastAPI
 
 from iota.client.orchestrator import OrchestratorClient
-from iota.orchestrator.app import Admission, AdmissionMiddleware
+from iota.orchestrator.admission import Admission, AdmissionMiddleware
 from iota.protocol import EpochPlan, Work
 from tests.support import running_server
 

@@ -1,6 +1,6 @@
-"""The miner daemon with its I/O overlapped, against a real orchestrator in this process: three `Miner`s with real
-stage workers, signed HTTP, a LocalStore bucket. What the overlap must not change: the losses (gradients are
-exact), each report counting once, the run's in-flight limit, and what SIGTERM finishes or hands back."""
+"""The miner daemon with its I/O overlapped, against a real orchestrator in this process: three `MinerDaemon`s
+with real stage workers, signed HTTP, a LocalStore bucket. What the overlap must not change: the losses (gradients
+are exact), each report counting once, the run's in-flight limit, and what SIGTERM finishes or hands back."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from iota.miner.main import Miner
+from iota.miner.main import MinerDaemon
 from iota.protocol import Ack, Report
 from iota.train.baseline import train_baseline
 from iota.train.run import build_run
@@ -183,13 +183,13 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
     )
     for _ in range(3):
         miner = net.miner()
-        answer = miner._answer
+        answer = miner.phases.answer
 
         def slow_answer(*args: Any, answer: Callable[..., None] = answer) -> None:
             time.sleep(1.0)
             answer(*args)
 
-        miner._answer = slow_answer  # type: ignore[method-assign]
+        miner.phases.answer = slow_answer  # type: ignore[method-assign]
         net.start(miner)
     net.join(timeout_s=120)
     status = net.orch.status()
@@ -241,7 +241,9 @@ def test_a_refused_step_report_leaves_its_sketch_to_the_next_report(make_net: Ca
     for miner in miners:
         report = miner.client.report
 
-        def refuse_first(sent: Report, miner: Miner = miner, report: Callable[[Report], Ack] = report) -> Ack:
+        def refuse_first(
+            sent: Report, miner: MinerDaemon = miner, report: Callable[[Report], Ack] = report
+        ) -> Ack:
             if sent.sketch is not None and not refused:
                 refused.append((miner.client.hotkey, sent.inner_step))
                 net.orch.release(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import pytest
 
@@ -15,9 +14,9 @@ from iota.miner.pipeline import Fetched, Outbox, Prefetcher
 from iota.protocol import EpochPlan, Work
 
 
-def work(kind: str, wait_s: float = 0.0, **extra: Any) -> Work:
+def work(kind: str, wait_s: float = 0.0, holding: list[int] | None = None) -> Work:
     plan = EpochPlan(epoch=0, tokens_at_start=0, replicas=1)
-    return Work(kind=kind, run_id="r", epoch=0, stage=0, plan=plan, wait_s=wait_s, hop_id=7, extra=extra)
+    return Work(kind=kind, run_id="r", epoch=0, stage=0, plan=plan, wait_s=wait_s, hop_id=7, holding=holding)
 
 
 # -- Outbox ------------------------------------------------------------------------------------------------------
@@ -160,7 +159,7 @@ def test_only_a_quiet_wait_with_a_holding_list_reaches_the_main_thread() -> None
     prefetch = Prefetcher(lambda forward: answers.pop(0))
     prefetch.start(lambda: False)
     fetched = prefetch.take(stopping=lambda: False)
-    assert fetched is not None and fetched.quiet and fetched.work.extra == {"holding": [3]}
+    assert fetched is not None and fetched.quiet and fetched.work.holding == [3]
     assert answers == []
     with pytest.raises(RuntimeError, match="nothing was started"):
         prefetch.take(stopping=lambda: False)

@@ -19,7 +19,9 @@ from bittensor.keyfiles import Keypair
 
 from iota.auth import HotkeyAuth
 from iota.chain.local import LocalChain
-from iota.orchestrator.app import STORAGE_PREFIX, Admission, AdmissionMiddleware, assemble, finishes_work
+from iota.orchestrator.admission import Admission, AdmissionMiddleware, finishes_work
+from iota.orchestrator.app import STORAGE_PREFIX
+from iota.orchestrator.assembly import assemble
 from iota.orchestrator.scheduler import Policy, Scheduler
 from iota.orchestrator.service import Orchestrator
 from iota.orchestrator.state import StateStore

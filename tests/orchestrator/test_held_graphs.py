@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from iota.orchestrator.scheduler import Policy, Scheduler, SchedulingError
-from iota.orchestrator.state import MIGRATIONS, StateStore
+from iota.orchestrator.schema import MIGRATIONS
+from iota.orchestrator.state import StateStore
 from iota.state import Database
 from iota.state.migrations import migrate
 

@@ -90,7 +90,7 @@ def test_a_miners_own_release_answers_its_held_request(net: Net) -> None:
         net.clients["mid"].release(work.hop_id, work.epoch)
         answer = mid.result(timeout=HOLD_S)
         assert time.monotonic() - released < 1.0
-    assert answer.kind == "wait" and answer.wait_s == 0.0 and answer.extra == {"holding": []}
+    assert answer.kind == "wait" and answer.wait_s == 0.0 and answer.holding == []
 
 
 def test_a_miner_that_leaves_gets_its_held_request_refused_at_once(net: Net) -> None:

@@ -1,8 +1,8 @@
 """The end-of-epoch merge as the orchestrator drives it, with one fault injected per test at a named point.
 
 A real orchestrator app (SQLite state, the LocalStore it serves, sr25519-signed requests in process over ASGI) runs
-two stages of three replicas each. The replicas are the daemon's own `Miner` objects stepped one work item at a
-time: hops through their StageWorker as the daemon computes them, upload, merge and apply through `Miner.do`.
+two stages of three replicas each. The replicas are the daemon's own `MinerDaemon`s stepped one work item at a
+time: hops through their StageWorker as the daemon computes them, upload, merge and apply through `phases.do`.
 Each case breaks one thing at a named point (torchft's style) and lets the run finish; the test then recomputes
 from the bucket's uploads, with the pure merge functions, what the new weights must be, and checks that every
 surviving replica holds exactly that, that the weights moved, that the outer momentum the next epoch's merge will
@@ -41,11 +41,12 @@ from iota.merge import (
     read_slice,
     sha256_hex,
 )
-from iota.miner.main import Miner
+from iota.miner.main import MinerDaemon
 from iota.model.flat import decode_f32, encode_f32, flatten
 from iota.model.stages import build_stage
-from iota.orchestrator.app import STORAGE_PREFIX, assemble
-from iota.orchestrator.epochs import ORCHESTRATOR
+from iota.orchestrator.app import STORAGE_PREFIX
+from iota.orchestrator.assembly import assemble
+from iota.orchestrator.referee import ORCHESTRATOR
 from iota.orchestrator.service import Orchestrator
 from iota.protocol import Ack, Report, Work
 from iota.storage import LocalStore, keys
@@ -92,7 +93,7 @@ class Net:
     keypairs: dict[str, Keypair]
     store_root: Path
     clock: Clock = field(default_factory=Clock)
-    miners: dict[str, Miner] = field(default_factory=dict)
+    miners: dict[str, MinerDaemon] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)  # replicas killed by the fault: never asked again
     stopped: set[str] = field(default_factory=set)  # replicas told the run is complete
     timed_out: list[str] = field(default_factory=list)  # phases that moved on by their deadline
@@ -120,7 +121,7 @@ class Net:
         self.restarts += 1
         self.boot()
 
-    def connect(self, miner: Miner) -> None:
+    def connect(self, miner: MinerDaemon) -> None:
         """Point a miner's signed client and its bucket transfers at the current app."""
         miner.client.http.close()
         miner.http.close()
@@ -129,11 +130,11 @@ class Net:
         )
         miner.http = httpx.Client(transport=self._transport, timeout=30, verify=False)  # no TLS in process
 
-    def add_miner(self, name: str, cache_dir: Path) -> Miner:
+    def add_miner(self, name: str, cache_dir: Path) -> MinerDaemon:
         client = OrchestratorClient(
             BASE_URL, self.keypairs[name], self.keypairs["orchestrator"].ss58_address, give_up_s=5
         )
-        miner = Miner(client, torch.device("cpu"), False, 8, 1 << 34, cache_dir)
+        miner = MinerDaemon(client, torch.device("cpu"), False, 8, 1 << 34, cache_dir)
         self.connect(miner)
         miner.start()
         self.miners[name] = miner
@@ -181,7 +182,8 @@ class OwnerFault(Fault):
     def on_work(self, net: Net, name: str, work: Work, monkeypatch: pytest.MonkeyPatch) -> bool:
         if work.kind != "merge" or work.stage != FAULTY_STAGE:
             return False
-        plan = MergePlan.model_validate(work.extra["plan"])
+        assert work.merge is not None
+        plan = MergePlan.model_validate(work.merge.plan)
         self.victim = self.victim or plan.partitions[0].owners[0]
         if net.miners[name].client.hotkey != self.victim:
             return False
@@ -219,7 +221,7 @@ class OwnerDiesAfterUpload(OwnerFault):
 
         with monkeypatch.context() as patch:
             patch.setattr(miner.client, "phase_report", die)
-            miner.do(work)
+            miner.phases.do(work)
         uploaded = plan.output_key(plan.partitions_of(miner.client.hotkey)[0], miner.client.hotkey, "weights")
         assert name in net.dead and net.store.head(uploaded) is not None
 
@@ -281,7 +283,7 @@ class SubmitterUploadVanishes(SubmitterFault):
         self.truncate = truncate
 
     def strike(self, net: Net, name: str, work: Work) -> None:
-        net.miners[name].do(work)
+        net.miners[name].phases.do(work)
         key = keys.pseudo_grad(RUN_ID, work.epoch, work.stage, net.miners[name].client.hotkey)
         assert net.state(f"upload/{work.epoch}/{work.stage}/{net.miners[name].client.hotkey}") is not None
         if self.truncate:
@@ -295,7 +297,7 @@ class SubmitterFailedItsAudit(SubmitterFault):
     recomputation before the merge: its pseudo-gradient must not count."""
 
     def strike(self, net: Net, name: str, work: Work) -> None:
-        net.miners[name].do(work)
+        net.miners[name].phases.do(work)
         hotkey = net.miners[name].client.hotkey
         for source in ("validator", scoring.ORCHESTRATOR):
             net.orch.state.add_verdict(net.clock(), source, hotkey, work.epoch, work.stage, False, 1, 1, {})
@@ -317,7 +319,7 @@ class OrchestratorRestartsMidMerge(Fault):
 
         with monkeypatch.context() as patch:
             patch.setattr(client, "phase_report", restart_then_report)
-            net.miners[name].do(work)
+            net.miners[name].phases.do(work)
         # The restarted orchestrator recorded the report sent to its predecessor's work item.
         assert net.restarts == 1 and reported
         assert net.state(f"merged/{work.epoch}/{work.stage}/{client.hotkey}") is not None
@@ -344,8 +346,9 @@ class OwnerOverwritesAfterAcceptance(OwnerFault):
     def strike(
         self, net: Net, name: str, work: Work, plan: MergePlan, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        net.miners[name].do(work)
-        self.urls = dict(work.extra["put"])
+        net.miners[name].phases.do(work)
+        assert work.merge is not None
+        self.urls = dict(work.merge.put)
 
 
 class SubmitterUploadsLate(SubmitterFault):
@@ -366,7 +369,7 @@ class SubmitterUploadsLate(SubmitterFault):
         deadline, lease = upload_deadline(net, work), upload_lease(work)
         net.clock.offset += (deadline + lease) / 2 - net.clock()
         poll_others(net, name, expect_phase="upload")
-        net.miners[name].do(work)
+        net.miners[name].phases.do(work)
         assert net.state(upload_name(net, name)) is not None and net.phase == "merge"
         self.held = None
         return True
@@ -393,7 +396,7 @@ class SubmitterStallsPastLease(SubmitterFault):
             poll_others(net, name, expect_phase="upload")
         net.clock.offset += lease + 1 - net.clock()
         with pytest.raises(Refused, match="lease ended"):
-            net.miners[name]._upload(work)  # reported before anyone else asks: UPLOAD has not ended yet
+            net.miners[name].phases.upload(work)  # reported before anyone else asks: UPLOAD has not ended yet
         assert net.state(upload_name(net, name)) is None
         poll_others(net, name, expect_phase="merge")
         self.held = None
@@ -568,7 +571,7 @@ def train_hop(net: Net, name: str, work: Work) -> None:
 def serve(net: Net, name: str, fault: Fault, monkeypatch: pytest.MonkeyPatch) -> bool:
     """One turn of a replica: ask for work and do it. True when there was work to do.
 
-    Hops are done by `train_hop`; the end-of-epoch work (upload, merge, apply) by the daemon's own `Miner.do`.
+    Hops are done by `train_hop`; the end-of-epoch work (upload, merge, apply) by the daemon's own `phases.do`.
     """
     miner = net.miners[name]
     assert miner.worker is not None
@@ -580,8 +583,8 @@ def serve(net: Net, name: str, fault: Fault, monkeypatch: pytest.MonkeyPatch) ->
         net.stopped.add(name)
         return False
     if work.kind == "wait":
-        if "holding" in work.extra:  # cached forwards whose backward will never come
-            holding = set(work.extra["holding"])
+        if work.holding is not None:  # cached forwards whose backward will never come
+            holding = set(work.holding)
             miner.worker.forget([s for s in list(miner.worker.cache) if s not in holding])
         return False
     if fault.on_work(net, name, work, monkeypatch):
@@ -589,7 +592,7 @@ def serve(net: Net, name: str, fault: Fault, monkeypatch: pytest.MonkeyPatch) ->
     if work.kind in ("forward", "backward"):
         train_hop(net, name, work)
     else:
-        miner.do(work)
+        miner.phases.do(work)
     return True
 
 

@@ -8,7 +8,7 @@ from bittensor.keyfiles import Keypair
 
 from iota.chain.base import Neuron
 from iota.chain.local import LocalChain
-from iota.orchestrator.app import cached_lookup
+from iota.orchestrator.assembly import cached_lookup
 
 
 class CountingChain(LocalChain):

@@ -27,7 +27,8 @@ from iota.model import wire
 from iota.model.flat import decode_f32
 from iota.model.llama import loss_fn
 from iota.model.stages import build_stage
-from iota.orchestrator.app import STORAGE_PREFIX, assemble
+from iota.orchestrator.app import STORAGE_PREFIX
+from iota.orchestrator.assembly import assemble
 from iota.orchestrator.service import Orchestrator
 from iota.protocol import Ack, RegisterRequest, Report, RunInfo, Status, Work
 from iota.protocol.version import PROTOCOL_VERSION, VERSION_HEADER
@@ -177,7 +178,7 @@ def test_one_sample_through_three_stages_over_http(net: Net) -> None:
     flags = TrainFlags(settings.micro_batch, 1, "sgd", 0.0, 0.0, wire.wire_dtype(settings.wire_dtype))
     info = net.clients["head"].run_info()
     assert info.run_id == "run-test" and len(info.stages) == 3 and info.micro_batch == 2
-    assert info.model == model.to_dict() and info.wire_dtype == "fp32"
+    assert info.model.model_dump() == model.to_dict() and info.wire_dtype == "fp32"
 
     workers = {}
     for name in MINERS:

@@ -28,7 +28,8 @@ from iota.auth import sign_headers
 from iota.chain.local import LocalChain
 from iota.client.orchestrator import OrchestratorClient, Refused
 from iota.model import wire
-from iota.orchestrator.app import STORAGE_PREFIX, assemble
+from iota.orchestrator.app import STORAGE_PREFIX
+from iota.orchestrator.assembly import assemble
 from iota.orchestrator.service import Orchestrator
 from iota.protocol import RegisterRequest, Report, Work
 from iota.protocol.version import PROTOCOL_VERSION, VERSION_HEADER

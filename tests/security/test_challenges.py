@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bittensor.keyfiles import Keypair
 
-from iota.protocol import AuditTask, Report, WeightSketch
+from iota.protocol import AuditTask, PhaseReport, SnapshotDone, SnapshotTaken, WeightSketch
 from iota.storage.transfer import download, upload
 from iota.train.snapshot import snapshot_size
 from tests.security import MINERS, Net, refused, report_for, serve_net
@@ -29,16 +29,14 @@ def tail_reaches_step_one(net: Net, sketch: WeightSketch | None) -> None:
     net.clients["tail"].report(report_for(work, data, out, loss=2.0, inner_step=1, sketch=sketch))
 
 
-def answer(net: Net, step: int, blob: bytes, **extra: object) -> str:
-    report = Report(
+def answer(net: Net, step: int, blob: bytes, kind: str = "snapshot") -> str:
+    result = SnapshotTaken(step=step) if kind == "snapshot_taken" else SnapshotDone(step=step)
+    report = PhaseReport(
         run_id=net.orch.run.run_id,
         epoch=0,
-        hop_id=0,
         inner_step=step,
-        input_sha256=None,
         output_sha256=hashlib.sha256(blob).hexdigest(),
-        output_md5=None,
-        extra={"kind": "snapshot", "step": step, **extra},
+        result=result,
     )
     return net.clients["tail"].phase_report(report).detail
 
@@ -59,8 +57,8 @@ def test_a_challenged_step_is_answered_first_and_audited_from(
         order = net.work("tail", kind="snapshot")
         stage = net.orch.epochs
         size = snapshot_size(stage.n_params[2], len(stage.tensors[2]), net.run.settings.optimizer)
-        assert order.extra["step"] == 1 and order.output_size == size and order.output_url
-        assert net.work("tail", kind="snapshot").extra["step"] == 1  # nothing else until it is answered
+        assert order.challenged_step == 1 and order.output_size == size and order.output_url
+        assert net.work("tail", kind="snapshot").challenged_step == 1  # nothing else until it is answered
         refused(lambda: answer(net, 1, bytes(size)), 400, "snapshot missing")  # not uploaded yet
         blob = bytes(size)
         upload(order.output_url, blob)
@@ -99,8 +97,8 @@ def test_a_miner_past_the_step_answers_with_its_current_one(
 def test_a_taken_snapshot_lets_work_go_on_up_to_its_step(
     data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
 ) -> None:
-    """The miner copies its state and uploads it beside its work (iota.miner.main._snapshot): once it says it took
-    the snapshot it gets other work, but a report past that step is refused and the order served again."""
+    """The miner copies its state and uploads it beside its work (iota.miner.phases.Phases.snapshot): once it says
+    it took the snapshot it gets other work, but a report past that step is refused and the order served again."""
     with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
         tail_reaches_step_one(net, SKETCH)
         order = net.work("tail", kind="snapshot")
@@ -131,7 +129,9 @@ def test_a_taken_snapshot_lets_work_go_on_up_to_its_step(
         )
         after = net.snapshot()
         assert before["samples"] == after["samples"] and before["losses"] == after["losses"]
-        assert net.work("tail", kind="snapshot").extra["step"] == 1  # served again: a failed upload is redone
+        assert (
+            net.work("tail", kind="snapshot").challenged_step == 1
+        )  # served again: a failed upload is redone
         blob = b"\x02" * order.output_size
         upload(order.output_url, blob)
         assert answer(net, 1, blob) == "snapshot recorded"

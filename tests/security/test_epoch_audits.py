@@ -4,8 +4,8 @@ noise, another miner's) fails its miner; a poisoned merged partition fails its o
 already kept it out of the checkpoint; honest miners and owners pass; a second validator, or the orchestrator's
 own recomputation, confirms each failure.
 
-Two stages of three replicas train one epoch: the replicas are the daemon's own `Miner` objects stepped one work
-item at a time over signed HTTP (hops computed by their StageWorker, upload, merge and apply by `Miner.do`);
+Two stages of three replicas train one epoch: the replicas are the daemon's own `MinerDaemon`s stepped one work
+item at a time over signed HTTP (hops computed by their StageWorker, upload, merge and apply by `phases.do`);
 the validators are `ValidatorDaemon`s asking `POST /validators/audit` and answering `POST /validators/verdict`.
 """
 
@@ -25,8 +25,9 @@ from iota.audit.scoring import ORCHESTRATOR, confirmed_failures
 from iota.chain.local import LocalChain
 from iota.client.orchestrator import OrchestratorClient
 from iota.merge import MergePlan
-from iota.miner.main import Miner
-from iota.orchestrator.app import STORAGE_PREFIX, assemble
+from iota.miner.main import MinerDaemon
+from iota.orchestrator.app import STORAGE_PREFIX
+from iota.orchestrator.assembly import assemble
 from iota.orchestrator.recheck import Rechecker
 from iota.orchestrator.service import Orchestrator
 from iota.protocol import Ack, AuditTask, AuditVerdict, Work
@@ -50,7 +51,7 @@ class Net:
     batch: Callable[
         [int], tuple[torch.Tensor, torch.Tensor]
     ]  # the run's samples, for the orchestrator's recheck
-    miners: dict[str, Miner]
+    miners: dict[str, MinerDaemon]
     validators: dict[str, ValidatorDaemon]
     stopped: set[str] = field(default_factory=set)
     poisoners: dict[str, bool] = field(default_factory=dict)  # owner -> whether it reported its own digest
@@ -117,7 +118,7 @@ def net(data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path) -> Iterato
         miners, validators = {}, {}
         for name in REPLICAS:
             client = OrchestratorClient(url, keypairs[name], orchestrator, timeout_s=30, give_up_s=5)
-            miners[name] = Miner(client, torch.device("cpu"), False, 8, 1 << 34, cache)
+            miners[name] = MinerDaemon(client, torch.device("cpu"), False, 8, 1 << 34, cache)
             miners[name].start()
             assert miners[name].stage == int(name[1]), name
         for name in VALIDATORS:
@@ -158,7 +159,7 @@ def run_epoch(net: Net, cheat: Cheat) -> None:
             elif work.kind in ("forward", "backward"):
                 train_hop(net.miners[name], work)
             elif work.kind != "wait" and not cheat(net, name, work):
-                miner.do(work)
+                miner.phases.do(work)
     raise AssertionError(f"the run did not finish: phase {net.orch.scheduler.phase}")
 
 
@@ -208,8 +209,8 @@ def forge_uploads(net: Net, name: str, work: Work) -> bool:
     worker = net.miners[name].worker
     assert worker is not None and mate is not None
     forged = forge(worker.pseudo_gradient(), mate.pseudo_gradient())
-    worker.pseudo_gradient = lambda: forged  # type: ignore[method-assign]  # what `Miner.do` uploads
-    net.miners[name].do(work)
+    worker.pseudo_gradient = lambda: forged  # type: ignore[method-assign]  # what `phases.do` uploads
+    net.miners[name].phases.do(work)
     return True
 
 
@@ -257,7 +258,8 @@ def poison_merges(net: Net, name: str, work: Work) -> bool:
     betray it)."""
     if work.kind != "merge":
         return False
-    plan = MergePlan.model_validate(work.extra["plan"])
+    assert work.merge is not None
+    plan = MergePlan.model_validate(work.merge.plan)
     hotkey = net.hotkey(name)
     if hotkey != plan.partitions[0].owners[0]:
         return False

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from bittensor.keyfiles import Keypair
 
-from iota.orchestrator.abuse import guarded_http
 from iota.orchestrator.app import MAX_BODY_BYTES, MAX_HEADER_BYTES, server_options
+from iota.orchestrator.guards import guarded_http
 from tests.orchestrator import run_settings
 from tests.security import MINERS, Net, serve_net
 

@@ -16,7 +16,7 @@ from bittensor.keyfiles import Keypair
 
 from iota.chain.local import LocalChain
 from iota.model import wire
-from iota.orchestrator.app import assemble
+from iota.orchestrator.assembly import assemble
 from iota.protocol import AuditTask, RegisterRequest
 from iota.storage import S3Store, keys
 from iota.storage.transfer import download, upload

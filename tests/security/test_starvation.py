@@ -47,7 +47,8 @@ import uvicorn
 from iota.chain.local import LocalChain
 from iota.config import OrchestratorSettings
 from iota.config import OrchestratorSettings
-from iota.orchestrator.app import assemble, server_options
+from iota.orchestrator.app import server_options
+from iota.orchestrator.assembly import assemble
 args = json.loads(sys.argv[1])
 settings = OrchestratorSettings(_env_file=None, **args["settings"])
 assembled = assemble(settings, LocalChain(args["chain"]), args["hotkey"])

@@ -20,7 +20,7 @@ from iota.merge import DictStore, FlatRef, Submitter, apply_merged, make_plan, m
 from iota.merge import partition_bounds as bounds_of
 from iota.model import wire
 from iota.model.flat import encode_f32
-from iota.orchestrator.app import assemble
+from iota.orchestrator.assembly import assemble
 from iota.storage import LocalStore, keys
 from iota.train.run import Run, batch_fn, build_run
 from iota.train.worker import StageWorker, TrainFlags

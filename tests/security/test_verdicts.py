@@ -15,7 +15,7 @@ from iota.audit.judge import replay_setup
 from iota.audit.scoring import ORCHESTRATOR, STRIKES, compute_scores
 from iota.chain.local import LocalChain
 from iota.model.flat import decode_f32
-from iota.orchestrator.app import assemble
+from iota.orchestrator.assembly import assemble
 from iota.orchestrator.audits import Auditor
 from iota.orchestrator.recheck import Rechecker
 from iota.protocol import AuditTask, AuditVerdict

@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from iota.orchestrator.abuse import guarded_http
+from iota.orchestrator.guards import guarded_http
 
 
 @contextmanager

@@ -9,16 +9,16 @@ from typing import Any
 import pytest
 import torch
 
-import iota.miner.main as miner_main
+import iota.miner.phases as miner_phases
 from iota.merge import MergePlan, run_owner, sha256_hex
-from iota.miner.main import Miner
+from iota.miner.main import MinerDaemon
 from iota.model.flat import decode_f32, encode_f32
 from iota.protocol import Work
 from iota.storage.transfer import download, upload
 
 
-def train_hop(miner: Miner, work: Work) -> None:
-    """Fetch the input, compute the forward or backward and the inner step it completes (`Miner._compute`, with
+def train_hop(miner: MinerDaemon, work: Work) -> None:
+    """Fetch the input, compute the forward or backward and the inner step it completes (`Hops.compute`, with
     the epoch plan's learning rate and the sketch it commits), upload the output, report. A refused report raises
     (the daemon's outbox would only log it)."""
     assert miner.worker is not None
@@ -27,7 +27,7 @@ def train_hop(miner: Miner, work: Work) -> None:
         if work.input_url
         else None
     )
-    finished = miner._compute(work, data)
+    finished = miner.hops.compute(work, data)
     if finished.output is not None:
         assert work.output_url
         upload(work.output_url, finished.output, miner.http)
@@ -35,17 +35,18 @@ def train_hop(miner: Miner, work: Work) -> None:
 
 
 def corrupted_merge(
-    miner: Miner, work: Work, corrupt: Callable[[torch.Tensor], torch.Tensor], honest_digest: bool
+    miner: MinerDaemon, work: Work, corrupt: Callable[[torch.Tensor], torch.Tensor], honest_digest: bool
 ) -> None:
     """Do a merge order with the daemon's code, but upload `corrupt(merged weights)` for each partition the miner
     owns. `honest_digest`: the report names the digest of the correct merge (a lying owner, or bytes corrupted on
     their way to the bucket), so the owners' reports agree and only the bytes betray it; otherwise it names the
     digest of what was uploaded, and the owners disagree."""
-    plan = MergePlan.model_validate(work.extra["plan"])
+    assert work.merge is not None
+    plan = MergePlan.model_validate(work.merge.plan)
     hotkey = miner.client.hotkey
     weights_keys = {plan.output_key(i, hotkey, "weights") for i in plan.partitions_of(hotkey)}
 
-    class CorruptingUrlStore(miner_main.UrlStore):
+    class CorruptingUrlStore(miner_phases.UrlStore):
         def put(self, key: str, data: bytes) -> None:
             super().put(key, encode_f32(corrupt(decode_f32(data))) if key in weights_keys else data)
 
@@ -59,7 +60,7 @@ def corrupted_merge(
 
     with pytest.MonkeyPatch.context() as patch:
         if honest_digest:
-            patch.setattr(miner_main, "UrlStore", CorruptingUrlStore)
+            patch.setattr(miner_phases, "UrlStore", CorruptingUrlStore)
         else:
-            patch.setattr(miner_main, "run_owner", corrupting_owner)
-        miner.do(work)
+            patch.setattr(miner_phases, "run_owner", corrupting_owner)
+        miner.phases.do(work)

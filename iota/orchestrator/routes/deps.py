@@ -8,17 +8,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, Request
 
 from iota.auth.ratelimit import retry_after_header
+from iota.orchestrator.admission import Admission
 from iota.orchestrator.doorbell import DROPPED, Ticket
 from iota.orchestrator.scheduler import SchedulingError
 from iota.orchestrator.service import Orchestrator
-
-if TYPE_CHECKING:
-    from iota.orchestrator.app import Admission
 
 T = TypeVar("T")
 

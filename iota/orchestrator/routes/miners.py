@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from iota.auth import Miner, check_protocol_version
 from iota.orchestrator.doorbell import NOW, STAGE
 from iota.orchestrator.routes.deps import EpochNumber, ItemId, Orch
-from iota.protocol import Ack, RegisterRequest, Registration, Report, Work, WorkRequest
+from iota.protocol import Ack, PhaseReport, RegisterRequest, Registration, Report, Work, WorkRequest
 
 HELD_HEADER = "X-Iota-Held-Ms"  # how long POST /work held the request before answering
 
@@ -83,6 +83,6 @@ async def release(hop_id: ItemId, epoch: EpochNumber, caller: Miner, orch: Orch)
 
 
 @router.post("/phase/report")
-async def phase_report(body: Report, caller: Miner, orch: Orch) -> Ack:
+async def phase_report(body: PhaseReport, caller: Miner, orch: Orch) -> Ack:
     """Report end-of-epoch work: an uploaded pseudo-gradient, merged partitions, or applied weights."""
     return await orch.serve(caller.hotkey, orch.orchestrator.phase_report, caller.hotkey, body)

@@ -1,13 +1,10 @@
-"""`iota local`: the whole network on one machine, each role an `iota <role>` subprocess.
+"""The processes of `iota local`: each role an `iota <role>` subprocess, started, stopped and watched.
 
-Wallets are created and registered on a file-backed LocalChain in the run directory; the orchestrator serves a
-local object store (or uses an S3 endpoint); every process logs to run_dir/logs. Progress is printed while it
-trains; at the end the latest checkpoint is pulled, evaluated on held-out data, and a JSON report written.
-"""
+Wallets are created and registered on a file-backed LocalChain in the run directory, each role gets its
+environment, and every process logs to run_dir/logs."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -15,12 +12,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from loguru import logger
 
 from iota.auth import create_wallet
 from iota.chain.local import LocalChain
@@ -247,13 +243,13 @@ class LocalNetwork:
                 return status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not reached within {timeout_s:.0f} s; last status: {status}")
-            if progress and status is not None and time.monotonic() - last_print >= (1.0 if _tty() else 10.0):
+            if progress and status is not None and time.monotonic() - last_print >= (1.0 if tty() else 10.0):
                 last_print = time.monotonic()
                 _progress_line(status)
             time.sleep(0.5)
 
 
-def _tty() -> bool:
+def tty() -> bool:
     return sys.stdout.isatty()
 
 
@@ -264,61 +260,7 @@ def _progress_line(status: Status) -> None:
         f"samples {status.samples_completed} (in flight {status.samples_in_flight}, "
         f"requeued {status.samples_requeued})"
     )
-    print(("\r" + line) if _tty() else line, end="" if _tty() else "\n", flush=True)
-
-
-def run_local(options: LocalOptions) -> dict[str, Any]:
-    if options.validators == 0 and options.snapshot_rate is None:
-        # Nobody will audit this run, so snapshot challenges would only cost the miners (and the pipeline) time.
-        options = replace(options, snapshot_rate=0.0)
-    net = LocalNetwork(options)
-    n_miners = net.settings.stages * options.miners_per_stage
-    # The cores this process may use (its affinity, which taskset and cgroups set), not the host's.
-    threads = max(1, len(os.sched_getaffinity(0)) // n_miners)
-    started = time.time()
-    try:
-        net.start_orchestrator()
-        for _ in range(n_miners):
-            net.add_miner(threads=threads)
-        validators = [net.add_validator() for _ in range(options.validators)]
-        train_start = time.time()
-        miners_gone = lambda st: all(net.procs[m].poll() is not None for m in net.miner_names)  # noqa: E731
-        status = net.wait_until(lambda st: st.phase == "done" or miners_gone(st), 24 * 3600, options.progress)
-        if _tty() and options.progress:
-            print()
-        if status.phase != "done":
-            logger.error("every miner exited before the run finished; see {}", net.run_dir / "logs")
-        wall = time.time() - train_start
-        net.stop(net.miner_names, timeout_s=30)
-        net.stop(validators, timeout_s=60)  # each sets its weights once more on the way out
-        status = net.status() or status
-        scores = _scores(net)
-    finally:
-        net.stop()
-    report = _report(net.settings, status, net.run_dir, wall, started, net.orch_env, options)
-    report["scores"] = scores
-    if options.baseline:
-        report["baseline"] = _baseline(net.settings, report["tokens_trained"], options.miners_per_stage)
-    _summary(report, net.run_dir)
-    return report
-
-
-def _scores(net: LocalNetwork) -> dict[str, Any]:
-    """Audits, the weights the score log implies, and what each validator set on the local chain."""
-    try:
-        log = httpx.get(f"{net.url}/scores", timeout=30).json()
-    except (httpx.HTTPError, ValueError):
-        return {}
-    from iota.audit.scoring import compute_scores
-
-    verdicts = log["verdicts"]
-    return {
-        "audits": len(verdicts),
-        "audits_failed": sum(1 for v in verdicts if not v["passed"]),
-        "weights": compute_scores(log),
-        "uids": log["uids"],
-        "chain_weights": {hk: dict(entry.weights) for hk, entry in net.chain.weights().items()},
-    }
+    print(("\r" + line) if tty() else line, end="" if tty() else "\n", flush=True)
 
 
 def _ensure_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
@@ -333,116 +275,3 @@ def _ensure_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
     )
     if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
         s3.create_bucket(Bucket=bucket)
-
-
-def _report(
-    settings: RunSettings,
-    status: Status | None,
-    run_dir: Path,
-    wall: float,
-    started: float,
-    orch_env: dict[str, str],
-    options: LocalOptions,
-) -> dict[str, Any]:
-    if status is None:
-        raise RuntimeError(f"no status from the orchestrator; see {run_dir / 'logs'}")
-    checkpoint, eval_loss = _pull_and_eval(settings, run_dir, orch_env)
-    curve = [list(p) for p in status.loss_curve]
-    tail = [loss for _, loss in status.loss_curve[-8:]]
-    miners = [m.model_dump() for st in status.stages for m in st.miners]
-    return {
-        "preset": settings.preset,
-        "tokens_trained": status.tokens_trained,
-        "wall_seconds": wall,
-        "tokens_per_second": status.tokens_trained / wall if wall > 0 else 0.0,
-        "loss_curve": curve,
-        "final_loss": sum(tail) / len(tail) if tail else None,
-        "eval_loss": eval_loss,
-        "epochs_completed": status.epoch,
-        "stages": [
-            {"index": st.index, "miners": len(st.miners), "hops_done": sum(m.hops_done for m in st.miners)}
-            for st in status.stages
-        ],
-        "miners": miners,
-        "bytes_transferred": status.bytes_transferred,
-        "samples_completed": status.samples_completed,
-        "samples_lost": status.samples_lost,
-        "samples_requeued": status.samples_requeued,
-        "scores": {},
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "run_dir": str(run_dir),
-        "settings": settings.model_dump(mode="json"),
-        "miners_per_stage": options.miners_per_stage,
-        "total_seconds": time.time() - started,
-    }
-
-
-def _pull_and_eval(
-    settings: RunSettings, run_dir: Path, env: dict[str, str]
-) -> tuple[Path | None, float | None]:
-    """The latest checkpoint into run_dir/checkpoint, and its held-out loss (the orchestrator never trains)."""
-    from iota.checkpoint import eval_command, find_prepared, latest_epoch, pull_checkpoint
-    from iota.storage import LocalStore, S3Store
-
-    if env.get("IOTA_STORE") == "s3":
-        store: Any = S3Store(
-            "iota",
-            endpoint_url=env["IOTA_S3_ENDPOINT"],
-            access_key=env["IOTA_S3_ACCESS_KEY"],
-            secret_key=env["IOTA_S3_SECRET_KEY"],
-        )
-    else:
-        store = LocalStore(run_dir / "orchestrator" / "store", "http://unused", b"local-read-only-secret")
-    epoch = latest_epoch(store, "local")
-    if epoch is None:
-        return None, None
-    manifest = json.loads(store.get(f"runs/local/checkpoints/{epoch}/manifest.json"))
-    prepared = find_prepared(settings.data_dir, manifest["data"])
-    out = pull_checkpoint(store, "local", epoch, run_dir / "checkpoint", tokenizer_dir=prepared)
-    report = eval_command(out, settings.data_dir, settings.heldout_samples, out / "eval.json")
-    return out, float(report["eval_loss"])
-
-
-def _baseline(settings: RunSettings, tokens: int, replicas: int) -> dict[str, Any]:
-    from iota.train.baseline import train_baseline
-    from iota.train.run import build_run
-
-    if tokens <= 0:
-        return {}
-    report = train_baseline(build_run(settings), tokens, replicas=replicas, progress=False)
-    return {
-        k: report[k]
-        for k in (
-            "tokens_trained",
-            "wall_seconds",
-            "tokens_per_second",
-            "final_loss",
-            "eval_loss",
-            "unigram_entropy",
-        )
-    }
-
-
-def _summary(report: dict[str, Any], run_dir: Path) -> None:
-    curve = report["loss_curve"]
-    first = curve[0][1] if curve else float("nan")
-    lines = [
-        "",
-        f"iota local: {report['tokens_trained']} tokens trained in {report['wall_seconds']:.0f} s "
-        f"({report['tokens_per_second']:.0f} tok/s) over {report['epochs_completed']} epochs",
-        f"  loss: {first:.3f} at the start -> {report['final_loss'] or float('nan'):.3f} at the end; "
-        f"held-out {report['eval_loss'] if report['eval_loss'] is not None else float('nan'):.3f}",
-    ]
-    if report.get("baseline"):
-        b = report["baseline"]
-        lines.append(
-            f"  baseline (one process, same tokens): held-out {b['eval_loss']:.3f}; "
-            f"unigram entropy of the corpus {b['unigram_entropy']:.3f}"
-        )
-    lines += [
-        f"  samples: {report['samples_completed']} completed, {report['samples_requeued']} requeued, "
-        f"{report['samples_lost']} lost",
-        f"  checkpoint: {report['checkpoint']}",
-        f"  logs: {run_dir / 'logs'}",
-    ]
-    print("\n".join(lines))

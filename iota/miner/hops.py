@@ -1,0 +1,243 @@
+"""A miner's forward and backward hops: fetched, computed and sent, and the inner steps they complete.
+
+Fetched on the prefetch thread, computed on the main thread, sent on the outbox thread (iota.miner.pipeline);
+each inner step they complete is committed to by a sketch of the weights, sent with the report that completed
+it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from iota.client.orchestrator import Refused
+from iota.client.transfers import get, put
+from iota.miner.pipeline import Fetched, Outbox, Prefetcher
+from iota.miner.reports import hop_report
+from iota.protocol import Report, WeightSketch, Work
+from iota.storage.base import StoreError
+from iota.train.schedule import inner_step_lr
+from iota.train.worker import StageWorker, sketch_seed
+
+if TYPE_CHECKING:
+    from iota.miner.main import MinerDaemon
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A computed hop on its way out: its output is uploaded, then its report sent (iota.miner.pipeline.Outbox)."""
+
+    work: Work
+    input: bytes | None
+    output: bytes | None
+    loss: float | None
+    inner_step: int  # after the inner step this hop completed, if it did
+    tokens: int
+    sketch: WeightSketch | None = None  # of the weights after the step this hop completed: a commitment
+
+    def report(self) -> Report:
+        return hop_report(
+            self.work,
+            self.inner_step,
+            input=self.input,
+            output=self.output,
+            loss=self.loss,
+            tokens=self.tokens,
+            sketch=self.sketch,
+        )
+
+
+class Hops:
+    """The hops of one miner, and what the orchestrator has been told of them.
+
+    The main thread calls `fetch_next`, `take`, `hop`, `drain`, `apply_refusals` and `forget_abandoned`; the stage
+    worker (`miner.worker`, replaced when the miner registers on another stage) is touched there only.
+    """
+
+    def __init__(self, miner: MinerDaemon, hold_s: float):
+        self.miner = miner
+        self.hold_s = hold_s  # how long the orchestrator may hold a request for work while it has none
+        self.prefetch = Prefetcher(self._fetch)
+        # Depth 1: one output being sent and one waiting, so a miner holds at most three items unreported.
+        self.outbox: Outbox[Finished, tuple[int, int]] = Outbox(
+            self._send, depth=1, on_sent=self.prefetch.kick
+        )
+        # The hop on the main thread, from when it starts computing until it is in the outbox.
+        self._computing: Work | None = None
+        self._graph_hops: dict[int, int] = {}  # sample -> the item whose forward made its cached graph
+        # The sketch of each recent step, and per epoch the last step whose sketch the orchestrator accepted: when
+        # the report that completed a step is refused, the next report at that step carries its sketch instead.
+        self._sketches: dict[tuple[int, int], WeightSketch] = {}
+        self._committed: dict[int, int] = {}
+
+    # -- main thread ------------------------------------------------------------------------------------
+
+    def fetch_next(self, after_s: float = 0.0) -> None:
+        """Start looking for the next item, after `after_s` (a `wait` to honour)."""
+        self.prefetch.start(self._forward_wanted(None), after_s=after_s)
+
+    def take(self) -> Fetched | None:
+        """The next item (None: the miner is stopping), once the prefetch thread has it."""
+        return self.prefetch.take(stopping=lambda: self.miner.state.stopping)
+
+    def hop(self, fetched: Fetched) -> None:
+        """Compute a fetched forward or backward and hand it to the outbox; look for the next item meanwhile."""
+        work = fetched.work
+        worker = self.miner.loaded_worker
+        assert work.sample_id is not None
+        if fetched.error is not None or (work.kind == "forward" and not worker.wants_forward()):
+            # A failed download; or a forward prefetched on a guess that this window would have room (a worker
+            # that counts differently): hand it back as today's loop would have.
+            why = fetched.error or "no room in this accumulation window"
+            logger.error("{} item {} not done: {}", work.kind, work.hop_id, why)
+            self.miner.release(work)
+            self.fetch_next()
+            return
+        self._computing = work
+        self.prefetch.start(self._forward_wanted(work))
+        try:
+            finished = self.compute(work, fetched.data)
+        except (KeyError, ValueError, OSError, StoreError) as error:
+            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
+            self.miner.release(work)
+        else:
+            self.outbox.put(finished)  # counted as unreported from here on, so clear `_computing` after
+        self._computing = None
+
+    def compute(self, work: Work, data: bytes | None) -> Finished:
+        """The stage's forward or backward, and the inner step it completes."""
+        worker, run = self.miner.loaded_worker, self.miner.run
+        assert work.sample_id is not None and work.hop_id is not None
+        out: bytes | None
+        loss, sketch = None, None
+        if work.kind == "forward":
+            out, loss = worker.forward(work.sample_id, data)
+            if not worker.spec.is_tail:
+                self._graph_hops = {s: h for s, h in self._graph_hops.items() if s in worker.cache}
+                self._graph_hops[work.sample_id] = work.hop_id
+        else:
+            if data is None:
+                raise ValueError("a backward item names no input")
+            out = worker.backward(work.sample_id, data)
+        if worker.step_due():
+            plan = work.plan
+            lr = inner_step_lr(
+                self.miner.schedule,
+                plan.tokens_at_start,
+                worker.inner_step,
+                run.accumulate,
+                run.micro_batch_tokens,
+                plan.replicas,
+            )
+            worker.step(lr)
+            sketch = worker.sketch(sketch_seed(run.seed, work.epoch, worker.inner_step))
+            step = worker.inner_step
+            self._sketches = {
+                k: v for k, v in self._sketches.items() if k[0] == work.epoch and k[1] > step - 4
+            }
+            self._sketches[(work.epoch, step)] = sketch
+        return Finished(work, data, out, loss, worker.inner_step, run.micro_batch_tokens, sketch)
+
+    def drain(self) -> None:
+        """Wait until every finished hop is sent, then act on the refused ones."""
+        self.outbox.drain()
+        self.apply_refusals()
+
+    def apply_refusals(self) -> None:
+        """Forget the graphs of forwards whose report was refused (their backward will never come), unless the
+        sample has since been forwarded again here under a new item."""
+        for sample_id, hop_id in self.outbox.collect():
+            if self.miner.worker is not None and self._graph_hops.get(sample_id) == hop_id:
+                del self._graph_hops[sample_id]
+                self.miner.worker.forget([sample_id])
+
+    def forget_abandoned(self, work: Work) -> None:
+        """A `wait` lists the samples whose backward is still coming: the other cached graphs never will be."""
+        worker = self.miner.worker
+        if worker is not None and work.holding is not None:
+            holding = set(work.holding)
+            worker.forget([s for s in list(worker.cache) if s not in holding])
+
+    # -- prefetch thread --------------------------------------------------------------------------------
+
+    def _fetch(self, forward: bool) -> Fetched:
+        """One request for work, and the input of a leased hop."""
+        quiet = self._computing is None and not self.outbox.unsent()
+        # A held request answers when work for this miner appears, or when the miner reports, since a report may
+        # change what it asks for. Not while it declines forward work only until a forward of its own is
+        # reported: that report may reach the orchestrator first, and the request would be held with a stale ask.
+        hold = self.hold_s if forward or not self._forward_unreported() else 0.0
+        work = self.miner.client.work(forward=forward, hold_s=hold)
+        if work.kind not in ("forward", "backward") or not work.input_url:
+            return Fetched(work, quiet=quiet)
+        max_bytes = self.miner.loaded_worker.max_bytes
+        try:
+            data = get(work.input_url, work.input_sha256, max_bytes, self.miner.http)
+        except (ValueError, OSError, StoreError) as error:
+            return Fetched(work, error=error)
+        return Fetched(work, data)
+
+    def _forward_wanted(self, current: Work | None) -> Callable[[], bool]:
+        """Whether a request may ask for forward work, decided at each request the prefetch makes.
+
+        The window has room if it will once `current` is computed (and the inner step it completes taken): at most
+        k forwards per window. Above the tail, a miner also asks only once its own forwards are reported: the
+        orchestrator counts the graphs a miner holds from its reports, and asking sooner would exceed its limit.
+        """
+        worker = self.miner.worker
+        if worker is None:
+            return lambda: True
+        room = self._window_room_after(worker, current)
+        if worker.spec.is_tail:
+            return lambda: room
+        return lambda: room and not self._forward_unreported()
+
+    @staticmethod
+    def _window_room_after(worker: StageWorker, current: Work | None) -> bool:
+        if current is None:
+            return worker.wants_forward()
+        forward = current.kind == "forward"
+        # StageWorker.forward replaces a cached graph of the same sample; the tail's forward is also a backward.
+        forwards = worker.window_forwards + (forward and current.sample_id not in worker.cache)
+        micro_batches = worker.micro_batches + (not forward or worker.spec.is_tail)
+        return micro_batches >= worker.flags.accumulate or forwards < worker.flags.accumulate
+
+    def _forward_unreported(self) -> bool:
+        computing = self._computing
+        if computing is not None and computing.kind == "forward":
+            return True
+        return any(item.work.kind == "forward" for item in self.outbox.unsent())
+
+    # -- outbox thread ----------------------------------------------------------------------------------
+
+    def _send(self, item: Finished) -> tuple[int, int] | None:
+        """Upload the output, then report it. Returns (sample, hop) of a refused forward."""
+        work, miner = item.work, self.miner
+        try:
+            if item.output is not None:
+                assert work.output_url
+                put(work.output_url, item.output, miner.http)
+            # The orchestrator refuses a later step until the snapshot is answered.
+            miner.phases.wait_answered(before_step=item.inner_step)
+            report = item.report()
+            if report.sketch is None and item.inner_step > self._committed.get(work.epoch, 0):
+                # The report that completed this step was refused (its sample restarted, say): commit it here.
+                report.sketch = self._sketches.get((work.epoch, item.inner_step))
+            miner.client.report(report)
+            if report.sketch is not None:
+                self._committed[work.epoch] = max(self._committed.get(work.epoch, 0), item.inner_step)
+        except Refused as error:
+            logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
+            if work.kind == "forward" and work.sample_id is not None and work.hop_id is not None:
+                return work.sample_id, work.hop_id
+            return None
+        except (KeyError, ValueError, OSError, StoreError) as error:
+            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
+            miner.release(work)
+            return None
+        miner.state.hops_done += 1
+        if item.loss is not None:
+            miner.state.last_loss = item.loss
+        return None

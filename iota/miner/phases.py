@@ -1,0 +1,121 @@
+"""A miner's phase work at the end of an epoch (upload, merge, apply) and its answers to snapshot challenges.
+
+Upload the pseudo-gradient, merge this miner's partitions, apply the next epoch's weights; a challenged
+snapshot is copied between hops and uploaded on its own thread while the next hops compute."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from iota.client.orchestrator import Refused
+from iota.client.transfers import UrlStore, put
+from iota.merge import MergePlan, run_owner
+from iota.miner.reports import phase_report
+from iota.model import wire
+from iota.model.flat import encode_f32
+from iota.protocol import (
+    ApplyDone,
+    MergeDone,
+    PartitionDone,
+    PhaseResult,
+    SnapshotDone,
+    SnapshotTaken,
+    UploadDone,
+    Work,
+)
+from iota.storage.base import StoreError
+from iota.train.snapshot import Snapshot, snapshot_to_f32, take_snapshot
+
+if TYPE_CHECKING:
+    from iota.miner.main import MinerDaemon
+
+
+class Phases:
+    """Upload, merge and apply, in turn, on the main thread (nothing of the epoch's training is in flight by
+    then); a snapshot challenge is copied on the main thread and answered on the snapshot thread."""
+
+    def __init__(self, miner: MinerDaemon):
+        self.miner = miner
+        self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+        # The challenged snapshot being uploaded: (its inner step, the answer's future).
+        self.answering: tuple[int, Future[None]] | None = None
+
+    def do(self, work: Work, handler: Callable[[Work], None] | None = None) -> None:
+        """Do one item of phase work (or `handler(work)`); a refusal is logged, a failure logged and released."""
+        handle = handler or getattr(self, work.kind)  # a method per kind: upload, merge, apply, snapshot
+        try:
+            handle(work)
+        except Refused as error:
+            logger.warning("{} item {} refused: {}", work.kind, work.hop_id, error)
+        except (KeyError, ValueError, OSError, StoreError) as error:
+            logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
+            self.miner.release(work)
+
+    def wait_answered(self, before_step: int | None = None) -> None:
+        """Wait until the last challenged snapshot is answered; with `before_step`, only if it was taken at an
+        earlier inner step than that."""
+        answering = self.answering
+        if answering is not None and (before_step is None or before_step > answering[0]):
+            answering[1].result()
+
+    def close(self) -> None:
+        """Wait for the answer being uploaded, if any."""
+        self._snapshots.shutdown(wait=True)
+
+    def upload(self, work: Work) -> None:
+        worker = self.miner.loaded_worker
+        assert work.output_url
+        pseudo = worker.pseudo_gradient()
+        done = UploadDone(norm=float(pseudo.double().norm()))
+        self._put_and_report(work, encode_f32(pseudo), worker.inner_step, done)
+
+    def merge(self, work: Work) -> None:
+        if work.merge is None:
+            raise ValueError("a merge item without its merge order")
+        plan = MergePlan.model_validate(work.merge.plan)
+        store = UrlStore(work.merge.get, work.merge.put, self.miner.http, 4 * plan.n_params)
+        result = run_owner(store, plan, self.miner.client.hotkey)
+        partitions = {
+            i: PartitionDone(digest=r.digest, sq_norms=r.slice_sq_norms) for i, r in result.results.items()
+        }
+        done = MergeDone(partitions=partitions, failed=result.failed)
+        self.miner.client.phase_report(phase_report(work, self.miner.loaded_worker.inner_step, done))
+
+    def apply(self, work: Work) -> None:
+        assert work.input_url
+        worker = self.miner.loaded_worker
+        self.miner.load_flat(work.input_url, work.input_sha256)
+        digest = wire.sha256(encode_f32(worker.flat_weights()))
+        self.miner.client.phase_report(
+            phase_report(work, 0, ApplyDone(), input_sha256=work.input_sha256, kept_sha256=digest)
+        )
+        logger.info("epoch {} applied: stage {} weights {}", work.epoch, self.miner.stage, digest[:12])
+
+    def snapshot(self, work: Work) -> None:
+        """A challenge (iota.orchestrator.challenges): copy the exact state as it stands since the last step, say
+        so, and leave the upload to the snapshot thread. Uploading it here stalled the whole pipeline (seconds at
+        100M parameters a stage, minutes at billions)."""
+        assert work.output_url
+        snapshot = take_snapshot(self.miner.loaded_worker)
+        step = snapshot.inner_step
+        self.miner.client.phase_report(phase_report(work, step, SnapshotTaken(step=step)))
+        self.answering = step, self._snapshots.submit(self.do, work, lambda w: self.answer(w, snapshot))
+
+    def answer(self, work: Work, snapshot: Snapshot) -> None:
+        """Snapshot thread: the snapshot `snapshot` took, encoded, uploaded and reported; a report of a later step
+        waits for this (iota.miner.hops)."""
+        done = SnapshotDone(step=snapshot.inner_step)
+        self._put_and_report(work, encode_f32(snapshot_to_f32(snapshot)), snapshot.inner_step, done)
+        logger.info(
+            "snapshot of inner step {} uploaded (challenged at {})", snapshot.inner_step, work.challenged_step
+        )
+
+    def _put_and_report(self, work: Work, data: bytes, inner_step: int, result: PhaseResult) -> None:
+        """Phase work that produces one object: upload it to the item's URL, then report it with its digests."""
+        assert work.output_url
+        put(work.output_url, data, self.miner.http)
+        self.miner.client.phase_report(phase_report(work, inner_step, result, output=data))

@@ -1,0 +1,135 @@
+"""Every key of the state's `kv` table, in one place: the ledgers read and write their values under these.
+
+The strings are the stored format: an existing state database is read through them, so a key never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+
+class KeyValues(Protocol):
+    """The `kv` table (iota.orchestrator.state.StateStore): JSON values under string keys."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def put(self, key: str, value: Any) -> None: ...
+
+    def bump(self, key: str, by: int = 1) -> int: ...
+
+
+# -- run-level values ------------------------------------------------------------------------------------
+
+STATE_ID = "state_id"  # changes when the state is new: miners then reload everything
+CHECKPOINT = "checkpoint"  # the latest published checkpoint
+EPOCH = "epoch"
+PHASE = "phase"
+PAUSED = "paused"
+FLAGS = "flags"  # the operator's run flags
+DATA_SHARDS = "data_shards"  # names of the data shards in the bucket
+
+# Counters, each stored under its own name.
+Counter = Literal[
+    "cursor",  # the next sample id: samples are allocated in data order
+    "tokens_trained",
+    "samples_completed",
+    "samples_requeued",
+    "leases_expired",
+    "bytes_transferred",
+    "merges",
+    "audits_passed",
+    "audits_failed",
+    "challenges_issued",
+    "challenges_answered",
+    "challenges_missed",
+    "lease_serial",  # one per lease: names its output object
+    "next_hop_id",
+    "next_verdict_id",
+    "next_event_id",
+]
+
+
+# -- per epoch -------------------------------------------------------------------------------------------
+
+
+def allocated(epoch: int) -> str:
+    return f"allocated/{epoch}"
+
+
+def tokens_at_start(epoch: int) -> str:
+    return f"tokens_at_start/{epoch}"
+
+
+def checkpoint_shas(epoch: int) -> str:
+    return f"checkpoint_shas/{epoch}"
+
+
+def replicas(epoch: int, stage: int) -> str:
+    return f"replicas/{epoch}/{stage}"
+
+
+def phase_started(epoch: int, phase: str) -> str:
+    return f"phase_started/{epoch}/{phase}"
+
+
+# -- the end of an epoch: uploads and merges -------------------------------------------------------------
+
+
+def upload(epoch: int, stage: int, hotkey: str) -> str:
+    return f"upload/{epoch}/{stage}/{hotkey}"
+
+
+def upload_lease(epoch: int, stage: int, hotkey: str) -> str:
+    return f"upload_lease/{epoch}/{stage}/{hotkey}"
+
+
+def plan(epoch: int, stage: int) -> str:
+    return f"plan/{epoch}/{stage}"
+
+
+def merged(epoch: int, stage: int, hotkey: str) -> str:
+    return f"merged/{epoch}/{stage}/{hotkey}"
+
+
+def accepted(epoch: int, stage: int) -> str:
+    return f"accepted/{epoch}/{stage}"
+
+
+def applied(epoch: int, hotkey: str) -> str:
+    return f"applied/{epoch}/{hotkey}"
+
+
+# -- inner steps and snapshot challenges -----------------------------------------------------------------
+
+
+def step(epoch: int, hotkey: str) -> str:
+    return f"step/{epoch}/{hotkey}"
+
+
+def sketch(epoch: int, hotkey: str, step: int) -> str:
+    return f"sketch/{epoch}/{hotkey}/{step}"
+
+
+def challenge(hotkey: str) -> str:
+    return f"challenge/{hotkey}"
+
+
+def snapshot(epoch: int, hotkey: str, step: int) -> str:
+    return f"snapshot/{epoch}/{hotkey}/{step}"
+
+
+def snapshots(epoch: int, hotkey: str) -> str:
+    return f"snapshots/{epoch}/{hotkey}"
+
+
+# -- audits ----------------------------------------------------------------------------------------------
+
+
+def audit(audit_id: str) -> str:
+    return f"audit/{audit_id}"
+
+
+CONFIRMATIONS = "confirmations"  # audit id of a failing verdict -> what confirming it needs
+END_AUDITS = "end_audits"  # the end-of-epoch audits still to serve
+SCORE_ARCHIVE = "score_archive"  # the score log a run resumed from its bucket carried over
+SCORES_MIRRORED = "scores_mirrored"  # the last epoch whose score log is in the bucket
