@@ -121,7 +121,7 @@ def environment_uses(path: Path) -> list[tuple[int, str]]:
 
 # iota/local.py starts the roles as subprocesses and must hand them the parent's environment (PATH, PYTHONPATH,
 # CUDA_VISIBLE_DEVICES, ...): it may copy os.environ, but not read a setting from it.
-ENVIRONMENT_COPIERS = {IOTA / "local.py"}
+ENVIRONMENT_COPIERS = {IOTA / "local" / "network.py"}
 
 
 def test_only_iota_config_reads_the_environment() -> None:

@@ -51,11 +51,10 @@ def epoch_end(state: StateStore, hotkey: str, epoch: int, stage: int) -> EpochEn
     if plan is not None:
         owned = set(plan.partitions_of(hotkey))
         reported = state.merges.report(epoch, stage, hotkey)
-        # The report is the miner's JSON: only well-formed digests of partitions it owns are claims.
-        for index, claim in reported.items() if isinstance(reported, dict) else []:
-            digest = claim.get("digest") if isinstance(claim, dict) else None
-            if str(index).isdigit() and int(index) in owned and isinstance(digest, str) and digest:
-                digests[int(index)] = digest
+        # Only digests of partitions it owns are claims.
+        for index, claim in (reported or {}).items():
+            if index in owned and claim.digest:
+                digests[index] = claim.digest
         for submitter in plan.submitters:
             up = state.uploads.get(epoch, stage, submitter.hotkey)
             if up is not None and up.sha:

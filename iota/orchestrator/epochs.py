@@ -201,8 +201,7 @@ class EpochDriver:
                 )
             self._record_upload(miner, report, result.norm)
         elif isinstance(result, MergeDone) and phase == MERGE:
-            partitions = {str(i): done.model_dump() for i, done in result.partitions.items()}
-            self.state.merges.record_report(epoch, miner.stage, miner.hotkey, partitions)
+            self.state.merges.record_report(epoch, miner.stage, miner.hotkey, result)
         elif isinstance(result, ApplyDone) and phase == APPLY:
             expected = self.checkpoints.weights_sha(miner.stage)
             if report.output_sha256 != expected:

@@ -14,6 +14,7 @@ import torch
 from iota.merge import MergePlan, Partition, apply_merged, partition_digest, run_owner
 from iota.model.flat import decode_f32, encode_f32
 from iota.orchestrator.state import StateStore
+from iota.protocol import PartitionDone
 from iota.storage.base import ObjectStore
 
 ORCHESTRATOR = "orchestrator"  # owner name under which the orchestrator writes partitions it recomputed
@@ -39,7 +40,7 @@ def settle(
     sq_norms: dict[int, dict[str, float]] = {}
     for partition in plan.partitions:
         i = partition.index
-        digests = {h: reports[h].get(str(i), {}).get("digest") for h in partition.owners}
+        digests = {h: _digest(reports[h].get(i)) for h in partition.owners}
         uploaded: dict[str, tuple[bytes, bytes]] = {}
         for h, digest in digests.items():
             if not digest:
@@ -62,7 +63,7 @@ def settle(
         if agreed:
             owner = present[0]
             weights, momentum = uploaded[owner]
-            sq_norms[i] = reports[owner][str(i)].get("sq_norms", {})
+            sq_norms[i] = reports[owner][i].sq_norms
         else:
             # Disagreement, or an owner that never answered: recompute here and keep whichever matches.
             result = run_owner(store, plan, ORCHESTRATOR, partitions=[i]).results.get(i)
@@ -118,3 +119,7 @@ def _uploaded(
         if len(data) != 4 * partition.size or not bool(torch.isfinite(decode_f32(data)).all()):
             return None
     return slices
+
+
+def _digest(done: PartitionDone | None) -> str | None:
+    return done.digest if done is not None else None

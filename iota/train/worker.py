@@ -25,6 +25,12 @@ Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # sample id -> (toke
 SKETCH_SIZE = 8  # seeded projections in a weight sketch
 
 
+def rounding_seed(run_seed: int, stage: int, sample_id: int) -> int:
+    """The seed of the stochastic rounding of the input gradient a stage sends for a sample (iota.model.wire): public,
+    so a replay rounds the same way, and new for every sample and stage."""
+    return ((run_seed * 1_000_003 + stage) * 1_000_003 + sample_id) % (1 << 62)
+
+
 def sketch_seed(run_seed: int, epoch: int, step: int) -> int:
     """The seed of the sketch a miner commits for inner step `step` of `epoch`: public, and new at every step."""
     return ((run_seed * 1_000_003 + epoch) * 1_000_003 + step) % (1 << 62)
@@ -60,7 +66,7 @@ class StageWorker:
         cache_size: int,
         keep_graphs: bool = True,
     ):
-        self.config, self.spec, self.flags, self.batch = config, spec, flags, batch
+        self.config, self.spec, self.seed, self.flags, self.batch = config, spec, seed, flags, batch
         self.device = device
         self.use_autocast = use_autocast and device.type == "cuda"
         self.model: Llama = build_stage(config, spec, seed, device=device)
@@ -102,7 +108,7 @@ class StageWorker:
                 loss = loss_fn(self.model(x), targets.to(self.device))
             (loss / self.flags.accumulate).backward()
             self.micro_batches += 1
-            return wire.encode(x.grad.detach().cpu(), self.flags.wire_dtype), float(loss.detach())  # type: ignore[union-attr]
+            return self._encode_gradient(x.grad, sample_id), float(loss.detach())
         with torch.set_grad_enabled(self.keep_graphs), autocast(self.device.type, self.use_autocast):
             out = self.model(x.requires_grad_(True) if self.keep_graphs and x.is_floating_point() else x)
         self.cache[sample_id] = Cached(x, out if self.keep_graphs else None, self.inner_step)
@@ -131,7 +137,14 @@ class StageWorker:
         self.micro_batches += 1
         if not x.is_floating_point():
             return None
-        return wire.encode(x.grad.detach().cpu(), self.flags.wire_dtype)  # type: ignore[union-attr]
+        return self._encode_gradient(x.grad, sample_id)
+
+    def _encode_gradient(self, grad: torch.Tensor | None, sample_id: int) -> bytes:
+        """An input gradient on the wire: in bf16, stochastically rounded (round-to-nearest biases what crosses a
+        bottleneck: iota.model.wire.round_bf16_stochastic)."""
+        assert grad is not None
+        seed = rounding_seed(self.seed, self.spec.index, sample_id)
+        return wire.encode(grad.detach().cpu(), self.flags.wire_dtype, rounding_seed=seed)
 
     def _decode(self, data: bytes | None) -> torch.Tensor:
         if data is None:

@@ -64,14 +64,14 @@ def test_an_epoch_covers_each_train_window_once_then_reshuffles() -> None:
 def test_targets_are_tokens_shifted_by_one() -> None:
     data = _positions(10_000)
     for sample_id in (0, 1, 57, 10_000):
-        tokens, targets = data.sample(sample_id)
+        tokens, targets = data.sequence(sample_id)
         assert tokens.dtype == targets.dtype == torch.long and tokens.shape == targets.shape == (SEQ,)
         start = data.train_window(sample_id) * SEQ
         assert tokens.tolist() == list(range(start, start + SEQ))
         assert targets.tolist() == list(range(start + 1, start + SEQ + 1))
     tokens, targets = data.batch([5, 2, 5])
     assert tokens.shape == (3, SEQ) and torch.equal(tokens[0], tokens[2])
-    assert torch.equal(tokens[1], data.sample(2)[0]) and torch.equal(targets[1], data.sample(2)[1])
+    assert torch.equal(tokens[1], data.sequence(2)[0]) and torch.equal(targets[1], data.sequence(2)[1])
 
 
 def test_heldout_is_disjoint_from_everything_training_reads() -> None:

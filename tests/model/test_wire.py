@@ -195,3 +195,28 @@ def test_encoded_size_is_exact(shape, dtype):
     decode(data, dtype=dtype, shape=shape, max_bytes=encoded_size(shape, dtype))
     with pytest.raises(WireError, match="more than"):
         decode(data, dtype=dtype, shape=shape, max_bytes=encoded_size(shape, dtype) - 1)
+
+
+def test_stochastic_bf16_rounding_is_unbiased_reproducible_and_keeps_non_finite_values() -> None:
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 1e-3
+    once = wire.round_bf16_stochastic(x, seed=7)
+    assert once.dtype == torch.bfloat16 and torch.equal(once, wire.round_bf16_stochastic(x, seed=7))
+    assert not torch.equal(once, wire.round_bf16_stochastic(x, seed=8))
+    # Each value goes to one of its two bf16 neighbours: within one bf16 ulp (2^-7 relative at most).
+    assert bool(((once.float() - x).abs() <= x.abs() * 2**-7).all())
+    # Zero error in expectation, where round-to-nearest keeps its error: the mean over seeds closes in on x.
+    mean = torch.stack([wire.round_bf16_stochastic(x, seed).float() for seed in range(32)]).mean(0)
+    nearest = x.to(torch.bfloat16).float()
+    assert (mean - x).abs().mean() < 0.3 * (nearest - x).abs().mean()
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, 1.0])
+    rounded = wire.round_bf16_stochastic(special, seed=1).float()
+    assert rounded[0] == float("inf") and rounded[1] == float("-inf") and rounded[2].isnan()
+    assert rounded[3] == 0.0 and rounded[4] == 1.0  # exact bf16 values stay as they are
+
+
+def test_encode_rounds_stochastically_only_to_bf16_when_given_a_seed() -> None:
+    x = torch.randn(4, 8) * 1e-3
+    data = wire.encode(x, torch.bfloat16, rounding_seed=3)
+    bf16 = wire.decode(data, dtype=torch.bfloat16, shape=(4, 8), max_bytes=len(data))
+    assert torch.equal(bf16, wire.round_bf16_stochastic(x, 3))
+    assert wire.encode(x, torch.float32, rounding_seed=3) == wire.encode(x, torch.float32)

@@ -17,7 +17,7 @@ from iota.orchestrator.ledgers import (
     UploadRecord,
 )
 from iota.orchestrator.state import StateStore
-from iota.protocol import EpochPlan, WeightSketch
+from iota.protocol import EpochPlan, MergeDone, PartitionDone, WeightSketch
 from iota.state import Database
 
 PLAN = EpochPlan(epoch=2, tokens_at_start=4096, replicas=3)
@@ -88,8 +88,14 @@ def test_uploads_and_merges(db: Database) -> None:
     )
     state.merges.set_plan(plan)
     assert state.get("plan/2/1") == plan.model_dump(mode="json") and state.merges.plan(2, 1) == plan
-    state.merges.record_report(2, 1, "hk", {"0": {"digest": "d"}})
-    assert state.get("merged/2/1/hk") == {"0": {"digest": "d"}} == state.merges.report(2, 1, "hk")
+    done = MergeDone(partitions={0: PartitionDone(digest="d", sq_norms={"a": 1.0})})
+    state.merges.record_report(2, 1, "hk", done)
+    assert state.get("merged/2/1/hk") == {"0": {"digest": "d", "sq_norms": {"a": 1.0}}}
+    assert state.merges.report(2, 1, "hk") == done.partitions and state.merges.report(2, 1, "other") is None
+    state.put(
+        "merged/2/1/old", {"0": "not a report"}
+    )  # written as the miner sent it, before reports were typed
+    assert state.merges.report(2, 1, "old") == {}
     state.merges.accept(2, 1, {0: "hk", 1: "orchestrator"})
     assert state.get("accepted/2/1") == {"0": "hk", "1": "orchestrator"}
     state.merges.record_applied(2, "hk", "sha")

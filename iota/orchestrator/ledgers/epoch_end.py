@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from iota.merge import MergePlan
 from iota.orchestrator.ledgers import keys
 from iota.orchestrator.ledgers.keys import KeyValues
 from iota.orchestrator.ledgers.records import UploadRecord
+from iota.protocol import MergeDone, PartitionDone
+
+_PARTITIONS = TypeAdapter(dict[int, PartitionDone])
 
 
 class Uploads:
@@ -46,13 +50,21 @@ class Merges:
         data = self.kv.get(keys.plan(epoch, stage))
         return None if data is None else MergePlan.model_validate(data)
 
-    def record_report(self, epoch: int, stage: int, hotkey: str, partitions: Any) -> None:
-        """An owner's merge report: its `partitions` as the miner sent them (index -> digest and norms)."""
+    def record_report(self, epoch: int, stage: int, hotkey: str, done: MergeDone) -> None:
+        """An owner's merge report: partition -> the digest of its slices and the norms it measured."""
+        partitions = {str(index): result.model_dump() for index, result in done.partitions.items()}
         self.kv.put(keys.merged(epoch, stage, hotkey), partitions)
 
-    def report(self, epoch: int, stage: int, hotkey: str) -> Any:
-        """The owner's report as it sent it (the miner's JSON: check it before use); None if it sent none."""
-        return self.kv.get(keys.merged(epoch, stage, hotkey))
+    def report(self, epoch: int, stage: int, hotkey: str) -> dict[int, PartitionDone] | None:
+        """What the owner reported merging; None if it sent no report. A stored value that does not parse (a
+        database written before reports were typed) holds no claim."""
+        data = self.kv.get(keys.merged(epoch, stage, hotkey))
+        if data is None:
+            return None
+        try:
+            return _PARTITIONS.validate_python(data)
+        except ValidationError:
+            return {}
 
     def accept(self, epoch: int, stage: int, owners: Mapping[int, str]) -> None:
         """Whose result each partition took: an owner, or the orchestrator where it recomputed."""
