@@ -368,6 +368,12 @@ class Scheduler:
         for hop in self.state.open_hops_of_miner(hotkey):
             if hop.status == "leased" or hop.direction == BACKWARD:
                 self._requeue(hop, now, why)
+        # A snapshot challenge goes with the session it was issued to: the next one starts from the checkpoint and
+        # cannot answer for a step of this one (asked, it was refused and struck until throttled).
+        challenge = self.state.snapshots.pending(hotkey)
+        if challenge is not None:
+            self.state.snapshots.set_pending(hotkey, None)
+            self.state.log(now, "challenge_dropped", hotkey, epoch=challenge.epoch, step=challenge.step, why=why)
 
     def restart_sample(self, sample_id: int, now: float, why: str) -> None:
         """Drop a sample's open hops and start it again at the head with a new attempt."""

@@ -137,3 +137,20 @@ def test_a_taken_snapshot_lets_work_go_on_up_to_its_step(
         assert answer(net, 1, blob) == "snapshot recorded"
         found = net.orch.challenges.snapshots(net.keys["tail"].ss58_address, 0)
         assert found[1]["sha256"] == hashlib.sha256(blob).hexdigest()
+
+
+def test_a_challenge_goes_with_the_session_that_was_challenged(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    """A miner killed with a challenge pending and restarted (a new session, back at the checkpoint's step 0) is
+    not ordered to answer for the old session's step: it could not, and every try was a strike."""
+    with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        tail = net.keys["tail"].ss58_address
+        tail_reaches_step_one(net, SKETCH)
+        assert net.work("tail", kind="snapshot").challenged_step == 1
+        net.join("tail")  # PM2 restarted it
+        assert net.clients["tail"].work().kind != "snapshot"
+        (dropped,) = [e for e in net.orch.state.events(50) if e["kind"] == "challenge_dropped"]
+        assert dropped["hotkey"] == tail and dropped["step"] == 1
+        assert net.orch.abuse.strikes(tail, net.clock()) == 0
+
