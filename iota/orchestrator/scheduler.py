@@ -373,7 +373,9 @@ class Scheduler:
         challenge = self.state.snapshots.pending(hotkey)
         if challenge is not None:
             self.state.snapshots.set_pending(hotkey, None)
-            self.state.log(now, "challenge_dropped", hotkey, epoch=challenge.epoch, step=challenge.step, why=why)
+            self.state.log(
+                now, "challenge_dropped", hotkey, epoch=challenge.epoch, step=challenge.step, why=why
+            )
 
     def restart_sample(self, sample_id: int, now: float, why: str) -> None:
         """Drop a sample's open hops and start it again at the head with a new attempt."""

@@ -153,4 +153,3 @@ def test_a_challenge_goes_with_the_session_that_was_challenged(
         (dropped,) = [e for e in net.orch.state.events(50) if e["kind"] == "challenge_dropped"]
         assert dropped["hotkey"] == tail and dropped["step"] == 1
         assert net.orch.abuse.strikes(tail, net.clock()) == 0
-
