@@ -8,12 +8,13 @@ network with `IOTA_WIRE_DTYPE=fp32`, and the one-process baseline.
 
     python -m bench.wire_rounding --seeds 0 1 2 3          # preset test, bottleneck 16, 61,440 tokens
 
-Prints the held-out loss of each mode and seed, and each mode's mean gap to fp32.
+Prints the held-out loss of each mode and seed, and each mode's mean gap to fp32 (`--json FILE` writes them too).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from typing import Any
@@ -98,6 +99,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--data-dir", default="", help="prepared data (default: a fresh temporary directory)")
+    parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="wire-rounding-")
     losses: dict[str, list[float]] = {mode: [] for mode in MODES}
@@ -108,12 +110,17 @@ def main() -> None:
             losses[mode].append(loss)
         print(f"{seed:>4}  " + "  ".join(f"{row[mode]:>10.3f}" for mode in MODES), flush=True)
     base = losses["fp32"]
-    for mode in MODES[1:]:
-        gaps = [a - b for a, b in zip(losses[mode], base, strict=True)]
-        spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+    gaps = {mode: [a - b for a, b in zip(losses[mode], base, strict=True)] for mode in MODES[1:]}
+    for mode, gap in gaps.items():
+        spread = statistics.stdev(gap) if len(gap) > 1 else 0.0
         print(
-            f"{mode}: held-out gap to fp32 {statistics.mean(gaps):+.3f} nats (sd {spread:.3f}, n={len(gaps)})"
+            f"{mode}: held-out gap to fp32 {statistics.mean(gap):+.3f} nats (sd {spread:.3f}, n={len(gap)})"
         )
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {"settings": SETTINGS, "seeds": args.seeds, "eval_loss": losses, "gap_to_fp32": gaps}, out
+            )
 
 
 if __name__ == "__main__":
