@@ -8,21 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from iota.client.orchestrator import Refused
 from iota.client.transfers import get, put
+from iota.miner.daemon import Daemon
 from iota.miner.pipeline import Fetched, Outbox, Prefetcher
 from iota.miner.reports import hop_report
 from iota.protocol import Report, WeightSketch, Work
 from iota.storage.base import StoreError
 from iota.train.schedule import inner_step_lr
 from iota.train.worker import StageWorker, sketch_seed
-
-if TYPE_CHECKING:
-    from iota.miner.main import MinerDaemon
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Hops:
     worker (`miner.worker`, replaced when the miner registers on another stage) is touched there only.
     """
 
-    def __init__(self, miner: MinerDaemon, hold_s: float):
+    def __init__(self, miner: Daemon, hold_s: float):
         self.miner = miner
         self.hold_s = hold_s  # how long the orchestrator may hold a request for work while it has none
         self.prefetch = Prefetcher(self._fetch)

@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from loguru import logger
 from iota.client.orchestrator import OrchestratorClient, Refused
 from iota.client.transfers import fetch_data, get
 from iota.data import DataPlan, TokenData
+from iota.miner.daemon import MinerState
 from iota.miner.hops import Hops
 from iota.miner.phases import Phases
 from iota.model import wire
@@ -40,13 +40,6 @@ from iota.train.schedule import LRSchedule
 from iota.train.worker import StageWorker, TrainFlags, stage_clip
 
 HOLD_S = 10.0  # how long the orchestrator may hold a request for work (it answers as soon as there is some)
-
-
-@dataclass
-class MinerState:
-    stopping: bool = False
-    hops_done: int = 0
-    last_loss: float | None = None
 
 
 class MinerDaemon:

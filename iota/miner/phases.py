@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from iota.client.orchestrator import Refused
 from iota.client.transfers import UrlStore, put
 from iota.merge import MergePlan, run_owner
+from iota.miner.daemon import Daemon
 from iota.miner.reports import phase_report
 from iota.model import wire
 from iota.model.flat import encode_f32
@@ -30,15 +30,12 @@ from iota.protocol import (
 from iota.storage.base import StoreError
 from iota.train.snapshot import Snapshot, snapshot_to_f32, take_snapshot
 
-if TYPE_CHECKING:
-    from iota.miner.main import MinerDaemon
-
 
 class Phases:
     """Upload, merge and apply, in turn, on the main thread (nothing of the epoch's training is in flight by
     then); a snapshot challenge is copied on the main thread and answered on the snapshot thread."""
 
-    def __init__(self, miner: MinerDaemon):
+    def __init__(self, miner: Daemon):
         self.miner = miner
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         # The challenged snapshot being uploaded: (its inner step, the answer's future).
