@@ -373,6 +373,7 @@ class Scheduler:
         challenge = self.state.snapshots.pending(hotkey)
         if challenge is not None:
             self.state.snapshots.set_pending(hotkey, None)
+            self.state.counters.bump("challenges_missed")  # unanswered, as one whose epoch closed
             self.state.log(
                 now, "challenge_dropped", hotkey, epoch=challenge.epoch, step=challenge.step, why=why
             )
