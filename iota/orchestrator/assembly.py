@@ -16,6 +16,7 @@ from loguru import logger
 
 from iota.auth import Authenticator, JournaledNonceStore, RateLimiter
 from iota.chain.base import Chain, Neuron
+from iota.checkpoint.manifest import n_params, stage_tensor_lists
 from iota.config import OrchestratorSettings
 from iota.merge import OuterConfig
 from iota.model import wire
@@ -62,9 +63,7 @@ def make_store(settings: OrchestratorSettings) -> tuple[ObjectStore, LocalStore 
 
 def run_info(run: Run, run_id: str, hotkey: str) -> RunInfo:
     s = run.settings
-    from iota.checkpoint import stage_tensor_lists
-
-    sizes = [sum(_numel(shape) for _, shape in t) for t in stage_tensor_lists(run.model, run.stages)]
+    sizes = [n_params(t) for t in stage_tensor_lists(run.model, run.stages)]
     return RunInfo(
         run_id=run_id,
         orchestrator_hotkey=hotkey,
@@ -83,13 +82,6 @@ def run_info(run: Run, run_id: str, hotkey: str) -> RunInfo:
         wire_dtype=s.wire_dtype,
         seed=s.seed,
     )
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def upload_data(run: Run, run_id: str, store: ObjectStore, state: StateStore) -> None:

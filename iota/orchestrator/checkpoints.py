@@ -15,6 +15,7 @@ from typing import Any
 from loguru import logger
 
 from iota.checkpoint import bucket_manifest, latest_epoch
+from iota.checkpoint.manifest import TensorList
 from iota.merge import sha256_hex
 from iota.model.config import ModelConfig
 from iota.model.flat import encode_f32, flatten
@@ -32,7 +33,7 @@ class Checkpoints:
         run_id: str,
         model: ModelConfig,
         stages: list[StageSpec],
-        tensors: list[list[tuple[str, list[int]]]],
+        tensors: list[TensorList],
         state: StateStore,
         store: ObjectStore,
         seed: int,

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from loguru import logger
 
 from iota.audit.scoring import confirmed_failures
+from iota.checkpoint.manifest import n_params, stage_tensor_lists
 from iota.merge import (
     FlatRef,
     MergePlan,
@@ -30,7 +30,7 @@ from iota.merge import (
 )
 from iota.model.config import ModelConfig
 from iota.model.flat import encode_f32
-from iota.model.stages import StageSpec, build_stage
+from iota.model.stages import StageSpec
 from iota.orchestrator import referee
 from iota.orchestrator.checkpoints import Checkpoints
 from iota.orchestrator.ledgers import UploadRecord
@@ -70,10 +70,8 @@ class EpochDriver:
         self.run_id, self.model, self.stages = run_id, model, stages
         self.state, self.scheduler, self.store, self.settings = state, scheduler, store, settings
         self.micro_batch_tokens = micro_batch_tokens
-        with torch.device("meta"):
-            metas = [build_stage(model, spec, seed=0, device="meta") for spec in stages]
-        self.tensors = [sorted((n, list(p.shape)) for n, p in m.named_parameters()) for m in metas]
-        self.n_params = [sum(math.prod(shape) for _, shape in t) for t in self.tensors]
+        self.tensors = stage_tensor_lists(model, stages)
+        self.n_params = [n_params(t) for t in self.tensors]
         self.checkpoints = Checkpoints(
             run_id,
             model,
