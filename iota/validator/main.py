@@ -187,11 +187,12 @@ class ValidatorDaemon:
         """Weights from the score log, set on the chain; a failure is logged, kept for status, and retried later."""
         self.last_weights_at = time.monotonic()
         try:
-            log = httpx.get(f"{str(self.client.http.base_url).rstrip('/')}/scores", timeout=30).json()
-        except (httpx.HTTPError, ValueError) as error:
-            self.status["last_error"] = f"score log unavailable: {error}"
+            response = httpx.get(f"{str(self.client.http.base_url).rstrip('/')}/scores", timeout=30)
+            response.raise_for_status()  # an overloaded orchestrator's 503 is no score log
+            weights = compute_scores(response.json())
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            self.status["last_error"] = f"score log unavailable: {type(error).__name__}: {error}"
             return
-        weights = compute_scores(log)
         try:
             self.chain.sync()  # whose uid is whose now: a recycled uid must not inherit its last holder's credit
             registered = {n.hotkey: n.uid for n in self.chain.neurons()}
