@@ -8,15 +8,25 @@ import json
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydantic_settings import BaseSettings
 
+from iota import __version__ as iota_version
+from iota.auth import create_wallet
 from iota.chain.local import LocalChain
+from iota.checkpoint.generate import continuation
 from iota.cli import main, parser
+from iota.cli.roles import keep_report, local_overrides
+from iota.client.orchestrator import OrchestratorClient
 from iota.config import MinerSettings, OrchestratorSettings
 from iota.data import load_prepared
+from iota.local import LOCAL_DEFAULTS
+from iota.protocol import RegisterRequest
+from tests.miner.conftest import Net, make_net  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,3 +124,130 @@ def test_data_prepare_tokenizes_a_small_corpus(tmp_path: Path) -> None:
     prepared = load_prepared(out)  # checks every shard's digest
     assert prepared.manifest.total_tokens == len(prepared.tokens) > 1000
     assert int(prepared.tokens.max()) < prepared.manifest.vocab_size
+
+
+def test_version() -> None:
+    result = iota("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"iota {iota_version}"
+
+
+def test_local_help_shows_the_defaults_iota_local_uses() -> None:
+    result = iota("local", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    # iota local's own defaults, not the run settings': 2 epochs (the setting's default is 1), 48 samples.
+    assert (
+        f"--epochs EPOCHS Epochs the run trains; 0 trains until stopped (default: {LOCAL_DEFAULTS['epochs']})"
+        in text
+    )
+    assert f"(default: {LOCAL_DEFAULTS['samples_per_epoch']})" in text
+    assert "--miners-per-stage MINERS_PER_STAGE miners on each stage (default: 2)" in text
+    assert "IOTA_<NAME>" in text and "(default: None)" not in text
+
+
+def test_iota_local_takes_run_settings_from_dotenv_under_its_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # setup.sh's .env is .env.example: a line at the setting's default (IOTA_STAGES=3) chooses nothing.
+    (tmp_path / ".env").write_text((REPO / ".env.example").read_text() + "IOTA_EPOCHS=5\nIOTA_LR=0.01\n")
+    args = parser().parse_args(["local", "--lr", "0.02"])
+    assert local_overrides(args) == {"epochs": 5, "lr": 0.02}  # a flag wins; IOTA_PORT is no run setting
+
+
+def test_each_local_run_keeps_its_report(tmp_path: Path) -> None:
+    latest = tmp_path / "runs" / "local-report.json"
+    latest.parent.mkdir()
+    latest.write_text('{"run": "before"}')
+    kept = keep_report({"run": "this"}, latest)
+    assert re.fullmatch(r"local-report-\d{8}-\d{6}\.json", kept.name) and kept.parent == latest.parent
+    assert json.loads(kept.read_text()) == json.loads(latest.read_text()) == {"run": "this"}
+
+
+def test_generated_text_never_holds_replacement_characters() -> None:
+    # A byte-level tokenizer: each id one byte, as the BPE's base alphabet. "é" is two bytes, "€" three.
+    def decode(ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    prompt = list("café".encode())
+    euro = list("€".encode())
+    assert continuation(decode, prompt, euro) == "€"  # one character from three tokens
+    assert continuation(decode, prompt, euro[:2]) == ""  # cut off by the last token
+    assert continuation(decode, prompt, [0xFF, *b" ok"]) == " ok"  # no UTF-8
+
+
+@pytest.fixture
+def registered_miner(
+    make_net: Callable[..., Net],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Net, str]:
+    """An orchestrator with one miner registered and alive, whose wallet and settings `iota miner status` reads."""
+    net = make_net(miners=0)
+    hotkey = create_wallet(tmp_path / "wallets", "m", "default").hotkey
+    LocalChain(tmp_path / "chain.json").register(hotkey.ss58_address, hotkey.ss58_address)
+    client = OrchestratorClient(net.url, hotkey, net.orchestrator_hotkey, give_up_s=30)
+    client.register(RegisterRequest(device="cpu", memory_bytes=1 << 34, session="status-test"))
+    monkeypatch.chdir(tmp_path)
+    for name, value in {
+        "IOTA_WALLET_PATH": str(tmp_path / "wallets"),
+        "IOTA_WALLET_NAME": "m",
+        "IOTA_ORCHESTRATOR_URL": net.url,
+        "IOTA_ORCHESTRATOR_HOTKEY": net.orchestrator_hotkey,
+        "IOTA_MINER_DIR": str(tmp_path / "miner"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    return net, hotkey.ss58_address
+
+
+def test_miner_status_makes_a_signed_call_and_says_why_the_miner_is_idle(
+    registered_miner: tuple[Net, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    net, hotkey = registered_miner
+    assert main(["miner", "status"]) == 0
+    out = capsys.readouterr().out
+    assert f"hotkey      {hotkey}" in out
+    # Its stage is staffed, the others have no miner: nothing can reach it.
+    assert re.search(r"state       idle: waiting for other stages .*no live miner on stage", out), out
+
+
+def test_miner_status_reports_a_wrong_orchestrator_hotkey(
+    registered_miner: tuple[Net, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net, _ = registered_miner
+    wrong = create_wallet(net.root / "wallets", "other", "default").hotkey.ss58_address
+    monkeypatch.setenv("IOTA_ORCHESTRATOR_HOTKEY", wrong)
+    assert main(["miner", "status"]) == 1  # it used to say "alive", as its unsigned call was not refused
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("refused")]
+    assert f"IOTA_ORCHESTRATOR_HOTKEY={wrong} is not this orchestrator's hotkey" in line
+    assert f"set IOTA_ORCHESTRATOR_HOTKEY={net.orchestrator_hotkey}" in line and "wrong_receiver" in line
+
+
+def test_a_refused_operator_call_is_a_sentence(
+    registered_miner: tuple[Net, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "pause"]) == 1  # a miner's key is not the operator's
+    out = capsys.readouterr().out
+    assert out.startswith("refused (403): ") and "{" not in out and "'" not in out.split(":", 1)[1][:3]
+
+
+def test_validator_status_shows_a_human_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hotkey = create_wallet(tmp_path / "wallets", "v", "default").hotkey.ss58_address
+    (tmp_path / "validator").mkdir()
+    at = time.time() - 600
+    status = {"audits": 3, "failed": 0, "last_weights": {"weights": {"a": 1.0}, "at": at}}
+    (tmp_path / "validator" / f"status-{hotkey}.json").write_text(json.dumps(status))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IOTA_WALLET_PATH", str(tmp_path / "wallets"))
+    monkeypatch.setenv("IOTA_WALLET_NAME", "v")
+    monkeypatch.setenv("IOTA_VALIDATOR_DIR", str(tmp_path / "validator"))
+    monkeypatch.setenv("IOTA_ORCHESTRATOR_HOTKEY", hotkey)
+    assert main(["validator", "status"]) == 0
+    out = capsys.readouterr().out
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+    assert (
+        f"last weights  1 miners, {stamp}" in out and re.search(r"\(1\d min ago\)", out) and "unix" not in out
+    )

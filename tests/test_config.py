@@ -6,13 +6,17 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from iota.auth import create_wallet
+from iota.cli import main
 from iota.config import MinerSettings, OrchestratorSettings, RunSettings, ValidatorSettings, env_example
-from iota.config.settings import load
+from iota.config.settings import SCRIPT_VARIABLES, SettingsError, load, shown
+from iota.model import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 IOTA = REPO / "iota"
@@ -78,8 +82,9 @@ def test_env_example_values_are_the_defaults(
 
 
 def test_every_iota_variable_named_in_the_code_is_a_setting() -> None:
-    # iota/local.py builds its children's environments by name: a typo there would be silently ignored.
-    known = role_settings()
+    # iota/local.py builds its children's environments by name: a typo there would be silently ignored. The
+    # scripts' own variables are named once, in the list the unknown-name warning leaves out.
+    known = role_settings() | SCRIPT_VARIABLES
     unknown = []
     for path in IOTA.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -213,6 +218,7 @@ def test_settings_come_from_dotenv_and_the_environment_wins(
 ) -> None:
     (clean_cwd / ".env").write_text(
         "# one file for every role\nIOTA_PORT=9001\nIOTA_LR=0.01\nIOTA_ORCHESTRATOR_URL=http://o:1\n"
+        f"IOTA_ORCHESTRATOR_HOTKEY={HOTKEY}\n"
     )
     orchestrator = load(OrchestratorSettings)
     assert orchestrator.port == 9001 and orchestrator.lr == 0.01
@@ -247,5 +253,140 @@ def test_bad_values_give_a_clear_error(
 
 def test_a_bad_value_in_dotenv_is_reported_too(clean_cwd: Path) -> None:
     (clean_cwd / ".env").write_text("IOTA_CACHE_SIZE=-x\n")
-    with pytest.raises(ValidationError, match="cache_size"):
+    with pytest.raises(SettingsError, match="IOTA_CACHE_SIZE"):
         load(MinerSettings)
+
+
+# -- (d) start-up checks: one line per mistake, naming the variable, where it came from and what is allowed -------
+
+HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"  # a well-formed ss58 (Alice's, a public test key)
+
+
+def cli_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """`iota ARGV` in this process: its exit code and the lines it wrote to stderr."""
+    code = main(argv)
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "variable", "allowed"),
+    [
+        (["orchestrator"], {"IOTA_PORT": "80OO"}, "IOTA_PORT='80OO'", "valid integer"),
+        (["orchestrator"], {"IOTA_PRESET": "1B"}, "IOTA_PRESET='1B'", "'1b'"),
+        (["orchestrator"], {"IOTA_STATE_URL": "localhost/iota"}, "IOTA_STATE_URL", "postgresql://"),
+        (["miner"], {"IOTA_ORCHESTRATOR_URL": "203.0.113.7:8000"}, "IOTA_ORCHESTRATOR_URL", "http://"),
+        (
+            ["validator"],
+            {"IOTA_ORCHESTRATOR_URL": "orchestrator.example.org"},
+            "IOTA_ORCHESTRATOR_URL",
+            "https://",
+        ),
+        (["miner"], {"IOTA_DEVICE": "gpu"}, "IOTA_DEVICE='gpu'", "cuda:N"),
+        (["miner"], {"IOTA_ORCHESTRATOR_HOTKEY": "5F-not-a-key"}, "IOTA_ORCHESTRATOR_HOTKEY", "ss58"),
+    ],
+)
+def test_a_bad_value_stops_the_role_with_one_line_naming_it(
+    clean_cwd: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    variable: str,
+    allowed: str,
+) -> None:
+    monkeypatch.setenv("IOTA_ORCHESTRATOR_HOTKEY", HOTKEY)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, lines = cli_errors(argv, capsys)
+    assert code == 2
+    assert len(lines) == 1, lines  # one problem, one line: no traceback
+    assert (
+        lines[0].startswith(f"iota: error: {variable}")
+        and "(environment)" in lines[0]
+        and allowed in lines[0]
+    )
+
+
+def test_a_bad_value_in_dotenv_names_the_file(clean_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (clean_cwd / ".env").write_text("IOTA_STORE=S3\n")  # values are lower case
+    code, lines = cli_errors(["orchestrator"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "IOTA_STORE='S3'" in lines[0] and str(clean_cwd / ".env") in lines[0] and "'s3'" in lines[0]
+
+
+def test_every_mistake_is_reported_at_once(clean_cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOTA_PORT", "80OO")
+    monkeypatch.setenv("IOTA_STORE", "S3")
+    with pytest.raises(SettingsError) as error:
+        load(OrchestratorSettings)
+    assert [p.split("=")[0] for p in error.value.problems] == ["IOTA_PORT", "IOTA_STORE"]
+
+
+@pytest.mark.parametrize("role", ["miner", "validator"])
+def test_the_empty_orchestrator_hotkey_is_a_clear_stop(
+    clean_cwd: Path, capsys: pytest.CaptureFixture[str], role: str
+) -> None:
+    # The default: every signed request would be refused, and PM2 would restart the role in a loop.
+    code, lines = cli_errors([role], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("iota: error: IOTA_ORCHESTRATOR_HOTKEY is empty") and "/run" in lines[0]
+
+
+def test_a_misspelt_setting_is_warned_about_with_the_closest_name(
+    clean_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IOTA_ORCHESTRATOR_HOTKY", HOTKEY)
+    (clean_cwd / ".env").write_text("IOTA_WEIGHT_INTERVAL_S=1200\nIOTA_SKIP_SETUP=1\nIOTA_ZZZZ=1\n")
+    code, lines = cli_errors(["config"], capsys)
+    assert code == 0
+    assert len(lines) == 3, lines  # IOTA_SKIP_SETUP is read by the scripts: no warning
+    hotky, weight, zzzz = sorted(lines)
+    assert (
+        "IOTA_ORCHESTRATOR_HOTKY (environment)" in hotky and "did you mean IOTA_ORCHESTRATOR_HOTKEY?" in hotky
+    )
+    assert str(clean_cwd / ".env") in weight and "did you mean IOTA_WEIGHTS_INTERVAL_S?" in weight
+    assert "IOTA_ZZZZ" in zzzz and "iota config" in zzzz
+
+
+def test_the_preset_list_is_the_models() -> None:
+    assert get_args(RunSettings.model_fields["preset"].annotation) == PRESETS
+
+
+def test_secrets_are_never_shown() -> None:
+    assert (
+        shown("state_url", "postgresql://iota:hunter2@db:5432/iota") == "postgresql://iota:***@db:5432/iota"
+    )
+    assert "hunter2" not in shown("s3_secret_key", "hunter2") and shown("s3_secret_key", "") == ""
+
+
+def test_config_check_prints_what_each_role_uses_and_its_problems(
+    clean_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_wallet(clean_cwd / "wallets", "default", "default")
+    monkeypatch.setenv("IOTA_WALLET_PATH", str(clean_cwd / "wallets"))
+    (clean_cwd / ".env").write_text("IOTA_PORT=9001\nIOTA_STATE_URL=postgresql://iota:hunter2@db/iota\n")
+    assert main(["config", "check", "--role", "orchestrator"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"IOTA_PORT +9001 +\({re.escape(str(clean_cwd / '.env'))}\)", out)
+    assert re.search(r"IOTA_HOST +127\.0\.0\.1 +\(default\)", out)
+    assert "hunter2" not in out and "postgresql://iota:***@db/iota" in out
+    assert "no problems" in out
+    # The miner has no orchestrator hotkey yet: the check says so and fails, as `iota miner` would.
+    assert main(["config", "check"]) == 2
+    out = capsys.readouterr().out
+    assert "miner:\n  problem: IOTA_ORCHESTRATOR_HOTKEY is empty" in out
+    assert "validator:\n  problem: IOTA_ORCHESTRATOR_HOTKEY is empty" in out
+
+
+def test_a_missing_wallet_is_one_line_with_the_command_that_makes_it(
+    clean_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IOTA_WALLET_PATH", str(clean_cwd / "none"))
+    code, lines = cli_errors(["orchestrator"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "IOTA_WALLET_PATH" in lines[0] and f"iota wallet create --path {clean_cwd / 'none'}" in lines[0]
+
+
+def test_the_weights_interval_defaults_to_the_chains_limit() -> None:
+    # Subtensor's weights_rate_limit is 100 blocks of 12 s: a shorter interval makes every second set_weights fail.
+    assert ValidatorSettings.model_fields["weights_interval_s"].default == 1200.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,6 +50,15 @@ def generate(
             break
         context.append(next_id)
         new_ids.append(next_id)
-    # Decoding prompt and continuation together keeps a character split across the boundary whole.
-    prefix = tokenizer.decode(prompt_ids)
-    return tokenizer.decode(prompt_ids + new_ids)[len(prefix) :]
+    return continuation(tokenizer.decode, prompt_ids, new_ids)
+
+
+def continuation(decode: Callable[[list[int]], str], prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text `new_ids` add after the prompt, without U+FFFD.
+
+    A byte-level tokenizer's token may hold part of a character's UTF-8 bytes: decoding prompt and continuation
+    as one sequence keeps a character split across the boundary whole, and what still decodes to U+FFFD (a
+    character cut off by the last token, or bytes a small model strung together that are no UTF-8) is no text
+    the model wrote, so it is dropped rather than printed as replacement characters."""
+    prefix = decode(prompt_ids)
+    return decode(prompt_ids + new_ids)[len(prefix) :].replace("\ufffd", "")

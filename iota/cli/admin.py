@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from iota.cli.common import load_keypair
+from iota.cli.common import load_keypair, sentence
 from iota.config import MinerSettings, env_example
-from iota.config.settings import load
+from iota.config.settings import ROLES, SettingsError, load, shown, source
 
 
 def cmd_wallet(args: argparse.Namespace) -> int:
@@ -48,15 +48,37 @@ def cmd_run(args: argparse.Namespace) -> int:
             params={"target": args.target or "", "value": args.value or ""},
         )
     except Refused as error:
-        print(f"refused: {error}")
+        print(f"refused ({error.status}): {sentence(error.detail)}")
         return 1
     print(ack.detail)
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        return config_check([args.role] if args.role else list(ROLES))
     sys.stdout.write(env_example())
     return 0
+
+
+def config_check(roles: list[str]) -> int:
+    """What each role would run with here (value and where it comes from) and every problem it would stop on:
+    the settings that do not parse, those it cannot do without, its wallet. 0 when every role could start."""
+    failed = False
+    for role in roles:
+        print(f"{role}:")
+        try:
+            settings = load(ROLES[role])
+            load_keypair(settings)  # type: ignore[arg-type]  # every role's settings hold a wallet
+        except SettingsError as error:
+            failed = True
+            for problem in error.problems:
+                print(f"  problem: {problem}")
+            continue
+        for name in type(settings).model_fields:
+            print(f"  IOTA_{name.upper():<28} {shown(name, getattr(settings, name)):<40} ({source(name)})")
+        print("  no problems")
+    return 2 if failed else 0
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -84,5 +106,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("value", nargs="?", help="reason (ban) or flag value (set-flag)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("config", help="print .env.example: every setting with its default")
+    p = sub.add_parser(
+        "config",
+        help="print .env.example (every setting with its default), or `iota config check`: what each role "
+        "would use here, and any problem",
+    )
+    p.add_argument("action", nargs="?", choices=["example", "check"], default="example")
+    p.add_argument("--role", choices=list(ROLES), default=None, help="check this role only (default: all)")
     p.set_defaults(func=cmd_config)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from iota.config import RunSettings
-from iota.config.settings import ChainSettings, WalletSettings
+from iota.config.settings import ChainSettings, SettingsError, WalletSettings
 
 
 def settings_help(cls: type) -> str:
@@ -20,13 +20,20 @@ def settings_help(cls: type) -> str:
     return "\n".join(lines)
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """--preset, --stages, ... : command-line overrides of the run settings."""
+def add_run_options(parser: argparse.ArgumentParser, show_defaults: bool = True) -> None:
+    """--preset, --stages, ... : command-line overrides of the run settings (a flag wins over IOTA_<NAME>);
+    their help names the setting's default unless the command shows its own (`show_defaults=False`)."""
     for name, info in RunSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind: type = info.annotation if info.annotation in (int, float) else str  # type: ignore[assignment]
+        default = f" (default: {info.default})" if show_defaults else ""
         parser.add_argument(
-            flag, dest=f"run_{name}", metavar=name.upper(), type=kind, default=None, help=info.description
+            flag,
+            dest=f"run_{name}",
+            metavar=name.upper(),
+            type=kind,
+            default=None,
+            help=f"{info.description}{default}".replace("%", "%%"),
         )
 
 
@@ -42,10 +49,29 @@ def write_report(report: dict[str, Any], path: str | None) -> None:
         print(f"report written to {path}")
 
 
+def sentence(detail: Any) -> str:
+    """An orchestrator's refusal as a sentence: its detail is a string, or {"code", "message", ...} from the
+    signature check (iota.auth.verify), whose message is the sentence and code the reason's name."""
+    if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+        code = detail.get("code")
+        return f"{detail['message']} ({code})" if isinstance(code, str) else detail["message"]
+    return str(detail)
+
+
 def load_keypair(settings: WalletSettings) -> Any:
+    """The role's hotkey; a missing or encrypted one is a settings problem (SettingsError), not a traceback."""
     from iota.auth import load_hotkey
 
-    return load_hotkey(settings.wallet_path, settings.wallet_name, settings.wallet_hotkey)
+    try:
+        return load_hotkey(settings.wallet_path, settings.wallet_name, settings.wallet_hotkey)
+    except (FileNotFoundError, ValueError) as error:
+        create = (
+            f"iota wallet create --path {settings.wallet_path} --name {settings.wallet_name} "
+            f"--hotkey {settings.wallet_hotkey}"
+        )
+        raise SettingsError(
+            [f"IOTA_WALLET_PATH/IOTA_WALLET_NAME/IOTA_WALLET_HOTKEY: {error} (here: {create})"]
+        ) from None
 
 
 def make_chain(settings: ChainSettings) -> Any:

@@ -77,7 +77,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from iota.checkpoint import generate
 
-    print(generate(Path(args.checkpoint), args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    # The prompt, then what the model wrote after it: the continuation alone often starts mid-sentence.
+    print(
+        args.prompt
+        + generate(Path(args.checkpoint), args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    )
     return 0
 
 
