@@ -107,20 +107,18 @@ def stage_size(setup: ReplaySetup) -> tuple[int, int]:
 
 
 def decode_challenged(setup: ReplaySetup, data: bytes) -> Snapshot:
-    """A challenged snapshot's bytes (flat fp32, `snapshot_to_f32`'s layout), size checked before decoding."""
+    """A challenged snapshot's bytes (flat fp32, `snapshot_to_f32`'s layout), size checked before decoding; any
+    other bytes are a DecodeError."""
     n_params, n_tensors = stage_size(setup)
-    expected = snapshot_size(n_params, n_tensors, setup.flags.optimizer)
-    if len(data) != expected:
-        raise ValueError(f"snapshot is {len(data)} bytes, a snapshot of this stage is {expected}")
-    return snapshot_from_f32(decode_f32(data), n_params, n_tensors, setup.flags.optimizer)
+    count = snapshot_size(n_params, n_tensors, setup.flags.optimizer) // 4
+    return snapshot_from_f32(decode_f32(data, count), n_params, n_tensors, setup.flags.optimizer)
 
 
 def decode_pseudo_gradient(setup: ReplaySetup, data: bytes) -> torch.Tensor:
-    """An uploaded pseudo-gradient's bytes (flat fp32 of the whole stage), size checked before decoding."""
+    """An uploaded pseudo-gradient's bytes (flat fp32 of the whole stage), size checked before decoding; any other
+    bytes are a DecodeError."""
     n_params, _ = stage_size(setup)
-    if len(data) != 4 * n_params:
-        raise ValueError(f"pseudo-gradient is {len(data)} bytes, this stage's is {4 * n_params}")
-    return decode_f32(data)
+    return decode_f32(data, n_params)
 
 
 def replay_setup(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from iota.checkpoint.local import write_local_checkpoint
@@ -12,6 +11,7 @@ from iota.checkpoint.manifest import (
     decode_flat,
     expected_tensors,
     flat_to_state,
+    load_manifest,
     n_params,
     parse_manifest,
 )
@@ -46,10 +46,7 @@ def pull_checkpoint(
         raise CheckpointError(
             f"run {run_id!r} has no checkpoint for epoch {epoch} ({manifest_key} is absent); {have}"
         ) from None
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{manifest_key} is not valid JSON: {e}") from e
+    manifest = load_manifest(raw, manifest_key)
     config, stages = parse_manifest(manifest, manifest_key)
     if manifest["run_id"] != run_id or int(manifest["epoch"]) != epoch:
         raise CheckpointError(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from iota.data.plan import DataPlan
+from iota.decoding import DecodeError, load_json
 from iota.model.config import ModelConfig
 from iota.model.flat import decode_f32, named
 from iota.model.llama import Llama
@@ -26,8 +27,16 @@ MANIFEST_FILE = "manifest.json"
 TensorList = list[list[Any]]  # [[name, [dim, ...]], ...] sorted by name: JSON-able
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupted, or not what the caller asked for."""
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+"""A manifest lists every stage's tensors (~60 bytes each, a few hundred a stage): megabytes at the very most."""
+
+MAX_MANIFEST_DEPTH = 8
+"""JSON nesting of a manifest: stages, a stage, its tensor list, a tensor, its shape is 5 levels."""
+
+
+class CheckpointError(DecodeError):
+    """A checkpoint that is missing, incomplete, corrupted, or not what the caller asked for: a DecodeError (so a
+    ValueError), since the bytes it refuses come from a store that others write to."""
 
 
 def tensor_list(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> TensorList:
@@ -55,12 +64,25 @@ def flat_to_state(flat: torch.Tensor, tensors: Sequence[Sequence[Any]]) -> dict[
     return state
 
 
-def decode_flat(data: bytes) -> torch.Tensor:
-    """A stage's flat object as a 1-D fp32 tensor; bytes that are not whole float32 values are a CheckpointError."""
+def decode_flat(data: bytes, count: int | None = None) -> torch.Tensor:
+    """A stage's flat object as a 1-D fp32 tensor (of `count` values, if given); any other bytes are a
+    CheckpointError."""
     try:
-        return decode_f32(data)
-    except ValueError as error:
+        return decode_f32(data, count)
+    except DecodeError as error:
         raise CheckpointError(str(error)) from error
+
+
+def load_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """A manifest's bytes as a JSON object, bounded (MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH), else a
+    CheckpointError; `parse_manifest` then checks what it says."""
+    try:
+        manifest = load_json(raw, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH, what=where)
+    except DecodeError as error:
+        raise CheckpointError(f"not a manifest: {error}") from error
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{where}: a manifest is a JSON object, not a {type(manifest).__name__}")
+    return manifest
 
 
 def expected_tensors(model: ModelConfig, spec: StageSpec) -> TensorList:
@@ -182,7 +204,52 @@ def parse_manifest(manifest: Mapping[str, Any], where: str) -> tuple[ModelConfig
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: malformed manifest: {e}") from e
     _check_stages(stages, config)
+    _check_fields(manifest, where)
     return config, stages
+
+
+def _check_fields(manifest: Mapping[str, Any], where: str) -> None:
+    """The types of the fields a reader uses as they are, so that a malformed one is refused here, by name."""
+    problems = []
+    if not isinstance(manifest["run_id"], str):
+        problems.append("run_id is not a string")
+    if not _is_count(manifest["epoch"]):
+        problems.append("epoch is not a non-negative integer")
+    tokenizer = manifest["tokenizer"]
+    if not (
+        isinstance(tokenizer, dict) and all(isinstance(tokenizer.get(f), str) for f in ("kind", "digest"))
+    ):
+        problems.append("tokenizer is not {kind, digest} strings")
+    for index, entry in enumerate(manifest["stages"]):
+        tensors = entry.get("tensors", [])
+        if not (isinstance(tensors, list) and all(_is_tensor_item(item) for item in tensors)):
+            problems.append(f"stage {index}: tensors is not a list of [name, shape]")
+        for name, check in _ENTRY_FIELD_CHECKS.items():
+            if name in entry and not check(entry[name]):
+                problems.append(f"stage {index}: {name} is of the wrong type")
+    if problems:
+        raise CheckpointError(f"{where}: malformed manifest: {'; '.join(problems[:4])}")
+
+
+def _is_tensor_item(item: object) -> bool:
+    return (
+        isinstance(item, list)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], list)
+        and all(_is_count(d) for d in item[1])
+    )
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_ENTRY_FIELD_CHECKS = {"key": _is_str, "file": _is_str, "sha256": _is_str, "n_params": _is_count}
 
 
 def _check_stages(stages: Sequence[StageSpec], config: ModelConfig | None = None) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from iota.decoding import DecodeError
+
 DTYPES: dict[str, np.dtype] = {
     "uint16": np.dtype("<u2"),
     "uint32": np.dtype("<u4"),
@@ -27,8 +29,8 @@ DEFAULT_HELDOUT_FRACTION = 0.03
 _MASK64 = (1 << 64) - 1
 
 
-class DataIntegrityError(ValueError):
-    """A shard's bytes do not match the sha256 the manifest or plan records."""
+class DataIntegrityError(DecodeError):
+    """A shard's bytes are not the tokens the manifest or plan records: size, sha256 or token ids."""
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -176,8 +178,13 @@ class TokenData:
 
     def __init__(self, plan: DataPlan, tokens: np.ndarray) -> None:
         if tokens.shape != (plan.total_tokens,):
-            raise ValueError(
+            raise DataIntegrityError(
                 f"token stream has shape {tokens.shape}, the plan expects ({plan.total_tokens},)"
+            )
+        # An id past the vocabulary would index past the embedding (an IndexError, or a device assert on a GPU).
+        if tokens.size and int(tokens.max()) >= plan.vocab_size:
+            raise DataIntegrityError(
+                f"token id {int(tokens.max())} is outside the vocabulary of {plan.vocab_size}"
             )
         self.plan = plan
         self._tokens = tokens

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from loguru import logger
 
+from iota.decoding import DecodeError
 from iota.merge.outer import outer_lr, outer_step
 from iota.merge.plan import FlatRef, MergePlan, Partition, Submitter
 from iota.model.flat import decode_f32, encode_f32
@@ -182,7 +183,7 @@ def _read_upload_slice(
         return None, f"unreadable: {type(error).__name__}: {error}"
     if len(tail) != 4 or len(data) != partition.size * 4:
         return None, f"wrong size: expected {n_params * 4} bytes"
-    values = decode_f32(data)
+    values = decode_f32(data, partition.size)
     if not bool(torch.isfinite(values).all()):
         return None, "non-finite values in this slice"
     return values, None
@@ -311,12 +312,13 @@ def merge_partition(
 
 
 def read_slice(store: BlobStore, ref: FlatRef, start: int, end: int) -> torch.Tensor:
-    """Elements [start, end) of the flat vector held by `ref`; ValueError if the object is too short."""
+    """Elements [start, end) of the flat vector held by `ref`; DecodeError if the object is too short."""
     lo, hi = ref.byte_range(start, end)
     data = store.get_range(ref.key, lo, hi)
-    if len(data) != hi - lo:
-        raise ValueError(f"{ref.key} holds {len(data)} of the {hi - lo} bytes for elements [{start}, {end})")
-    return decode_f32(data)
+    try:
+        return decode_f32(data, end - start)
+    except DecodeError as error:
+        raise DecodeError(f"{ref.key}, elements [{start}, {end}): {error}") from None
 
 
 def read_previous(store: BlobStore, partition: Partition) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -434,7 +436,7 @@ def _read_merged(store: BlobStore, key: str | None, partition: Partition) -> tor
     if len(data) != partition.size * 4:
         logger.warning(f"apply: merged slice {key} has {len(data)} bytes, expected {partition.size * 4}")
         return None
-    values = decode_f32(data)
+    values = decode_f32(data, partition.size)
     if not bool(torch.isfinite(values).all()):
         logger.warning(f"apply: merged slice {key} has non-finite values")
         return None

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping, MutableMapping
 
 import torch
 
+from iota.decoding import DecodeError
+
 # The bytes are little-endian float32 on every host; torch's own buffers are native-endian, so say so plainly.
 if sys.byteorder != "little":
     raise ImportError("iota's flat fp32 layout assumes a little-endian host")
@@ -70,10 +72,15 @@ def encode_f32(vector: torch.Tensor) -> bytes:
     return _bytes(vector)
 
 
-def decode_f32(data: bytes) -> torch.Tensor:
-    """Raw little-endian float32 bytes as a 1-D fp32 tensor (a copy, writable)."""
+def decode_f32(data: bytes, count: int | None = None) -> torch.Tensor:
+    """Raw little-endian float32 bytes as a 1-D fp32 tensor (a copy, writable); with `count`, exactly that many
+    values. Any other bytes are a DecodeError, raised before anything is allocated. Values are not checked: NaN
+    and Inf are what the caller decides about (the merge skips such a slice, an audit fails it)."""
+    expected = 4 * count if count is not None else None
+    if expected is not None and len(data) != expected:
+        raise DecodeError(f"{len(data)} bytes, expected {expected} ({count} float32 values)")
     if len(data) % 4:
-        raise ValueError(f"{len(data)} bytes is not a whole number of float32 values")
+        raise DecodeError(f"{len(data)} bytes is not a whole number of float32 values")
     if not data:
         return torch.zeros(0)
     return torch.frombuffer(bytearray(data), dtype=torch.float32)

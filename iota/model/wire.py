@@ -6,21 +6,29 @@ import base64
 import hashlib
 import json
 import math
-import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-import safetensors
 import safetensors.torch
 import torch
+
+from iota.decoding import DecodeError, load_json
 
 SINGLE_KEY = "t"
 """The one key under which `encode` stores its tensor."""
 
 METADATA_KEY = "__metadata__"
 
-MAX_HEADER_BYTES = 16 * 1024 * 1024
-"""A stage's state dict has a few hundred tensors (~100 header bytes each): 16 MiB is far beyond any honest header
-and keeps a hostile one from making us parse megabytes of JSON."""
+HEADER_BYTES_PER_ENTRY = 320
+"""Header bytes an entry may take besides its name: {"dtype":"BF16","shape":[...],"data_offsets":[a,b]} with
+MAX_DIMS dimensions and two offsets of 20 digits each is under 300. A receiver knows the names it expects, so a
+header is bounded before it is read: a single activation's by 1.3 KiB, not by what the sender claims."""
+
+HEADER_METADATA_BYTES = 1024
+"""Room for the string metadata standard writers add ({"format": "pt"})."""
+
+MAX_DIMS = 8
+"""Dimensions a tensor may have on the wire: an activation has 3, a parameter at most 2."""
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 """Names a run's config uses for the dtype activations and their gradients travel in."""
@@ -36,8 +44,7 @@ _SAFETENSORS_NAMES: dict[torch.dtype, str] = {
     torch.int16: "I16",
     torch.int8: "I8",
     torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+}  # no BOOL: a bool is one byte whose values other than 0 and 1 mean nothing torch can promise
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_NAMES.items()}
 
 # Protocol 2+ pickles start with PROTO (0x80); torch.save files are zip archives. Named in errors to help senders.
@@ -45,7 +52,7 @@ _PICKLE_PROTO = b"\x80"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class WireError(ValueError):
+class WireError(DecodeError):
     """A payload that is not the tensor(s) the receiver expects: wrong format, key, dtype, shape, size or value."""
 
 
@@ -116,9 +123,8 @@ def encoded_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def decode(data: bytes, *, dtype: torch.dtype, shape: tuple[int, ...] | None, max_bytes: int) -> torch.Tensor:
     """The tensor `encode` wrote, if it has exactly this dtype and shape (None: any shape) and is finite."""
-    shapes = {SINGLE_KEY: None if shape is None else tuple(shape)}
-    tensors = _decode_checked(data, dtypes={SINGLE_KEY: dtype}, shapes=shapes, max_bytes=max_bytes)
-    return tensors[SINGLE_KEY]
+    expected = {SINGLE_KEY: (None if shape is None else tuple(shape), dtype)}
+    return _decode(data, expected, max_bytes)[SINGLE_KEY]
 
 
 def encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -143,9 +149,117 @@ def decode_state(
     data: bytes, *, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], max_bytes: int
 ) -> dict[str, torch.Tensor]:
     """Named tensors from `encode_state`, if the names, shapes and dtypes are exactly `expected` and all finite."""
-    dtypes = {name: dtype for name, (_, dtype) in expected.items()}
-    shapes: dict[str, tuple[int, ...] | None] = {name: tuple(shape) for name, (shape, _) in expected.items()}
-    return _decode_checked(data, dtypes=dtypes, shapes=shapes, max_bytes=max_bytes)
+    return _decode(
+        data, {name: (tuple(shape), dtype) for name, (shape, dtype) in expected.items()}, max_bytes
+    )
+
+
+def header_limit(names: Iterable[str]) -> int:
+    """The largest header a payload of these tensor names may have: an entry's dtype, shape and offsets, however
+    large its numbers, fit in HEADER_BYTES_PER_ENTRY bytes besides its name, and standard string metadata
+    ({"format": "pt"}) in HEADER_METADATA_BYTES."""
+    return HEADER_METADATA_BYTES + sum(HEADER_BYTES_PER_ENTRY + len(name.encode()) for name in names)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor as its header describes it: bytes [begin, end) of the body."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A safetensors payload whose header checks out on its own: every entry of a dtype the wire carries, a shape
+    whose size is exactly its byte span, the spans tiling the body. No tensor is built until `tensors`."""
+
+    metadata: dict[str, str]
+    entries: dict[str, Entry]
+    body: memoryview
+
+    def tensors(
+        self, expected: Mapping[str, tuple[tuple[int, ...] | None, torch.dtype]]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors, if their names are exactly `expected`'s, each of its dtype and shape (None: any shape), and
+        finite; each is built from its own copy of its bytes."""
+        if set(self.entries) != set(expected):
+            missing = sorted(set(expected) - set(self.entries))
+            extra = sorted(set(self.entries) - set(expected))[:8]
+            raise WireError(
+                f"header keys do not match: expected {sorted(expected)}, missing {missing}, unexpected {extra}"
+            )
+        tensors = {}
+        for name, (shape, dtype) in expected.items():
+            entry = self.entries[name]
+            if entry.dtype != dtype:
+                got = _SAFETENSORS_NAMES[entry.dtype]
+                raise WireError(f"tensor {name!r}: expected dtype {_safetensors_name(dtype)}, got {got!r}")
+            if shape is not None and entry.shape != tuple(shape):
+                raise WireError(f"tensor {name!r}: expected shape {list(shape)}, got {list(entry.shape)}")
+            tensors[name] = self._build(name, entry)
+        return tensors
+
+    def _build(self, name: str, entry: Entry) -> torch.Tensor:
+        if entry.begin == entry.end:  # no values; torch.frombuffer refuses an empty buffer
+            return torch.zeros(entry.shape, dtype=entry.dtype)
+        values = torch.frombuffer(bytearray(self.body[entry.begin : entry.end]), dtype=entry.dtype)
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise WireError(f"tensor {name!r} contains NaN or Inf")
+        return values.reshape(entry.shape)
+
+
+def parse(data: bytes | bytearray | memoryview, *, max_bytes: int, max_header_bytes: int) -> Payload:
+    """A safetensors payload of at most `max_bytes`, its header at most `max_header_bytes`, checked on its own.
+
+    Parsed here, not by safetensors: every size is bounded before anything is allocated, the JSON depth before it is
+    parsed (iota.decoding.load_json), and one parser decides what the payload says, not two that might disagree.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError(f"expected bytes, got {type(data).__name__}")
+    view = memoryview(data).cast("B")
+    size = len(view)
+    # The size is checked first: an oversized body is refused before a byte of it is interpreted.
+    if size > max_bytes:
+        raise WireError(f"payload is {size} bytes, more than the {max_bytes} bytes allowed")
+    if size < 8:
+        raise WireError(f"payload is {size} bytes: too short for a safetensors header")
+    header_len = int.from_bytes(view[:8], "little")
+    if header_len > size - 8 or header_len > max_header_bytes or header_len < 2:
+        hint = ""
+        if view[:1] == _PICKLE_PROTO:
+            hint = " (it starts like a pickle, which is never accepted)"
+        elif view[:4] == _ZIP_MAGIC:
+            hint = " (it is a zip archive, as torch.save writes, which is never accepted)"
+        raise WireError(
+            f"not a safetensors payload{hint}: header length {header_len} does not fit in {size} bytes "
+            f"(limit {max_header_bytes})"
+        )
+    try:
+        header = load_json(view[8 : 8 + header_len], max_bytes=header_len, max_depth=3, what="header")
+    except DecodeError as error:
+        raise WireError(f"not a safetensors payload: {error}") from None
+    if not isinstance(header, dict):
+        raise WireError(
+            f"not a safetensors payload: header is a JSON {type(header).__name__}, expected an object"
+        )
+    metadata = header.pop(METADATA_KEY, {})
+    # Standard writers may add string metadata such as {"format": "pt"}; it carries no tensor, so it is tolerated.
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise WireError(f"header {METADATA_KEY} must map strings to strings, got {_show(metadata)}")
+    body = view[8 + header_len :]
+    entries = {name: _entry(name, value) for name, value in header.items()}
+    _check_tiling(entries, len(body))
+    return Payload(metadata, entries, body)
+
+
+def _decode(
+    data: bytes, expected: Mapping[str, tuple[tuple[int, ...] | None, torch.dtype]], max_bytes: int
+) -> dict[str, torch.Tensor]:
+    payload = parse(data, max_bytes=max_bytes, max_header_bytes=header_limit(expected))
+    return payload.tensors(expected)
 
 
 def _safetensors_name(dtype: torch.dtype) -> str:
@@ -155,123 +269,39 @@ def _safetensors_name(dtype: torch.dtype) -> str:
         raise WireError(f"dtype {dtype} cannot travel on the wire") from None
 
 
-def _decode_checked(
-    data: bytes,
-    *,
-    dtypes: Mapping[str, torch.dtype],
-    shapes: Mapping[str, tuple[int, ...] | None],
-    max_bytes: int,
-) -> dict[str, torch.Tensor]:
-    """Validate the header against the expectation using only its JSON, then build and check the tensors."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise WireError(f"expected bytes, got {type(data).__name__}")
-    size = len(data)
-    # The size is checked first: an oversized body is refused before a byte of it is interpreted.
-    if size > max_bytes:
-        raise WireError(f"payload is {size} bytes, more than the {max_bytes} bytes allowed")
-    header_len, header = _read_header(bytes(data[: 8 + min(MAX_HEADER_BYTES, max(size - 8, 0))]), size)
-    _check_header(header, dtypes=dtypes, shapes=shapes, body_bytes=size - 8 - header_len)
-
-    try:
-        tensors = safetensors.torch.load(bytes(data))
-    except safetensors.SafetensorError as error:
-        raise WireError(f"safetensors could not parse the payload: {error}") from error
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise WireError(f"tensor {name!r} contains NaN or Inf")
-    return tensors
-
-
-def _read_header(prefix: bytes, size: int) -> tuple[int, dict]:
-    """The length and parsed JSON of a safetensors payload's header, from the payload's first bytes."""
-    if size < 8:
-        raise WireError(f"payload is {size} bytes: too short for a safetensors header")
-    (header_len,) = struct.unpack("<Q", prefix[:8])
-    if header_len > size - 8 or header_len > MAX_HEADER_BYTES or header_len < 2:
-        hint = ""
-        if prefix.startswith(_PICKLE_PROTO):
-            hint = " (it starts like a pickle, which is never accepted)"
-        elif prefix.startswith(_ZIP_MAGIC):
-            hint = " (it is a zip archive, as torch.save writes, which is never accepted)"
+def _entry(name: str, value: object) -> Entry:
+    """One header entry, its dtype known, its shape at most MAX_DIMS counts and its offsets exactly its size."""
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
         raise WireError(
-            f"not a safetensors payload{hint}: header length {header_len} does not fit in {size} bytes "
-            f"(limit {MAX_HEADER_BYTES})"
+            f"tensor {name!r}: header entry must have dtype, shape and data_offsets, got {_show(value)}"
         )
-    raw = prefix[8 : 8 + header_len]
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, WireError) as error:
-        raise WireError(f"not a safetensors payload: header is not valid JSON ({error})") from error
-    if not isinstance(header, dict):
+    dtype_name, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    dtype = _TORCH_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise WireError(f"tensor {name!r}: dtype {_show(dtype_name)} is not one the wire carries")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_count(dim) for dim in shape)):
         raise WireError(
-            f"not a safetensors payload: header is a JSON {type(header).__name__}, expected an object"
+            f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative integers, got {_show(shape)}"
         )
-    return header_len, header
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    # Two entries under one key would let a sender show the checks one tensor and the parser another.
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
-        raise WireError(f"duplicate keys in header: {sorted(keys)}")
-    return dict(pairs)
-
-
-def _check_header(
-    header: dict,
-    *,
-    dtypes: Mapping[str, torch.dtype],
-    shapes: Mapping[str, tuple[int, ...] | None],
-    body_bytes: int,
-) -> None:
-    """Keys, dtypes, shapes and data offsets as expected, and the offsets tile the body exactly."""
-    metadata = header.pop(METADATA_KEY, None)
-    # Standard writers may add string metadata such as {"format": "pt"}; it carries no tensor, so it is tolerated.
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise WireError(f"header {METADATA_KEY} must map strings to strings, got {metadata!r}")
-    if set(header) != set(dtypes):
-        missing = sorted(set(dtypes) - set(header))
-        extra = sorted(set(header) - set(dtypes))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise WireError(
-            f"header keys do not match: expected {sorted(dtypes)}, missing {missing}, unexpected {extra}"
+            f"tensor {name!r}: data_offsets must be two non-negative integers, got {_show(offsets)}"
         )
+    begin, end = offsets
+    nbytes = math.prod(shape) * dtype.itemsize  # exact: Python integers, and at most MAX_DIMS of them
+    if end - begin != nbytes:
+        raise WireError(
+            f"tensor {name!r}: shape {shape} of {dtype_name} needs {nbytes} bytes, data_offsets {offsets} span "
+            f"{end - begin}"
+        )
+    return Entry(dtype, tuple(shape), begin, end)
 
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise WireError(
-                f"tensor {name!r}: header entry must have dtype, shape and data_offsets, got {entry!r}"
-            )
-        expected_dtype = dtypes[name]
-        expected_name = _safetensors_name(expected_dtype)
-        if entry["dtype"] != expected_name:
-            raise WireError(f"tensor {name!r}: expected dtype {expected_name}, got {entry['dtype']!r}")
-        shape = entry["shape"]
-        if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
-            raise WireError(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-        expected_shape = shapes[name]
-        if expected_shape is not None and tuple(shape) != expected_shape:
-            raise WireError(f"tensor {name!r}: expected shape {list(expected_shape)}, got {shape}")
-        offsets = entry["data_offsets"]
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-            raise WireError(
-                f"tensor {name!r}: data_offsets must be two non-negative integers, got {offsets!r}"
-            )
-        begin, end = offsets
-        nbytes = math.prod(shape) * expected_dtype.itemsize
-        if end - begin != nbytes:
-            raise WireError(
-                f"tensor {name!r}: shape {shape} of {expected_name} needs {nbytes} bytes, "
-                f"data_offsets {offsets} span {end - begin}"
-            )
-        spans.append((begin, end, name))
 
-    # The spans must tile the body from 0 to its end with no gap or overlap: a truncated body, a header claiming
-    # more data than arrived, or trailing bytes are all refused here.
+def _check_tiling(entries: Mapping[str, Entry], body_bytes: int) -> None:
+    """The spans must tile the body from 0 to its end with no gap or overlap: a truncated body, a header claiming
+    more data than arrived (a shape of 2**40 values in a small payload), or trailing bytes are all refused here."""
     cursor = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name in sorted((e.begin, e.end, name) for name, e in entries.items()):
         if begin != cursor:
             raise WireError(f"tensor {name!r}: data starts at {begin}, expected {cursor} (gap or overlap)")
         cursor = end
@@ -283,3 +313,9 @@ def _check_header(
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _show(value: object) -> str:
+    """A value from a header, for an error message: its repr, cut short (a hostile one may be kilobytes)."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:120] + "..."

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from iota.decoding import DecodeError
 from iota.model import wire
 from iota.model.flat import parameters
 from iota.train.worker import StageWorker
 
 MOMENTS = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ()}  # inner optimizer state a snapshot carries
+MAX_F32_STEP = 1 << 24  # the flat form carries the inner step as fp32, exact below this
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,16 @@ def snapshot_to_f32(snapshot: Snapshot) -> torch.Tensor:
 
 
 def snapshot_from_f32(flat: torch.Tensor, n_params: int, n_tensors: int, optimizer: str) -> Snapshot:
-    """The inverse of `snapshot_to_f32`, for a stage of `n_params` in `n_tensors` tensors; the size is checked."""
+    """The inverse of `snapshot_to_f32`, for a stage of `n_params` in `n_tensors` tensors; the size and the inner
+    step are checked (DecodeError): the vector came from the challenged miner."""
     names = MOMENTS[optimizer]
     expected = snapshot_size(n_params, n_tensors, optimizer) // 4
     if flat.dim() != 1 or flat.numel() != expected:
-        raise ValueError(f"a snapshot of this stage has {expected} values, got {tuple(flat.shape)}")
+        raise DecodeError(f"a snapshot of this stage has {expected} values, got {tuple(flat.shape)}")
     step = float(flat[0])
-    if not step.is_integer() or step < 0:
-        raise ValueError(f"snapshot inner step {step} is not a step count")
+    # fp32 holds every integer up to 2**24 exactly, and no inner step honestly gets there.
+    if not (step.is_integer() and 0 <= step < MAX_F32_STEP):
+        raise DecodeError(f"snapshot inner step {step} is not a step count")
     steps = flat[1 : 1 + n_tensors].clone()
     body = flat[1 + n_tensors :]
     parts = body.split(n_params)
@@ -116,7 +120,8 @@ def _moment_order(name: str) -> int:
 
 
 def decode_snapshot(data: bytes, worker: StageWorker) -> Snapshot:
-    """A snapshot for `worker`'s stage and optimizer: names, shapes and dtypes are checked before use."""
+    """A snapshot for `worker`'s stage and optimizer: names, shapes and dtypes are checked before use, and any other
+    bytes are a DecodeError (iota.model.wire.WireError)."""
     params = parameters(worker.model)
     n = sum(p.numel() for p in params)
     moment_names = MOMENTS[worker.flags.optimizer]
@@ -129,8 +134,11 @@ def decode_snapshot(data: bytes, worker: StageWorker) -> Snapshot:
     tensors = wire.decode_state(
         data, expected=expected, max_bytes=(len(moment_names) + 2) * 4 * n + (1 << 20)
     )
+    inner_step = int(tensors["inner_step"])
+    if inner_step < 0:
+        raise wire.WireError(f"snapshot inner step {inner_step} is not a step count")
     return Snapshot(
-        inner_step=int(tensors["inner_step"]),
+        inner_step=inner_step,
         weights=tensors["weights"],
         steps=tensors["steps"],
         moments={name: tensors[f"moment.{name}"] for name in moment_names},

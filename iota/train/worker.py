@@ -94,13 +94,13 @@ class StageWorker:
         until the sample's backward arrives.
         """
         self.forget([sample_id])  # a restarted sample replaces its orphaned graph from the earlier attempt
-        self.window_forwards += 1
         tokens, targets = self.batch(sample_id) if (self.spec.is_head or self.spec.is_tail) else (None, None)
         if self.spec.is_head:
             assert tokens is not None
             x = tokens.to(self.device)
         else:
             x = self._decode(data).to(self.device).float()
+        self.window_forwards += 1  # once the input is accepted: a refused one takes no slot of the window
         if self.spec.is_tail:
             assert targets is not None
             x.requires_grad_(True)

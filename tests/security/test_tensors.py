@@ -77,7 +77,20 @@ def hostile_payloads(shape: tuple[int, ...]) -> dict[str, tuple[bytes, str]]:
         ),
         "extra tensor": (safetensors.torch.save({"t": good[:1], "u": torch.zeros(1)}), "unexpected ['u']"),
         "not bytes at all": (b"\xff" * 7, "too short"),
+        # Exactly an activation's size (so it passes the size and digest checks), headers nested deep: the first
+        # raised RecursionError in json.loads, which killed the next stage's miner.
+        "header nested 2,000 deep": (exact_size(b"[" * 2000 + b"]" * 2000, len(valid)), "does not fit"),
+        "header nested 500 deep": (exact_size(b"[" * 500 + b"]" * 500, len(valid)), "nested deeper"),
+        "NaN in the header": (
+            exact_size(b'{"t":{"dtype":"F32","shape":[NaN],"data_offsets":[0,0]}}', len(valid)),
+            "NaN",
+        ),
     }
+
+
+def exact_size(header: bytes, size: int) -> bytes:
+    """A payload of `size` bytes (zero-padded) whose header is `header`."""
+    return (struct.pack("<Q", len(header)) + header).ljust(size, b"\0")
 
 
 def assert_refused(call: Callable[[], object], words: str) -> None:
@@ -96,6 +109,9 @@ def test_forward_input_is_checked_before_the_stage_runs(run: Run) -> None:
         for case, (payload, words) in hostile_payloads(miner.act_shape).items():
             assert_refused(lambda m=miner, p=payload: m.forward(0, p), words)  # type: ignore[misc]
             assert not miner.cache and miner.micro_batches == 0, case
+            # A refused input takes no slot of the accumulation window: k of them must not stop this miner from
+            # taking forward work until the epoch ends.
+            assert miner.window_forwards == 0 and miner.wants_forward(), case
         assert torch.equal(miner.flat_weights(), before)
         out, loss = miner.forward(
             0, wire.encode(torch.randn(miner.act_shape), WIRE)
