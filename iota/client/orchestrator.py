@@ -15,6 +15,8 @@ from iota.protocol import (
     PhaseReport,
     RegisterRequest,
     Registration,
+    Release,
+    ReleaseReason,
     Report,
     RunInfo,
     Status,
@@ -143,8 +145,10 @@ class OrchestratorClient:
     def report(self, report: Report) -> Ack:
         return self.call("POST", f"/work/{report.hop_id}/report", Ack, report)
 
-    def release(self, hop_id: int, epoch: int) -> Ack:
-        return self.call("POST", f"/work/{hop_id}/release", Ack, params={"epoch": epoch})
+    def release(self, hop_id: int, epoch: int, reason: ReleaseReason = "stopping") -> Ack:
+        return self.call(
+            "POST", f"/work/{hop_id}/release", Ack, Release(reason=reason), params={"epoch": epoch}
+        )
 
     def heartbeat(self) -> Ack:
         return self.call("POST", "/miners/heartbeat", Ack)

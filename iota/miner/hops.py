@@ -13,13 +13,28 @@ from loguru import logger
 
 from iota.client.orchestrator import Refused
 from iota.client.transfers import get, put
+from iota.decoding import DecodeError
 from iota.miner.daemon import Daemon
 from iota.miner.pipeline import Fetched, Outbox, Prefetcher
 from iota.miner.reports import hop_report
-from iota.protocol import Report, WeightSketch, Work
+from iota.protocol import ReleaseReason, Report, WeightSketch, Work
 from iota.storage.base import StoreError
+from iota.storage.transfer import DigestMismatch
 from iota.train.schedule import inner_step_lr
 from iota.train.worker import StageWorker, sketch_seed
+
+
+def release_reason(error: BaseException | None) -> ReleaseReason:
+    """What the release of a hop not done says. Input bytes that do not hash to the item's digest, or that do
+    (the download checked) but do not decode, accuse the miner that produced them: the orchestrator checks the
+    claim. Any other error is this miner's own failure; no error, a hop it did not start."""
+    if error is None:
+        return "stopping"
+    if isinstance(error, DigestMismatch):
+        return "input_mismatch"
+    if isinstance(error, DecodeError):
+        return "input_undecodable"
+    return "failed"
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,7 @@ class Hops:
             # that counts differently): hand it back as today's loop would have.
             why = fetched.error or "no room in this accumulation window"
             logger.error("{} item {} not done: {}", work.kind, work.hop_id, why)
-            self.miner.release(work)
+            self.miner.release(work, release_reason(fetched.error))
             self.fetch_next()
             return
         self._computing = work
@@ -98,7 +113,7 @@ class Hops:
             finished = self.compute(work, fetched.data)
         except (KeyError, ValueError, OSError, StoreError) as error:
             logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
-            self.miner.release(work)
+            self.miner.release(work, release_reason(error))
         else:
             self.outbox.put(finished)  # counted as unreported from here on, so clear `_computing` after
         self._computing = None
@@ -232,7 +247,7 @@ class Hops:
             return None
         except (KeyError, ValueError, OSError, StoreError) as error:
             logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
-            miner.release(work)
+            miner.release(work, "failed")
             return None
         miner.state.hops_done += 1
         if item.loss is not None:

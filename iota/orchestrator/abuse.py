@@ -10,6 +10,10 @@ and the item went to someone else cannot be told from a claim on someone else's 
 most one such race per lease term (``lease_s``, 60 s by default), so at most 10 in the default window, well under
 ``throttle_at``.
 
+A miner is also struck for an output the next stage found bad, but never on that miner's word: the orchestrator
+first checks the claim against the store (Orchestrator._bad_input), and a claim the store contradicts strikes the
+one who made it instead.
+
 Before a caller is authenticated, the HTTP guards (iota.orchestrator.guards) bound request bodies and slow or
 crowding connections.
 """

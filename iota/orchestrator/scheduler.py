@@ -7,6 +7,10 @@ leased; an expired lease puts a forward hop back in its stage's queue. When the 
 gone, the sample restarts at the head with a new attempt: `samples_requeued` counts these, and a sample is
 completed once, when the head reports its backward.
 
+Nothing cycles forever: a hop leased `max_leases` times without being done restarts its sample, and a sample
+restarted `max_restarts` times is dropped from its epoch (`samples_dropped`, a `drop_sample` event), so that a
+poisoned input costs a bounded number of hops and every allocated sample is completed, in flight or dropped.
+
 Time is passed in (`now`), never read here, so tests drive the clock.
 """
 
@@ -45,6 +49,9 @@ class Policy:
     lease_s: float
     miner_timeout_s: float
     stage_memory_bytes: tuple[int, ...] = ()  # what a miner of each stage needs; () accepts any
+    # Far above what churn of honest miners causes, low enough that a hop nobody can finish stops soon.
+    max_leases: int = 16  # leases of one hop before its sample restarts instead of requeueing it again
+    max_restarts: int = 8  # restarts of one sample before it is dropped from its epoch
 
 
 @dataclass(frozen=True)
@@ -316,9 +323,9 @@ class Scheduler:
             self.state.counters.bump("samples_completed")
             self._maybe_end_train(now)
 
-    def release(self, hop: Hop, now: float) -> None:
-        """A miner hands back a hop it will not finish (it is stopping)."""
-        self._requeue(hop, now, "released by its miner")
+    def release(self, hop: Hop, now: float, why: str = "released by its miner") -> None:
+        """A miner hands back a hop it will not finish (it is stopping, or could not)."""
+        self._requeue(hop, now, why)
 
     # -- failures ---------------------------------------------------------------------------------------
 
@@ -342,6 +349,9 @@ class Scheduler:
     def _requeue(self, hop: Hop, now: float, why: str) -> None:
         if why == "lease expired":
             self.state.counters.bump("leases_expired")
+        if hop.lease_no >= self.policy.max_leases:
+            self.restart_sample(hop.sample_id, now, f"item {hop.id} leased {hop.lease_no} times, last {why}")
+            return
         holder_alive = False
         if hop.direction == BACKWARD and hop.miner:
             m = self.state.miner(hop.miner)
@@ -379,7 +389,8 @@ class Scheduler:
             )
 
     def restart_sample(self, sample_id: int, now: float, why: str) -> None:
-        """Drop a sample's open hops and start it again at the head with a new attempt."""
+        """Drop a sample's open hops and start it again at the head with a new attempt; once it has been
+        restarted ``max_restarts`` times, drop it from the epoch instead."""
         info = self.state.sample(sample_id)
         if info is None or info[2] != "active":
             return
@@ -388,6 +399,14 @@ class Scheduler:
             if hop.status in ("queued", "leased"):
                 self.state.set_hop(hop.id, status="dropped")
         holders = self.state.release_graphs(sample_id)
+        for holder in holders:  # room for another forward graph
+            self.doorbell.ring_miner(holder)
+        if attempt >= self.policy.max_restarts:
+            self.state.set_sample(sample_id, status="dropped", done_at=now)
+            self.state.counters.bump("samples_dropped")
+            self.state.log(now, "drop_sample", None, sample=sample_id, attempts=attempt + 1, why=why)
+            self._maybe_end_train(now)
+            return
         self.state.set_sample(sample_id, attempt=attempt + 1)
         self.state.add_hop(
             sample_id=sample_id,
@@ -401,8 +420,6 @@ class Scheduler:
         self.state.counters.bump("samples_requeued")
         self.state.log(now, "restart_sample", None, sample=sample_id, attempt=attempt + 1, why=why)
         self.doorbell.ring_stage(0)
-        for holder in holders:  # room for another forward graph
-            self.doorbell.ring_miner(holder)
 
     # -- phases -----------------------------------------------------------------------------------------
 

@@ -2,6 +2,11 @@
 
 It owns the run description (model, stages, data, schedule), the scheduler over the durable state, the object
 store whose keys it chooses and presigns, and the checks on every report (lease, epoch, object size and digest).
+
+An accepted output stays what was accepted: a hop's output key is written once (its PUT URL is write-once), and
+the report is checked against, and records, the digest the store itself computed (ObjectStore.confirm), never
+the miner's word. A consumer that finds its input bad says so when it releases the item; `_bad_input` checks that
+claim before anyone is struck.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from iota.model import wire
 from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.doorbell import Ticket
 from iota.orchestrator.epochs import EpochDriver
@@ -26,6 +32,7 @@ from iota.protocol import (
     PhaseReport,
     RegisterRequest,
     Registration,
+    ReleaseReason,
     Report,
     RunInfo,
     SnapshotDone,
@@ -180,7 +187,7 @@ class Orchestrator:
             input_sha256=hop.input_sha,
             input_shape=shape if hop.input_key else None,
             output_url=(
-                self.store.presign_put(hop.output_key, ttl, self.limits.activation_bytes)
+                self.store.presign_put(hop.output_key, ttl, self.limits.activation_bytes, once=True)
                 if hop.output_key
                 else None
             ),
@@ -208,7 +215,7 @@ class Orchestrator:
                     f"input digest {report.input_sha256} is not the digest of the input you were given",
                     fault=True,
                 )
-            size = self._check_output(hop, report)
+            size, output_sha = self._check_output(hop, report)
             last = self.scheduler.policy.n_stages - 1
             loss = report.loss if hop.stage == last and hop.direction == FORWARD else None
             if hop.stage == last and hop.direction == FORWARD and loss is None:
@@ -216,7 +223,7 @@ class Orchestrator:
             if loss is not None and not math.isfinite(loss):  # JSON admits NaN; /status could not serve it
                 raise SchedulingError(400, f"the loss must be a finite number, got {loss}", fault=True)
             tokens = self.run.micro_batch_tokens
-            self.scheduler.complete(hop, report.output_sha256, size, loss, tokens, now, report.inner_step)
+            self.scheduler.complete(hop, output_sha, size, loss, tokens, now, report.inner_step)
             self.challenges.on_report(hotkey, hop.stage, hop.epoch, report.inner_step, report.sketch, now)
             if hop.direction == BACKWARD and hop.stage == 0:
                 self.state.counters.bump("tokens_trained", tokens)
@@ -224,13 +231,14 @@ class Orchestrator:
         self.scheduler.doorbell.answer_now(hotkey)
         return Ack(detail=f"item {hop_id} recorded")
 
-    def _check_output(self, hop: Hop, report: Report) -> int | None:
-        """The output object must exist with the exact size, and match the reported MD5 where the store has one."""
+    def _check_output(self, hop: Hop, report: Report) -> tuple[int | None, str | None]:
+        """The output object's size and sha256 as the store confirms them: it must exist with the exact size and
+        match the reported sha256 (and MD5, if reported) as the store computed them."""
         if hop.output_key is None:
-            return None
+            return None, None
         if not report.output_sha256:
             raise SchedulingError(400, "report is missing output_sha256", fault=True)
-        info = self.store.head(hop.output_key)
+        info = self.store.confirm(hop.output_key)
         if info is None:
             raise SchedulingError(
                 400, f"output of item {hop.id} was not uploaded (nothing at its URL)", fault=True
@@ -241,22 +249,88 @@ class Orchestrator:
                 f"output of item {hop.id} is {info.size} bytes, expected {self.limits.activation_bytes}",
                 fault=True,
             )
-        if info.sha256 and info.sha256 != report.output_sha256:
+        if info.sha256 is None:
+            # Not provably the miner's fault: the object was replaced since the upload, or the store cannot hash it.
+            raise SchedulingError(400, f"the store does not confirm the sha256 of item {hop.id}'s output")
+        if info.sha256 != report.output_sha256:
             raise SchedulingError(
                 400, f"output of item {hop.id} does not match the reported sha256", fault=True
             )
         if info.md5 and report.output_md5 and info.md5 != report.output_md5:
             raise SchedulingError(400, f"output of item {hop.id} does not match the reported md5", fault=True)
         self.state.counters.bump("bytes_transferred", 2 * info.size)  # uploaded once, downloaded once
-        return info.size
+        return info.size, info.sha256
 
-    def release(self, hotkey: str, hop_id: int, epoch: int) -> Ack:
+    def release(self, hotkey: str, hop_id: int, epoch: int, reason: ReleaseReason = "stopping") -> Ack:
+        """Take back an item the caller leased. A bad input (`input_mismatch`, `input_undecodable`) is a claim
+        against the miner that produced it, which `_bad_input` checks."""
         now = self.clock()
         with self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, epoch, now)
-            self.scheduler.release(hop, now)
+            if reason in ("input_mismatch", "input_undecodable"):
+                detail = self._bad_input(hop, reason, now)
+            else:
+                why = "released by its miner" if reason == "stopping" else f"released by its miner ({reason})"
+                self.scheduler.release(hop, now, why)
+                detail = f"item {hop_id} released"
         self.scheduler.doorbell.answer_now(hotkey)
-        return Ack(detail=f"item {hop_id} released")
+        return Ack(detail=detail)
+
+    def _bad_input(self, hop: Hop, reason: ReleaseReason, now: float) -> str:
+        """A consumer says the input of the item it leased is bad. Releases must not become a way to hurt honest
+        producers, so:
+
+        - it can accuse only the producer of that item's input: the miner whose accepted report made the input
+          key, in the same attempt of the same sample (the consumer's live lease, checked before, is its standing);
+        - nobody is struck on its word: the store is asked whether the object at that key is still exactly what
+          was accepted (there, of the exact size, with the sha256 the store confirmed at the report). If it is
+          not, or it is but does not decode here either (`input_undecodable`), the producer is at fault: it is
+          struck and the sample restarts at the head (within the scheduler's restart limit);
+        - otherwise the claim is false: the item is requeued (its input is sound) and the refusal is a strike
+          against the consumer.
+        """
+        producer = self._producer(hop)
+        if producer is None or producer.miner is None or hop.input_key is None:
+            raise SchedulingError(
+                400, f"item {hop.id} has no input from another miner to dispute", fault=True
+            )
+        info = self.store.head(hop.input_key)
+        size = self.limits.activation_bytes
+        intact = info is not None and info.size == size and info.sha256 == hop.input_sha
+        if intact and (reason == "input_mismatch" or self._decodes(hop.input_key)):
+            self.scheduler.release(hop, now, f"released by its miner ({reason}, not confirmed)")
+            raise SchedulingError(
+                409,
+                f"the input of item {hop.id} is exactly what was accepted"
+                f"{' and decodes' if reason == 'input_undecodable' else ''}: the item was requeued",
+                keep=True,
+                fault=True,
+            )
+        why = f"the output of item {producer.id} is bad ({reason}, confirmed against the store)"
+        self.scheduler.restart_sample(hop.sample_id, now, why)  # first: a ban would restart its samples too
+        self.state.log(
+            now, "bad_output", producer.miner, hop=producer.id, sample=hop.sample_id, reason=reason
+        )
+        if self.abuse is not None:
+            self.abuse.strike(producer.miner, why, now)
+        return f"item {hop.id} released: its input was bad, and its sample restarted"
+
+    def _producer(self, hop: Hop) -> Hop | None:
+        """The done hop of the same sample attempt whose output is this hop's input."""
+        for candidate in self.state.hops_of_sample(hop.sample_id, hop.attempt):
+            if candidate.status == "done" and candidate.output_key == hop.input_key:
+                return candidate
+        return None
+
+    def _decodes(self, key: str) -> bool:
+        """Whether the object decodes as the activation (or gradient) a consumer expects, as a consumer reads it."""
+        shape = (self.run.micro_batch, self.run.model.seq_len, self.run.model.wire_width)
+        dtype = wire.wire_dtype(self.run.wire_dtype)
+        try:
+            wire.decode(self.store.get(key), dtype=dtype, shape=shape, max_bytes=self.limits.activation_bytes)
+        except ValueError:  # every decoder's refusal is one (iota.decoding.DecodeError)
+            return False
+        return True
 
     def phase_report(self, hotkey: str, report: PhaseReport) -> Ack:
         now = self.clock()
@@ -378,44 +452,9 @@ class Orchestrator:
         return [(tokens * (i + 1), loss) for i, (_, loss) in enumerate(self.state.loss_curve())]
 
     def samples_lost(self) -> int:
-        """Allocated samples that are neither completed nor still in flight: must always be 0."""
+        """Allocated samples that are neither completed, dropped (restarted too often: counted, with an event)
+        nor still in flight: must always be 0."""
         allocated = self.state.counters.get("cursor")
         done = self.state.counters.get("samples_completed")
-        return allocated - done - len(self.state.active_samples())
-
-    def metrics(self) -> str:
-        """Prometheus text exposition of the run's counters and queues."""
-        status = self.status()
-        counters = self.state.counters
-        lines = [
-            f"iota_epoch {status.epoch}",
-            f"iota_tokens_trained_total {status.tokens_trained}",
-            f"iota_samples_completed_total {status.samples_completed}",
-            f"iota_samples_in_flight {status.samples_in_flight}",
-            f"iota_samples_requeued_total {status.samples_requeued}",
-            f"iota_samples_lost {status.samples_lost}",
-            f"iota_bytes_transferred_total {status.bytes_transferred}",
-            f"iota_merges_total {counters.get('merges')}",
-            f"iota_audits_passed_total {counters.get('audits_passed')}",
-            f"iota_leases_expired_total {counters.get('leases_expired')}",
-            f"iota_audits_failed_total {counters.get('audits_failed')}",
-            f"iota_paused {int(status.paused)}",
-        ]
-        if status.latest_loss is not None:
-            lines.append(f"iota_loss {status.latest_loss}")
-        lines += [f'iota_hop_seconds{{stage="{s}"}} {v:.4f}' for s, v in self.state.work.hop_seconds()]
-        if self.auditor is not None:
-            from iota.audit.scoring import compute_scores
-
-            for hotkey, weight in compute_scores(self.auditor.score_log()).items():
-                lines.append(f'iota_score{{hotkey="{hotkey}"}} {weight:.6f}')
-        for stage in status.stages:
-            label = f'stage="{stage.index}"'
-            lines += [
-                f'iota_queue_depth{{{label},direction="forward"}} {stage.queued_forward}',
-                f'iota_queue_depth{{{label},direction="backward"}} {stage.queued_backward}',
-                f"iota_leased{{{label}}} {stage.leased}",
-                f"iota_miners_alive{{{label}}} {sum(m.alive for m in stage.miners)}",
-                f"iota_hops_done_total{{{label}}} {sum(m.hops_done for m in stage.miners)}",
-            ]
-        return "\n".join(lines) + "\n"
+        dropped = self.state.counters.get("samples_dropped")
+        return allocated - done - dropped - len(self.state.active_samples())

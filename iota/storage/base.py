@@ -29,6 +29,10 @@ class ObjectNotFound(StoreError, KeyError):
     """No object is stored under this key."""
 
 
+class ObjectExists(StoreError):
+    """A write-once key already holds an object (other bytes than those offered)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a HEAD tells about one stored object."""
@@ -39,9 +43,9 @@ class ObjectInfo:
         str  # without quotes; md5 hex for a single PUT, "<md5 of part md5s>-<parts>" after a multipart upload
     )
     md5: str | None  # hex digest of the whole object when the store knows it
-    sha256: (
-        str | None
-    )  # hex digest when the writer recorded it (always for put(); not for presigned uploads to S3)
+    # Hex digest computed by the store from the bytes it holds (LocalStore always; S3 once the object carries a
+    # SHA256 checksum, as after confirm()), else the one put() recorded beside the object; None if neither.
+    sha256: str | None
 
 
 def check_key(key: str) -> str:
@@ -109,6 +113,11 @@ class ObjectStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the object; deleting an absent key is not an error (as in S3)."""
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove every object named (absent ones are not an error); stores with a batch delete override this."""
+        for key in keys:
+            self.delete(key)
+
     @abstractmethod
     def list(self, prefix: str) -> builtins.list[str]:
         """Every key that starts with `prefix` (a plain string prefix, as in S3), sorted."""
@@ -118,8 +127,21 @@ class ObjectStore(ABC):
         """A URL anyone holding it may GET (Range allowed) for expires_s seconds."""
 
     @abstractmethod
-    def presign_put(self, key: str, expires_s: int, content_length: int) -> str:
-        """A URL that accepts one PUT of exactly content_length bytes to `key` for expires_s seconds."""
+    def presign_put(self, key: str, expires_s: int, content_length: int, once: bool = False) -> str:
+        """A URL that accepts a PUT of exactly content_length bytes to `key` for expires_s seconds.
+
+        With `once`, the key is written once: a PUT to a key that already holds an object is refused (the store
+        answers 409 or 412; an identical retry may be answered 200), so an upload the orchestrator accepted stays
+        what it accepted while the URL still lives."""
+
+    def confirm(self, key: str) -> ObjectInfo | None:
+        """What the store itself vouches for of an object a presigned PUT wrote, or None if there is none.
+
+        Asked when the orchestrator accepts an upload: the sha256 is computed by the store from the bytes it holds,
+        never taken from the writer, so a report can be checked against it and only what the store confirms is
+        recorded. This default is head(), for stores whose head() already hashes what they received (LocalStore).
+        """
+        return self.head(key)
 
     def expected_etag(self, data: bytes) -> str:
         """The ETag head() reports after put(key, data); stores that upload in parts override this."""

@@ -11,6 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, urlencode
@@ -22,6 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from iota.storage.base import (
     InvalidKey,
+    ObjectExists,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -75,8 +77,14 @@ class _PendingObject:
         self._sha256.update(chunk)
         self.size += len(chunk)
 
-    def commit(self) -> str:
-        """Move the object into place; returns its md5 hex (the ETag)."""
+    @property
+    def sha256(self) -> str:
+        """The hex digest of what was written so far."""
+        return self._sha256.hexdigest()
+
+    def commit(self, replace: bool = True) -> str:
+        """Move the object into place; returns its md5 hex (the ETag). Without `replace`, ObjectExists if the key
+        already holds an object (this write is then aborted)."""
         self._file.close()
         stat = os.stat(self._tmp)
         md5 = self._md5.hexdigest()
@@ -90,7 +98,15 @@ class _PendingObject:
         }
         self._meta_tmp.write_text(json.dumps(meta))
         # No fsync: the store must survive a process restart, which the page cache does; rename keeps it atomic.
-        os.replace(self._tmp, self.data_path)
+        if replace:
+            os.replace(self._tmp, self.data_path)
+        else:
+            try:  # a link is an atomic create-if-absent: of two racing writes, one wins
+                os.link(self._tmp, self.data_path)
+            except FileExistsError:
+                self.abort()
+                raise ObjectExists(f"{self.data_path.name[: -len(_DATA)]!r} is written once") from None
+            os.unlink(self._tmp)
         os.replace(self._meta_tmp, self.meta_path)
         return md5
 
@@ -223,43 +239,58 @@ class LocalStore(ObjectStore):
 
     # --- presigned URLs ----------------------------------------------------------------------------------------
 
-    def signature(self, method: str, key: str, expires: int, size: int | None) -> str:
-        """HMAC-SHA256 over everything a URL grants: method, key, expiry and (for PUT) the exact size."""
-        message = f"{method}\n{key}\n{expires}\n{'' if size is None else size}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+    def signature(self, method: str, key: str, expires: int, size: int | None, once: bool = False) -> str:
+        """HMAC-SHA256 over everything a URL grants: method, key, expiry, (for PUT) the exact size, and whether
+        the key is written once (dropping `once` from a URL breaks its signature)."""
+        fields = [method, key, str(expires), "" if size is None else str(size)]
+        if once:
+            fields.append("once")
+        return hmac.new(self._secret, "\n".join(fields).encode(), hashlib.sha256).hexdigest()
 
-    def _presign(self, method: str, key: str, expires_s: int, size: int | None) -> str:
+    def _presign(self, method: str, key: str, expires_s: int, size: int | None, once: bool = False) -> str:
         check_key(key)
         expires = int(self.now()) + expires_s
         params: dict[str, str | int] = {"method": method, "expires": expires}
         if size is not None:
             params["size"] = size
-        params["sig"] = self.signature(method, key, expires, size)
+        if once:
+            params["once"] = 1
+        params["sig"] = self.signature(method, key, expires, size, once)
         return f"{self.base_url}/objects/{quote(key, safe='/')}?{urlencode(params)}"
 
     def presign_get(self, key: str, expires_s: int) -> str:
         check_presign(expires_s)
         return self._presign("GET", key, expires_s, None)
 
-    def presign_put(self, key: str, expires_s: int, content_length: int) -> str:
+    def presign_put(self, key: str, expires_s: int, content_length: int, once: bool = False) -> str:
         check_presign(expires_s, content_length)
-        return self._presign("PUT", key, expires_s, content_length)
+        return self._presign("PUT", key, expires_s, content_length, once)
 
-    def verify(self, method: str, key: str, query: dict[str, str]) -> int | None:
-        """Check a presigned request's query; returns the signed size (PUT) or None (GET), else raises URLRefused."""
+    def verify(self, method: str, key: str, query: dict[str, str]) -> SignedGrant:
+        """Check a presigned request's query and return what it grants, else raise URLRefused."""
         try:
             expires = int(query["expires"])
             size = int(query["size"]) if method == "PUT" else None
             claimed = query["sig"]
         except (KeyError, ValueError):
             raise URLRefused("missing or malformed signature parameters") from None
+        once = query.get("once") == "1"
         if query.get("method") != method:
             raise URLRefused(f"this URL was not signed for {method}")
-        if not hmac.compare_digest(claimed, self.signature(method, key, expires, size)):
+        if not hmac.compare_digest(claimed, self.signature(method, key, expires, size, once)):
             raise URLRefused("signature does not match this key, method, expiry and size")
         if self.now() > expires:
             raise URLRefused("URL expired")
-        return size
+        return SignedGrant(size, once)
+
+
+@dataclass(frozen=True)
+class SignedGrant:
+    """What a verified presigned URL allows: the exact size of a PUT (None for a GET), and whether the key is
+    written once."""
+
+    size: int | None
+    once: bool = False
 
 
 class URLRefused(StoreError):
@@ -299,7 +330,7 @@ def _stream_file(file: BinaryIO, start: int, end: int) -> Iterator[bytes]:
         file.close()
 
 
-async def _put_inline(store: LocalStore, key: str, request: Request, size: int) -> Response:
+async def _put_inline(store: LocalStore, key: str, request: Request, size: int, once: bool) -> Response:
     """A small upload, already checked against its signed size: buffered whole, then written and committed."""
     chunks: list[bytes] = []
     received = 0
@@ -317,11 +348,22 @@ async def _put_inline(store: LocalStore, key: str, request: Request, size: int) 
     pending = store.begin_write(key)
     try:
         pending.write(b"".join(chunks))
-        etag = pending.commit()
+        etag = pending.commit(replace=not once)
+    except ObjectExists as err:
+        return _written_once(store, key, pending, err)
     except BaseException:
         pending.abort()
         raise
     return Response(status_code=200, headers={"etag": f'"{etag}"'})
+
+
+def _written_once(store: LocalStore, key: str, pending: _PendingObject, refusal: ObjectExists) -> Response:
+    """A write-once key that already holds an object: the same bytes again are an honest retry (a reply that was
+    lost) and succeed; other bytes are refused, so what the orchestrator accepted stays what it accepted."""
+    held = store.head(key)
+    if held is not None and held.sha256 == pending.sha256:
+        return Response(status_code=200, headers={"etag": f'"{held.etag}"'})
+    return _refusal(409, str(refusal))
 
 
 def _refusal(status: int, reason: str) -> JSONResponse:
@@ -379,12 +421,13 @@ def local_store_router(store: LocalStore, inline_max_bytes: int = INLINE_MAX_BYT
     @router.put("/objects/{key:path}")
     async def put_object(key: str, request: Request) -> Response:
         try:
-            size = store.verify("PUT", key, dict(request.query_params))
+            grant = store.verify("PUT", key, dict(request.query_params))
             check_key(key)
         except InvalidKey as err:
             return _refusal(400, str(err))
         except URLRefused as err:
             return _refusal(403, str(err))
+        size, once = grant.size or 0, grant.once
         # Refuse on the headers alone, before a single body byte is read: the signed size is the whole budget.
         declared = request.headers.get("content-length")
         if declared is None:
@@ -392,7 +435,7 @@ def local_store_router(store: LocalStore, inline_max_bytes: int = INLINE_MAX_BYT
         if not declared.isdigit() or int(declared) != size:
             return _refusal(403, f"Content-Length {declared} differs from the signed size {size}")
         if size <= inline_max_bytes:
-            return await _put_inline(store, key, request, size)
+            return await _put_inline(store, key, request, size, once)
         pending = await anyio.to_thread.run_sync(store.begin_write, key)
         try:
             # The server hands over ~64 KiB at a time: one thread hop per _CHUNK, not per piece.
@@ -408,7 +451,9 @@ def local_store_router(store: LocalStore, inline_max_bytes: int = INLINE_MAX_BYT
                 await anyio.to_thread.run_sync(pending.write, bytes(buffered))
             if pending.size != size:
                 raise ValueError(f"body ended after {pending.size} of {size} bytes")
-            etag = await anyio.to_thread.run_sync(pending.commit)
+            etag = await anyio.to_thread.run_sync(pending.commit, not once)
+        except ObjectExists as err:
+            return await anyio.to_thread.run_sync(_written_once, store, key, pending, err)
         except (ClientDisconnect, ValueError) as err:
             await anyio.to_thread.run_sync(pending.abort)
             return _refusal(400, f"upload incomplete: {err or 'client disconnected'}")

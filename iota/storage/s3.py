@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
 import hashlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,11 +30,25 @@ from iota.storage.base import (
 MIN_PART_SIZE = 5 * MiB  # S3 refuses smaller parts (except the last)
 MAX_PARTS = 10_000
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
+MAX_DELETE_KEYS = 1000  # DeleteObjects takes at most this many keys
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
 def _error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _full_object_sha256(reply: dict[str, Any]) -> str | None:
+    """The hex SHA256 S3 computed over the whole object, if the HEAD reports one (a composite checksum of a
+    multipart upload's parts is not a digest of the object, and is ignored)."""
+    encoded = reply.get("ChecksumSHA256")
+    if not encoded or reply.get("ChecksumType") == "COMPOSITE":
+        return None
+    try:
+        digest = base64.b64decode(str(encoded), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return digest.hex() if len(digest) == 32 else None
 
 
 class S3Store(ObjectStore):
@@ -146,6 +163,15 @@ class S3Store(ObjectStore):
     def delete(self, key: str) -> None:
         self._call("delete_object", Key=check_key(key))
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """DeleteObjects, up to S3's 1,000 keys per request; a key S3 could not delete is a StoreError."""
+        checked = [check_key(key) for key in keys]
+        for start in range(0, len(checked), MAX_DELETE_KEYS):
+            batch = [{"Key": key} for key in checked[start : start + MAX_DELETE_KEYS]]
+            reply = self._call("delete_objects", Delete={"Objects": batch, "Quiet": True})
+            if reply.get("Errors"):
+                raise StoreError(f"S3 delete_objects left {len(reply['Errors'])} keys: {reply['Errors'][:3]}")
+
     # --- reads -------------------------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes:
@@ -165,7 +191,7 @@ class S3Store(ObjectStore):
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            reply = self._call("head_object", Key=check_key(key))
+            reply = self._call("head_object", Key=check_key(key), ChecksumMode="ENABLED")
         except ObjectNotFound:
             return None
         etag = str(reply["ETag"]).strip('"')
@@ -176,8 +202,25 @@ class S3Store(ObjectStore):
             size=int(reply["ContentLength"]),
             etag=etag,
             md5=etag if is_md5 else None,
-            sha256=reply.get("Metadata", {}).get("sha256"),
+            sha256=_full_object_sha256(reply) or reply.get("Metadata", {}).get("sha256"),
         )
+
+    def confirm(self, key: str) -> ObjectInfo | None:
+        """Have S3 compute the object's SHA256 itself: a server-side copy onto itself with a SHA256 checksum
+        (no byte passes through this process), then a HEAD that reports it. A presigned upload carries no sha256
+        S3 has checked, and its writer's metadata is dropped, so only S3's own digest is returned."""
+        try:
+            self._call(
+                "copy_object",
+                Key=check_key(key),
+                CopySource={"Bucket": self.bucket, "Key": key},
+                ChecksumAlgorithm="SHA256",
+                MetadataDirective="REPLACE",  # also what makes a copy onto itself legal
+            )
+        except ObjectNotFound:
+            return None
+        # With the writer's metadata gone, a sha256 here is S3's checksum (None if the object was replaced since).
+        return self.head(key)
 
     def list(self, prefix: str) -> builtins.list[str]:
         check_prefix(prefix)
@@ -197,12 +240,14 @@ class S3Store(ObjectStore):
         check_presign(expires_s)
         return self._presign("get_object", {"Key": check_key(key)}, expires_s)
 
-    def presign_put(self, key: str, expires_s: int, content_length: int) -> str:
+    def presign_put(self, key: str, expires_s: int, content_length: int, once: bool = False) -> str:
         check_presign(expires_s, content_length)
-        # ContentLength becomes a signed header: S3 refuses a PUT of any other size.
-        return self._presign(
-            "put_object", {"Key": check_key(key), "ContentLength": content_length}, expires_s
-        )
+        # ContentLength becomes a signed header: S3 refuses a PUT of any other size. So does If-None-Match with
+        # `once`: the writer must send "If-None-Match: *", and S3 refuses (412) a PUT to a key that holds an object.
+        params: dict[str, Any] = {"Key": check_key(key), "ContentLength": content_length}
+        if once:
+            params["IfNoneMatch"] = "*"
+        return self._presign("put_object", params, expires_s)
 
     def _presign(self, operation: str, params: dict[str, Any], expires_s: int) -> str:
         if expires_s > MAX_PRESIGN_S:

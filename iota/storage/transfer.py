@@ -7,16 +7,20 @@ keeping a second copy of the same upload code.
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from iota.storage.base import StoreError
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)  # per network operation, not for the whole transfer
 _RETRY_STATUS = frozenset({408, 429})  # the 4xx that mean "try again later"; all 5xx do too
+MAX_BACKOFF_S = 30.0
+T = TypeVar("T")
 
 
 class TransferError(StoreError):
@@ -53,8 +57,19 @@ def _client_or_new(client: httpx.Client | None) -> Iterator[httpx.Client]:
         yield new_client
 
 
-def _backoff(attempt: int, backoff_s: float) -> None:
-    time.sleep(min(backoff_s * 2**attempt, 30.0))
+def _with_retries(attempt: Callable[[], T], retries: int, backoff_s: float) -> T:
+    """`attempt()`, tried again up to `retries` times while it raises _Retryable, after backoff_s, 2 backoff_s,
+    4 backoff_s, ... (at most MAX_BACKOFF_S); the last _Retryable becomes a TransferError with its status."""
+    policy = Retrying(
+        retry=retry_if_exception_type(_Retryable),
+        stop=stop_after_attempt(retries + 1),
+        wait=wait_exponential(multiplier=backoff_s, max=MAX_BACKOFF_S),
+        reraise=True,
+    )
+    try:
+        return policy(attempt)
+    except _Retryable as err:
+        raise TransferError(str(err), status=err.status) from err.__cause__
 
 
 def upload(
@@ -69,24 +84,32 @@ def upload(
     Retries (doubling backoff_s) on connection errors, 5xx, 408 and 429; any other 4xx is final: the URL itself
     is wrong (expired, tampered, or signed for another size) and sending it again cannot help.
     """
+
+    headers = {"content-length": str(len(data)), **_signed_conditions(url)}
+
+    def put_once(http: httpx.Client) -> None:
+        try:
+            response = http.put(url, content=data, headers=headers)
+        except httpx.TransportError as err:
+            raise _Retryable(f"upload to {_redact(url)} failed: {err!r}") from err
+        if response.is_success or (response.status_code == 412 and "if-none-match" in headers):
+            # 412: a write-once key already holds an object, which only this URL can have written (a retry
+            # whose first reply was lost): the report is checked against what the store holds.
+            return
+        message = f"upload to {_redact(url)} refused with {response.status_code}: {response.text[:300]}"
+        if _retryable(response.status_code):
+            raise _Retryable(message, response.status_code)
+        raise TransferError(message, status=response.status_code)
+
     with _client_or_new(client) as http:
-        for attempt in range(retries + 1):
-            last = attempt == retries
-            try:
-                response = http.put(url, content=data, headers={"content-length": str(len(data))})
-            except httpx.TransportError as err:
-                if last:
-                    raise TransferError(f"upload to {_redact(url)} failed: {err!r}") from err
-                _backoff(attempt, backoff_s)
-                continue
-            if response.is_success:
-                return
-            if last or not _retryable(response.status_code):
-                raise TransferError(
-                    f"upload to {_redact(url)} refused with {response.status_code}: {response.text[:300]}",
-                    status=response.status_code,
-                )
-            _backoff(attempt, backoff_s)
+        _with_retries(lambda: put_once(http), retries, backoff_s)
+
+
+def _signed_conditions(url: str) -> dict[str, str]:
+    """The conditional headers an S3 URL was signed with, which S3 then requires: If-None-Match on a write-once
+    key (iota.storage.s3). LocalStore's URLs carry write-once in their signed query instead."""
+    signed = parse_qs(urlsplit(url).query).get("X-Amz-SignedHeaders", [""])[0].split(";")
+    return {"if-none-match": "*"} if "if-none-match" in signed else {}
 
 
 def download(
@@ -110,26 +133,21 @@ def download(
             raise ValueError(f"byte_range must be [start, end) with 0 <= start < end, got {byte_range}")
         headers["range"] = f"bytes={start}-{end - 1}"
     with _client_or_new(client) as http:
-        for attempt in range(retries + 1):
-            last = attempt == retries
-            try:
-                data = _download_once(http, url, headers, max_bytes, byte_range)
-            except _Retryable as err:
-                if last:
-                    raise TransferError(str(err), status=err.status) from err.__cause__
-                _backoff(attempt, backoff_s)
-                continue
-            if expected_sha256 is not None:
-                actual = hashlib.sha256(data).hexdigest()
-                if actual != expected_sha256.lower():
-                    raise DigestMismatch(
-                        f"{_redact(url)}: sha256 {actual} differs from the expected {expected_sha256}"
-                    )
-            return data
-    raise AssertionError("unreachable")
+        data = _with_retries(
+            lambda: _download_once(http, url, headers, max_bytes, byte_range), retries, backoff_s
+        )
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256.lower():
+            raise DigestMismatch(
+                f"{_redact(url)}: sha256 {actual} differs from the expected {expected_sha256}"
+            )
+    return data
 
 
 class _Retryable(Exception):
+    """A failure that sending the same request again may cure: a dropped connection, a 5xx, 408 or 429."""
+
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status

@@ -6,7 +6,6 @@ and after. The happy path runs one sample through three stages with real stage w
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 import uuid
@@ -19,6 +18,7 @@ import httpx
 import pytest
 import torch
 from bittensor.keyfiles import Keypair
+from prometheus_client.parser import text_string_to_metric_families
 
 from iota.auth import sign_headers
 from iota.chain.local import LocalChain
@@ -41,9 +41,6 @@ from tests.support import Clock, running_server
 
 MINERS = ("head", "mid", "tail")  # registered in this order, they take stages 0, 1, 2
 TABLES = ("kv", "miners", "samples", "hops", "losses", "events")
-METRIC_LINE = re.compile(
-    r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*=\"[^\"]*\"(,[a-zA-Z_][a-zA-Z0-9_]*=\"[^\"]*\")*\})? (\S+)$"
-)
 
 
 @dataclass
@@ -160,6 +157,11 @@ def lease_at(net: Net, stage: int) -> tuple[Work, bytes]:
     return work, download(work.input_url, work.input_sha256, 1 << 24)
 
 
+def exposed(name: str, labels: dict[str, str]) -> str:
+    """A sample as name{label="value",...}, its labels in alphabetical order."""
+    return name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+
+
 def refused(call: Any, status: int, fragment: str) -> Any:
     with pytest.raises(Refused) as error:
         call()
@@ -251,16 +253,17 @@ def test_one_sample_through_three_stages_over_http(net: Net) -> None:
 
     metrics = httpx.get(f"{net.url}/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    values: dict[str, float] = {}
-    for line in metrics.text.splitlines():
-        match = METRIC_LINE.match(line)
-        assert match, f"not Prometheus text: {line!r}"
-        values[match[1] + (match[2] or "")] = float(match[4])
+    values = {
+        exposed(sample.name, sample.labels): sample.value
+        for family in text_string_to_metric_families(metrics.text)
+        for sample in family.samples
+    }
     assert values["iota_samples_completed_total"] == 1 and values["iota_samples_lost"] == 0
     assert values["iota_tokens_trained_total"] == status.tokens_trained
     assert values["iota_loss"] == pytest.approx(loss)
     assert values['iota_hops_done_total{stage="1"}'] == 2
     assert values['iota_miners_alive{stage="2"}'] == 1
+    assert values['iota_hop_duration_seconds_count{direction="forward",stage="2"}'] == 1
 
     served = RunInfo.model_validate(httpx.get(f"{net.url}/run").json())
     assert served == info
@@ -350,6 +353,8 @@ def test_bad_report_is_refused_and_changes_nothing(net: Net, case: str) -> None:
     refused(call, status, reason)
     assert net.snapshot() == before
     # The lease survives a refused report: the miner fixes it and is credited.
+    if case == "output of the wrong size":
+        net.store.delete(leased.output_key)  # the key is written once: only the store itself can clear it
     upload(work.output_url, out)
     client.report(good)
     assert net.hop_status(work.hop_id) == "done"
@@ -421,3 +426,59 @@ def test_protocol_version_mismatch_is_426(net: Net, keys: dict[str, Keypair]) ->
             f"speaks iota protocol {PROTOCOL_VERSION}" in detail["message"] and "upgrade" in detail["message"]
         )
     assert net.snapshot() == before
+
+
+def test_events_filter_by_kind_and_exclude_kinds(net: Net, keys: dict[str, Keypair]) -> None:
+    net.join(*MINERS)
+    assert net.clients["operator"].call("POST", "/operator/pause", Ack).ok
+
+    def events(**params: Any) -> list[dict[str, Any]]:
+        response = httpx.get(f"{net.url}/events", params=params)
+        assert response.status_code == 200, response.text
+        return list(response.json())
+
+    everything = events(limit=1000)
+    assert {e["kind"] for e in everything} >= {"register", "operator_pause"}
+    registered = events(kind="register")
+    assert [e["hotkey"] for e in registered] == [keys[name].ss58_address for name in reversed(MINERS)]
+    assert events(kind="register", limit=1) == registered[:1]  # the newest
+    assert events(kind="register,operator_pause") == [
+        e for e in everything if e["kind"] in ("register", "operator_pause")
+    ]
+    rest = events(exclude="register")
+    assert rest == [e for e in everything if e["kind"] != "register"] and rest
+    assert events(kind="register", exclude="register") == []
+    assert events(kind="no_such_kind") == []
+    for bad in ({"kind": "register or 1=1"}, {"exclude": "x" * 513}, {"kind": "a;b"}):
+        assert httpx.get(f"{net.url}/events", params=bad).status_code == 422, bad
+
+
+def test_dashboard_data_names_scores_audits_validators_and_checkpoints(
+    net: Net, keys: dict[str, Keypair]
+) -> None:
+    """What the dashboard shows beyond /status: each miner's score and audits, each validator's verdicts (one that
+    lost its standing marked), the latest verdicts, checkpoints and phases, and the epoch's progress."""
+    net.join(*MINERS)
+    for name in MINERS:
+        forward_with_bytes(net, name, fill=0.5, loss=2.0 if name == "tail" else None)
+    head, mid = keys["head"].ss58_address, keys["mid"].ss58_address
+    now = net.clock()
+    with net.orch.state.transaction():
+        net.orch.state.add_verdict(now - 2, "val-a", head, 0, 0, True, 1, 1, {})
+        net.orch.state.add_verdict(now - 1, "val-a", mid, 0, 1, False, 1, 1, {"audit_id": "x"})
+        net.orch.state.add_verdict(now, "val-b", mid, 0, 1, True, 1, 1, {"confirms": "x"})
+
+    data = httpx.get(f"{net.url}/dashboard/data").json()
+    assert data["epoch"] == {"epoch": 0, "epochs": 1, "samples_done": 0, "samples_per_epoch": 4}
+    assert set(data["miners"]) == {keys[name].ss58_address for name in MINERS}
+    # Forward hops count as work; no confirmed failure, so every miner scores and the scores sum to 1.
+    assert sum(m["score"] for m in data["miners"].values()) == pytest.approx(1.0)
+    assert (data["miners"][head]["audits_passed"], data["miners"][head]["audits_failed"]) == (1, 0)
+    assert (data["miners"][mid]["audits_passed"], data["miners"][mid]["audits_failed"]) == (1, 1)
+    validators = {v["hotkey"]: v for v in data["validators"]}
+    assert (validators["val-a"]["passed"], validators["val-a"]["failed"]) == (1, 1)
+    assert validators["val-b"]["last_at"] == pytest.approx(now) and validators["val-b"]["standing"]
+    assert [v["validator"] for v in data["verdicts"]] == ["val-b", "val-a", "val-a"]  # newest first
+    assert [c["epoch"] for c in data["checkpoints"]] == [0]  # the seeded checkpoint, published at start
+    assert data["checkpoint"] == net.clients["head"].status().checkpoint
+    assert data["now"] == pytest.approx(net.clock(), abs=30)

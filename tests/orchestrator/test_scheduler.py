@@ -81,7 +81,8 @@ class Net:
     def samples_lost(self) -> int:
         """The formula of Orchestrator.samples_lost."""
         allocated = self.counter("cursor")
-        return allocated - self.counter("samples_completed") - len(self.state.active_samples())
+        finished = self.counter("samples_completed") + self.counter("samples_dropped")
+        return allocated - finished - len(self.state.active_samples())
 
     def open_hops(self, sample_id: int) -> list[Hop]:
         attempt = self.state.sample(sample_id)
@@ -389,6 +390,47 @@ def test_release_requeues_at_once(db: Database) -> None:
     again = net.work(h2)
     assert again is not None and again.id == hop.id and again.sample_id == hop.sample_id
     assert net.counter("cursor") == 1 and net.counter("samples_requeued") == 0
+
+
+def test_a_hop_leased_max_leases_times_restarts_its_sample(db: Database) -> None:
+    """A hop nobody finishes (its input poisons every miner that takes it) is not requeued forever."""
+    net = make_net(db, max_leases=3)
+    head, mid, _ = (s[0] for s in staffed(net))
+    sample = net.step(head).sample_id
+    for lease in range(1, 4):
+        hop = net.work(mid)
+        assert hop is not None and hop.sample_id == sample and hop.lease_no == lease and hop.attempt == 0
+        net.release(mid, hop)
+    assert net.state.sample(sample) == (0, 1, "active")  # the third release restarted it at the head
+    assert net.wait_reason(mid) == "no work queued for this stage"
+    restarted = net.work(head)
+    assert restarted is not None and restarted.sample_id == sample and restarted.attempt == 1
+    assert net.counter("samples_requeued") == 1 and net.samples_lost() == 0
+
+
+def test_a_sample_restarted_max_restarts_times_is_dropped_and_counted(db: Database) -> None:
+    net = make_net(db, max_restarts=2, samples_per_epoch=2)
+    head, mid, tail = (s[0] for s in staffed(net))
+    done = through_tail(net, head, mid, tail)
+    net.step(mid)
+    net.step(head)
+    assert net.state.sample(done) == (0, 0, "done")
+    poisoned = net.step(head).sample_id
+    for attempt in (1, 2):
+        net.sched.restart_sample(poisoned, net.now, "bad output")
+        assert net.state.sample(poisoned) == (0, attempt, "active")
+        assert net.work(head) is not None  # the restarted forward, leased again
+    assert net.sched.phase == TRAIN
+    net.sched.restart_sample(poisoned, net.now, "bad output")
+    assert net.state.sample(poisoned) == (0, 2, "dropped")
+    assert net.open_hops(poisoned) == []
+    assert net.counter("samples_dropped") == 1 and net.counter("samples_requeued") == 2
+    assert net.samples_lost() == 0  # dropped is counted, not lost
+    dropped = [e for e in net.state.events(50) if e["kind"] == "drop_sample"]
+    assert len(dropped) == 1 and dropped[0]["sample"] == poisoned and dropped[0]["attempts"] == 3
+    assert net.sched.phase == UPLOAD  # the epoch's last open sample was the dropped one: training ends
+    net.sched.restart_sample(poisoned, net.now, "bad output")  # a late claim changes nothing
+    assert net.counter("samples_dropped") == 1
 
 
 def test_report_for_a_closed_epoch_is_refused_and_requeued(db: Database) -> None:

@@ -235,18 +235,23 @@ def test_s3_urls_sign_the_item_key_its_size_and_lifetime(
     query = {k: v[0] for k, v in parse_qs(urlsplit(head.output_url).query).items()}
     assert urlsplit(head.output_url).path == f"/{s3_bucket.bucket}/{hop.output_key}"
     assert query["X-Amz-Expires"] == "120"
-    assert set(query["X-Amz-SignedHeaders"].split(";")) == {"content-length", "host"}
-    assert signature_holds(head.output_url, "PUT", {"content-length": size}, s3_bucket)
-    assert not signature_holds(head.output_url, "PUT", {"content-length": str(int(size) + 1)}, s3_bucket)
+    # Written once: S3 takes the PUT only with "If-None-Match: *", and then refuses it where an object is.
+    assert set(query["X-Amz-SignedHeaders"].split(";")) == {"content-length", "host", "if-none-match"}
+    once = {"content-length": size, "if-none-match": "*"}
+    assert signature_holds(head.output_url, "PUT", once, s3_bucket)
+    assert not signature_holds(head.output_url, "PUT", {"content-length": size}, s3_bucket)  # an overwrite
+    assert not signature_holds(
+        head.output_url, "PUT", {**once, "content-length": str(int(size) + 1)}, s3_bucket
+    )
     assert not signature_holds(head.output_url, "GET", {}, s3_bucket)
     for key in (
         keys.checkpoint_stage(settings.run_id, 0, 0),
         keys.activation(settings.run_id, 0, 9, 0, "forward", 9),
     ):
         moved = urlunsplit(urlsplit(head.output_url)._replace(path=f"/{s3_bucket.bucket}/{key}"))
-        assert not signature_holds(moved, "PUT", {"content-length": size}, s3_bucket)
+        assert not signature_holds(moved, "PUT", once, s3_bucket)
     longer = _s3_query(head.output_url, **{"X-Amz-Expires": "604800"})
-    assert not signature_holds(longer, "PUT", {"content-length": size}, s3_bucket)
+    assert not signature_holds(longer, "PUT", once, s3_bucket)
 
     # The next stage's item: a GET of exactly the head's output, and a PUT of its own.
     out = b"\0" * orch.limits.activation_bytes

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from iota.auth import Miner, check_protocol_version
 from iota.orchestrator.doorbell import NOW, STAGE
 from iota.orchestrator.routes.deps import EpochNumber, ItemId, Orch
-from iota.protocol import Ack, PhaseReport, RegisterRequest, Registration, Report, Work, WorkRequest
+from iota.protocol import Ack, PhaseReport, RegisterRequest, Registration, Release, Report, Work, WorkRequest
 
 HELD_HEADER = "X-Iota-Held-Ms"  # how long POST /work held the request before answering
 
@@ -77,9 +77,13 @@ async def report(hop_id: ItemId, body: Report, caller: Miner, orch: Orch) -> Ack
 
 
 @router.post("/work/{hop_id}/release")
-async def release(hop_id: ItemId, epoch: EpochNumber, caller: Miner, orch: Orch) -> Ack:
-    """Hand an item back unfinished (the miner is stopping): it is requeued at once."""
-    return await orch.serve(caller.hotkey, orch.orchestrator.release, caller.hotkey, hop_id, epoch)
+async def release(
+    hop_id: ItemId, epoch: EpochNumber, caller: Miner, orch: Orch, body: Release | None = None
+) -> Ack:
+    """Hand an item back unfinished: it is requeued at once. A bad input (the body's reason) is a claim against
+    the miner that produced it, checked before anyone is struck (Orchestrator.release); no body: stopping."""
+    reason = body.reason if body is not None else "stopping"
+    return await orch.serve(caller.hotkey, orch.orchestrator.release, caller.hotkey, hop_id, epoch, reason)
 
 
 @router.post("/phase/report")
