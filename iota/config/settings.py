@@ -156,6 +156,12 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     lease_s: float = Field(60.0, description="Seconds a miner has to report a work item")
     miner_timeout_s: float = Field(30.0, description="A miner silent this long is gone; its work is requeued")
     max_in_flight: int = Field(8, description="Samples in flight per head miner (backpressure)")
+    max_leases_held: int = Field(
+        4,
+        ge=4,
+        description="Work items one miner may hold leased at once; an honest miner holds at most 4 (one "
+        "prefetched, one computing, two in its outbox), so fewer would refuse honest miners",
+    )
     operator_hotkey: Ss58 = Field("", description="ss58 of the operator key allowed to control the run")
     min_validator_stake: float = Field(0.0, description="Stake a validator needs")
     rate_per_hotkey: float = Field(50.0, description="Requests per second allowed per hotkey")

@@ -25,6 +25,7 @@ from iota.orchestrator.app import STORAGE_PREFIX, create_app
 from iota.orchestrator.audits import Auditor
 from iota.orchestrator.epochs import EpochDriver, EpochSettings
 from iota.orchestrator.recheck import Rechecker
+from iota.orchestrator.retention import Retention, RetentionSettings
 from iota.orchestrator.scheduler import Policy, Scheduler
 from iota.orchestrator.service import Limits, Orchestrator
 from iota.orchestrator.state import Hop, StateStore
@@ -155,6 +156,7 @@ def assemble(
         samples_per_epoch=settings.samples_per_epoch,
         epochs=settings.epochs,
         max_in_flight=settings.max_in_flight,
+        max_leases_held=settings.max_leases_held,
         lease_s=settings.lease_s,
         miner_timeout_s=settings.miner_timeout_s,
         stage_memory_bytes=need,
@@ -191,6 +193,8 @@ def assemble(
         manifest_extra,
         run.micro_batch_tokens,
     )
+    keep = RetentionSettings(settings.keep_epochs, settings.keep_checkpoints, settings.url_ttl_s)
+    epochs.checkpoints.retention = Retention(settings.run_id, state, store, keep)
     with state.transaction():
         epochs.initialize(time.time())
         state.resume(time.time(), settings.lease_s)
@@ -202,6 +206,7 @@ def assemble(
     )
     lookup = cached_lookup(chain)
     abuse = AbusePolicy(state, scheduler, exempt=[settings.operator_hotkey])
+    epochs.strike = abuse.strike  # a worker whose upload or apply lease lapses
     orchestrator = Orchestrator(
         info,
         state,

@@ -21,6 +21,7 @@ from iota.model.config import ModelConfig
 from iota.model.flat import encode_f32, flatten
 from iota.model.stages import StageSpec, build_stage
 from iota.orchestrator.ledgers import CheckpointInfo
+from iota.orchestrator.retention import Retention
 from iota.orchestrator.scheduler import TRAIN
 from iota.orchestrator.state import StateStore
 from iota.storage import keys
@@ -44,6 +45,8 @@ class Checkpoints:
         self.run_id, self.model, self.stages, self.tensors = run_id, model, stages, tensors
         self.state, self.store = state, store
         self.seed, self.url_ttl_s, self.manifest_extra = seed, url_ttl_s, manifest_extra
+        # Set by the assembly: forgets what the run no longer needs after each checkpoint (None: keeps everything).
+        self.retention: Retention | None = None
 
     def initialize(self, now: float) -> None:
         """Resume from the state store; else from the newest checkpoint in the bucket (a fresh orchestrator with an
@@ -114,6 +117,8 @@ class Checkpoints:
         self.state.epochs.set_checkpoint_shas(epoch, shas)  # audits replay an epoch from its own start
         self.state.log(now, "checkpoint", None, epoch=epoch)
         logger.info("published checkpoint {}", epoch)
+        if self.retention is not None:
+            self.retention.wake()  # on its own thread, whose first transaction waits for this one to end
 
     def latest(self) -> str | None:
         """The key of the latest checkpoint's manifest."""

@@ -4,6 +4,7 @@ SQL, and the typed ledgers (iota.orchestrator.ledgers) over the rest of it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,14 @@ from iota.orchestrator.ledgers import (
     Uploads,
     WorkDone,
 )
+from iota.orchestrator.ledgers import keys as ledger_keys
 from iota.orchestrator.schema import MIGRATIONS
 from iota.state.db import Database
 from iota.state.migrations import migrate
 
 OPEN = ("queued", "leased")
+EVENTS_KEPT = 10_000  # the operator's log keeps its newest events (GET /events serves the last 100)
+EVENTS_TRIMMED_EVERY = 500
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ MINER_COLUMNS = (
 )
 
 
+def settles_nothing(passed: bool, detail: dict[str, Any] | None) -> bool:
+    """A passing verdict that confirms or refutes no claim: scoring never reads it (iota.audit.scoring)."""
+    return bool(passed) and (detail or {}).get("confirms") is None
+
+
 def _miner(row: tuple) -> MinerRecord:
     return MinerRecord(*row[:8], bool(row[8]), row[9], row[10])  # type: ignore[arg-type,call-arg]
 
@@ -80,8 +89,9 @@ def _miner(row: tuple) -> MinerRecord:
 class StateStore:
     """Typed reads and writes of the orchestrator's state; callers group them with `transaction()`."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, events_kept: int = EVENTS_KEPT):
         self.db = db
+        self.events_kept = events_kept
         migrate(db, MIGRATIONS)
         self.run = RunValues(self)
         self.counters = Counters(self)
@@ -386,9 +396,67 @@ class StateStore:
             "INSERT INTO events (id, at, kind, hotkey, detail) VALUES (?, ?, ?, ?, ?)",
             (event_id, now, kind, hotkey, json.dumps(detail)),
         )
+        if event_id % EVENTS_TRIMMED_EVERY == 0:
+            # Trimmed as it grows, not once an epoch: a flood of events within one epoch stays bounded too.
+            self.db.execute("DELETE FROM events WHERE id <= ?", (event_id - self.events_kept,))
 
-    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+    def events(
+        self, limit: int = 100, kinds: Sequence[str] = (), exclude: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """The newest ``limit`` events, newest first: of ``kinds`` only (any when empty), none of ``exclude``.
+        A filter that matches few rows reads at most the ``events_kept`` rows the log keeps."""
+        tests = [(names, test) for names, test in ((kinds, "IN"), (exclude, "NOT IN")) if names]
+        clauses = [f"kind {test} ({', '.join('?' * len(names))})" for names, test in tests]
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
         rows = self.db.execute(
-            "SELECT at, kind, hotkey, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)
+            f"SELECT at, kind, hotkey, detail FROM events {where}ORDER BY id DESC LIMIT ?",
+            (*kinds, *exclude, limit),
         )
         return [{"at": r[0], "kind": r[1], "hotkey": r[2], **json.loads(r[3])} for r in rows]
+
+    # -- retention (iota.orchestrator.retention) ---------------------------------------------------------
+
+    def live_activations(self) -> set[str]:
+        """The activation keys hops still name: outputs of hops done (later hops and audits read them) or leased
+        (being written). A key from a lease that lapsed or was released is named by none."""
+        rows = self.db.execute(
+            "SELECT output_key FROM hops WHERE status IN ('done', 'leased') AND output_key IS NOT NULL"
+        )
+        return {str(row[0]) for row in rows}
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        """Every (key, value) of the kv table whose key starts with `prefix`."""
+        pattern = prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+        rows = self.db.execute("SELECT key, value FROM kv WHERE key LIKE ? ESCAPE '!'", (pattern,))
+        return [(str(row[0]), json.loads(row[1])) for row in rows]
+
+    def drop(self, keys: list[str]) -> None:
+        """Delete these keys from the kv table."""
+        self.db.executemany("DELETE FROM kv WHERE key = ?", [(key,) for key in keys])
+
+    def forget(self, expired: Callable[[int], bool]) -> dict[str, int]:
+        """Delete the detail of every epoch `expired` says is past: its hops, its per-epoch values in kv, and its
+        passing verdicts that settle no claim. Scoring reads only failing verdicts and the passing ones that
+        confirm or refute one (iota.audit.scoring), so weights and standing stay what they were. Returns the rows
+        deleted per table; call it inside a transaction."""
+        epochs = [int(row[0]) for row in self.db.execute("SELECT DISTINCT epoch FROM hops")]
+        doomed_epochs = [epoch for epoch in epochs if expired(epoch)]
+        hops = sum(
+            len(self.db.execute("DELETE FROM hops WHERE epoch = ? RETURNING id", (epoch,)))
+            for epoch in doomed_epochs
+        )
+        doomed_kv = [
+            (key,)
+            for (key,) in self.db.execute("SELECT key FROM kv")
+            if (epoch := ledger_keys.epoch_of(key)) is not None and expired(epoch)
+        ]
+        self.db.executemany("DELETE FROM kv WHERE key = ?", doomed_kv)
+        routine = [
+            (verdict_id,)
+            for verdict_id, epoch, detail in self.db.execute(
+                "SELECT id, epoch, detail FROM verdicts WHERE passed = 1"
+            )
+            if expired(int(epoch)) and settles_nothing(True, json.loads(detail))
+        ]
+        self.db.executemany("DELETE FROM verdicts WHERE id = ?", routine)
+        return {"hops": hops, "kv": len(doomed_kv), "verdicts": len(routine)}

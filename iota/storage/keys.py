@@ -123,6 +123,15 @@ def _epoch_dir(run: str, epoch: int) -> str:
     return f"{_run(run)}/epochs/{_index(epoch, 'epoch')}"
 
 
+_EPOCH_OBJECT = re.compile(r"runs/(?P<run>[^/]+)/epochs/(?P<epoch>0|[1-9][0-9]*)/.+")
+
+
+def parse_epoch_object(key: str) -> int | None:
+    """The epoch of any object under a run's epochs/ (pseudo-gradients, merged slices, snapshots), or None."""
+    match = _EPOCH_OBJECT.fullmatch(key)
+    return int(match["epoch"]) if match else None
+
+
 def pseudo_grad(run: str, epoch: int, stage: int, hotkey: str) -> str:
     """One replica's fp32 change of its stage's weights over the epoch."""
     return f"{_epoch_dir(run, epoch)}/pseudo_grads/{_index(stage, 'stage')}/{_name(hotkey, 'hotkey')}.f32"

@@ -34,6 +34,7 @@ Counter = Literal[
     "tokens_trained",
     "samples_completed",
     "samples_requeued",
+    "samples_dropped",  # restarted too often (Policy.max_restarts): out of their epoch, not lost
     "leases_expired",
     "bytes_transferred",
     "merges",
@@ -83,6 +84,15 @@ def upload_lease(epoch: int, stage: int, hotkey: str) -> str:
     return f"upload_lease/{epoch}/{stage}/{hotkey}"
 
 
+def apply_lease(epoch: int, stage: int, hotkey: str) -> str:
+    return f"apply_lease/{epoch}/{stage}/{hotkey}"
+
+
+def lapsed(epoch: int, phase: str, hotkey: str) -> str:
+    """Set once a miner's upload or apply lease lapsed unreported: it was struck for it (once)."""
+    return f"lapsed/{epoch}/{phase}/{hotkey}"
+
+
 def plan(epoch: int, stage: int) -> str:
     return f"plan/{epoch}/{stage}"
 
@@ -110,6 +120,10 @@ def sketch(epoch: int, hotkey: str, step: int) -> str:
     return f"sketch/{epoch}/{hotkey}/{step}"
 
 
+def sessions(epoch: int, hotkey: str) -> str:
+    return f"sessions/{epoch}/{hotkey}"
+
+
 def challenge(hotkey: str) -> str:
     return f"challenge/{hotkey}"
 
@@ -133,3 +147,34 @@ CONFIRMATIONS = "confirmations"  # audit id of a failing verdict -> what confirm
 END_AUDITS = "end_audits"  # the end-of-epoch audits still to serve
 SCORE_ARCHIVE = "score_archive"  # the score log a run resumed from its bucket carried over
 SCORES_MIRRORED = "scores_mirrored"  # the last epoch whose score log is in the bucket
+
+
+# Families above whose second segment is an epoch: retention (iota.orchestrator.retention) forgets an expired
+# epoch's values by these.
+PER_EPOCH = (
+    "allocated",
+    "tokens_at_start",
+    "checkpoint_shas",
+    "replicas",
+    "phase_started",
+    "upload",
+    "upload_lease",
+    "apply_lease",
+    "lapsed",
+    "plan",
+    "merged",
+    "accepted",
+    "applied",
+    "step",
+    "sketch",
+    "sessions",
+    "snapshot",
+    "snapshots",
+)
+
+
+def epoch_of(key: str) -> int | None:
+    """The epoch a per-epoch key belongs to; None for any other key."""
+    family, _, rest = key.partition("/")
+    epoch = rest.split("/", 1)[0]
+    return int(epoch) if family in PER_EPOCH and epoch.isdigit() else None
