@@ -1,4 +1,5 @@
-"""The dashboard at GET / in a real headless Chromium: its figures are GET /status's, and it follows the run.
+"""The dashboard at GET / in a real headless Chromium: its figures are GET /status's, it follows the run, it has a
+row per miner and a loss chart with axes, and it warns when /status stops answering.
 
 Chromium and chromedriver come from Debian's packages (installed by the test when missing); selenium drives them.
 UPDATE_SCREENSHOTS=1 also writes the screenshot taken while miners train to docs/dashboard.png.
@@ -53,21 +54,36 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def shown(driver: Any) -> dict[str, Any]:
-    """What the page shows: the headline figures and the cells of the stages table, as rendered text.
+    """What the page shows: the headline figures, the cells of the stages and miners tables, and the loss chart's
+    axes, as rendered text.
 
-    Read in one script, between two of the page's refreshes (each replaces the table's rows).
+    Read in one script, between two of the page's refreshes (each replaces the tables' rows).
     """
     return dict(
         driver.execute_script(
             """
             const text = (id) => document.getElementById(id).innerText.trim();
-            const rows = [...document.querySelectorAll('#stages tbody tr')];
+            const cells = (table) => [...document.querySelectorAll(`#${table} tbody tr`)].map(
+                (r) => [...r.querySelectorAll('td')].map((td) => td.innerText.trim()));
+            const axis = (which) => ({
+                ticks: [...document.querySelectorAll(`#loss .axis.${which} text.tick`)].map((t) => t.textContent),
+                label: document.querySelector(`#loss .axis.${which} text.label`)?.textContent ?? null});
             return {run: text('run'), epoch: text('epoch'), phase: text('phase'), tokens: text('tokens'),
-                    lost: text('lost'),
-                    stages: rows.map((r) => [...r.querySelectorAll('td')].map((td) => td.innerText.trim()))};
+                    lost: text('lost'), stale: document.body.classList.contains('is-stale'),
+                    warning: text('stale'), stages: cells('stages'),
+                    miners: [...document.querySelectorAll('#miners tbody tr[data-hotkey]')].map(
+                        (r) => [r.dataset.hotkey, ...[...r.querySelectorAll('td')].map((td) => td.innerText.trim())]),
+                    x: axis('x'), y: axis('y'), points: (document.querySelector('#loss path.series')
+                        ?.getAttribute('d') ?? '').split(/[ML]/).filter(Boolean).length};
             """
         )
     )
+
+
+def shown_if(driver: Any, key: str, at_least: Any) -> dict[str, Any] | None:
+    """What the page shows, once its ``key`` has reached ``at_least`` (None before)."""
+    page = shown(driver)
+    return page if page[key] >= at_least else None
 
 
 def expected_rows(status: dict[str, Any]) -> list[list[str]]:
@@ -80,10 +96,24 @@ def expected_rows(status: dict[str, Any]) -> list[list[str]]:
             str(st["queued_forward"]),
             str(st["queued_backward"]),
             str(st["leased"]),
-            st["paused"],
         ]
         for st in status["stages"]
     ]
+
+
+def expected_miners(status: dict[str, Any]) -> list[list[str]]:
+    """Per miner as GET /status says: hotkey, stage, state and hops done (the columns the page takes from it)."""
+    miners = sorted(
+        (m for st in status["stages"] for m in st["miners"]), key=lambda m: (m["stage"], m["hotkey"])
+    )
+    return [
+        [m["hotkey"], str(m["stage"]), "alive" if m["alive"] else "gone", str(m["hops_done"])] for m in miners
+    ]
+
+
+def page_miners(page: dict[str, Any]) -> list[list[str]]:
+    """The same columns of the page's miners table (hotkey, uid, stage, device, state, hops done, ...)."""
+    return [[row[0], row[3], row[5], row[6]] for row in page["miners"]]
 
 
 def test_dashboard_shows_status_and_follows_the_run(tmp_path: Path, browser: Any) -> None:
@@ -102,6 +132,7 @@ def test_dashboard_shows_status_and_follows_the_run(tmp_path: Path, browser: Any
         assert page["lost"] == str(status["samples_lost"])
         assert page["stages"] == expected_rows(status)
         assert len(page["stages"]) == 3 and page["stages"][0][1] == "0 (0)"
+        assert page["miners"] == [] and not page["stale"]
 
         # The operator pauses the run (a signed POST /operator/pause): the phase says so within a few seconds.
         net.operate("pause")
@@ -110,7 +141,7 @@ def test_dashboard_shows_status_and_follows_the_run(tmp_path: Path, browser: Any
         net.operate("resume")
         wait_for("the page to show the resume", lambda: shown(browser)["phase"] == "train", FOLLOW_S)
 
-        # Miners join and train: the stages table and the tokens follow.
+        # Miners join and train: the stages and miners tables and the tokens follow.
         for name in net.hotkeys:
             net.start_miner(name)
         wait_for("tokens to be trained", lambda: net.status_json()["tokens_trained"] > 0, timeout_s=180)
@@ -119,6 +150,15 @@ def test_dashboard_shows_status_and_follows_the_run(tmp_path: Path, browser: Any
             lambda: [row[1] for row in shown(browser)["stages"]] == ["1 (1)"] * 3,
             FOLLOW_S,
         )
+        wait_for(
+            "a row per miner with its stage and state",
+            lambda: (
+                [row[:3] for row in page_miners(shown(browser))]
+                == [row[:3] for row in expected_miners(net.status_json())]
+            ),
+            FOLLOW_S,
+        )
+        assert sorted(row[0] for row in page_miners(shown(browser))) == sorted(net.hotkeys.values())
         before = net.status_json()["tokens_trained"]
         page_tokens = wait_for(
             "the page to show the tokens trained",
@@ -126,8 +166,21 @@ def test_dashboard_shows_status_and_follows_the_run(tmp_path: Path, browser: Any
             FOLLOW_S,
         )
         assert page_tokens <= net.status_json()["tokens_trained"]  # read between two /status: never ahead
-        wait_for("a loss curve to draw", lambda: len(net.status_json()["loss_curve"]) >= 8, timeout_s=120)
 
+        # The loss chart has both axes, with their titles and numbered ticks.
+        wait_for("a loss curve to draw", lambda: len(net.status_json()["loss_curve"]) >= 8, timeout_s=120)
+        page = wait_for("the loss chart with its axes", lambda: shown_if(browser, "points", 8), FOLLOW_S)
+        assert len(page["x"]["ticks"]) >= 2
+        assert page["x"]["label"] == "tokens trained" and page["y"]["label"] == "loss"
+        y_ticks = [float(t) for t in page["y"]["ticks"]]
+        assert len(y_ticks) >= 2 and y_ticks == sorted(y_ticks) and len(set(y_ticks)) == len(y_ticks)
+        # Scores and audits (GET /dashboard/data, every 5 s) fill the miners' rows.
+        wait_for("scores on the miners' rows", lambda: all(r[8] != "-" for r in shown(browser)["miners"]), 15)
+
+        # The whole page, for docs/dashboard.png.
+        browser.set_window_size(1280, 1000)
+        missing = browser.execute_script("return document.documentElement.scrollHeight - window.innerHeight")
+        browser.set_window_size(1280, min(1000 + max(missing, 0) + 16, 4000))
         shot = tmp_path / "dashboard.png"
         assert browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
@@ -135,7 +188,7 @@ def test_dashboard_shows_status_and_follows_the_run(tmp_path: Path, browser: Any
             shutil.copy(shot, REPO / "docs" / "dashboard.png")
 
         # Paused, the run comes to rest (leased items finish, nothing new is handed out) and the page settles on
-        # GET /status exactly again, stages table included.
+        # GET /status exactly again, the stages and miners tables included.
         net.operate("pause")
 
         def agree() -> bool:
@@ -145,8 +198,14 @@ def test_dashboard_shows_status_and_follows_the_run(tmp_path: Path, browser: Any
                 page["phase"] == "train (paused)"
                 and page["tokens"] == str(status["tokens_trained"])
                 and page["stages"] == expected_rows(status)
+                and page_miners(page) == expected_miners(status)
             )
 
         wait_for("the paused run and the page to agree", agree, timeout_s=60, every_s=0.5)
+        tokens = net.status_json()["tokens_trained"]
     finally:
         net.stop()
+
+    # The orchestrator is gone: the page says its figures are stale instead of showing them as current.
+    page = wait_for("the stale-data warning", lambda: shown_if(browser, "stale", True), timeout_s=20)
+    assert "/status has not answered for" in page["warning"] and page["tokens"] == str(tokens)

@@ -3,6 +3,8 @@ and metrics (read-only: the scheduler writes the hops, iota.orchestrator.state).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from iota.state.db import Database
 
 
@@ -33,14 +35,16 @@ class WorkDone:
         )
         return [(int(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
 
-    def hop_seconds(self, recent: int = 1000) -> list[tuple[int, float]]:
-        """(stage, mean seconds from queued to done) over the `recent` last completed hops."""
+    def durations(self, hop_ids: Sequence[int]) -> list[tuple[int, str, float]]:
+        """(stage, direction, seconds from queued to done) of those of `hop_ids` that are done: by primary key."""
+        if not hop_ids:
+            return []
         rows = self.db.execute(
-            "SELECT stage, AVG(done_at - created_at) FROM (SELECT stage, done_at, created_at FROM hops "
-            "WHERE status = 'done' ORDER BY id DESC LIMIT ?) recent GROUP BY stage",
-            (recent,),
+            "SELECT stage, direction, done_at - created_at FROM hops "
+            f"WHERE status = 'done' AND id IN ({', '.join('?' * len(hop_ids))})",
+            tuple(hop_ids),
         )
-        return [(int(r[0]), float(r[1])) for r in rows]
+        return [(int(r[0]), str(r[1]), float(r[2])) for r in rows]
 
     def completed_forwards(
         self, epoch: int | None = None
