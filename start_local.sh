@@ -10,5 +10,6 @@ report=(--report runs/local-report.json)
 for arg in "$@"; do
   case "$arg" in --report|--report=*) report=() ;; esac
 done
+echo "start_local.sh: starting iota local (its first line comes once Python has loaded torch)" >&2
 # ${report[@]+...}: an empty array under `set -u` on the bash 3 of macOS.
 exec .venv/bin/iota local ${report[@]+"${report[@]}"} "$@"

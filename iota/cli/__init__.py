@@ -8,7 +8,7 @@ import sys
 from iota import __version__
 from iota.cli import admin, roles, training
 from iota.cli.logs import configure_logging
-from iota.config.settings import SettingsError, unknown_variables
+from iota.config.settings import SettingsError, log_level, unknown_variables
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Settings that cannot work end it with one line per problem on stderr and exit 2, as
     argparse does for a bad argument: an operator reads the variable to fix, not a traceback."""
     args = parser().parse_args(argv)
-    configure_logging()
+    configure_logging(log_level())
     for warning in unknown_variables():
         print(f"iota: {warning}", file=sys.stderr)
     try:

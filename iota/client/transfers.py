@@ -5,12 +5,12 @@ work item names."""
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 from loguru import logger
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from iota.data import DataPlan, TokenData
 from iota.storage.transfer import DigestMismatch, TooLarge, TransferError, download, upload
@@ -20,21 +20,30 @@ TRANSFER_PATIENCE_S = (
 )
 
 
+def _worth_waiting(error: BaseException) -> bool:
+    """A store that is down or overloaded may come back; a 4xx, or bytes that are wrong or too many, will not."""
+    if not isinstance(error, TransferError) or isinstance(error, (DigestMismatch, TooLarge)):
+        return False
+    return error.status is None or error.status >= 500 or error.status in (408, 429)
+
+
 def _patient(action: Any, what: str) -> Any:
-    """Run a transfer, retrying connection failures and 5xx for a while; a 4xx or a bad digest fails at once."""
-    deadline, delay = time.monotonic() + TRANSFER_PATIENCE_S, 1.0
-    while True:
-        try:
-            return action()
-        except (DigestMismatch, TooLarge):
-            raise
-        except TransferError as error:
-            final = error.status is not None and error.status < 500 and error.status not in (408, 429)
-            if final or time.monotonic() > deadline:
-                raise
-            logger.warning("{} failed ({}); retrying in {:.0f} s", what, error, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, 15.0)
+    """Run a transfer (itself retried briefly), and again after 1, 2, 4, ... 15 s while the store seems down,
+    for TRANSFER_PATIENCE_S; then its last error is raised."""
+
+    def log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        logger.warning("{} failed ({}); retrying in {:.0f} s", what, error, delay)
+
+    policy = Retrying(
+        retry=retry_if_exception(_worth_waiting),
+        stop=stop_after_delay(TRANSFER_PATIENCE_S),
+        wait=wait_exponential(multiplier=1.0, max=15.0),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    return policy(action)
 
 
 def get(

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import httpx
 from iota.auth import create_wallet
 from iota.chain.local import LocalChain
 from iota.config import RunSettings
-from iota.protocol import Status
+from iota.protocol import RunInfo, Status
 
 LOCAL_DEFAULTS: dict[str, Any] = {
     # About five minutes on two CPU cores: 3 stages x 2 miners, 2 epochs of the `tiny` preset.
@@ -144,10 +145,13 @@ class LocalNetwork:
         self.procs[name] = proc
         return proc
 
-    def start_orchestrator(self, timeout_s: float = 300.0) -> None:
+    def start_orchestrator(self, timeout_s: float = 300.0, watch: Callable[[], None] | None = None) -> None:
+        """Start it and wait until it answers (it prepares the data first); `watch` is called while waiting."""
         self._spawn("orchestrator", "orchestrator", self.orch_env)
         deadline = time.monotonic() + timeout_s
         while self.status() is None:
+            if watch is not None:
+                watch()
             if self.procs["orchestrator"].poll() is not None:
                 raise RuntimeError(
                     f"the orchestrator exited; see {self.run_dir / 'logs' / 'orchestrator.log'}"
@@ -218,6 +222,19 @@ class LocalNetwork:
         except (httpx.HTTPError, ValueError):
             return None
 
+    def run_info(self) -> RunInfo:
+        return RunInfo.model_validate_json(httpx.get(f"{self.url}/run", timeout=30).content)
+
+    def log_tail(self, name: str) -> str:
+        """The message of the last line process `name` logged (without loguru's time and place): what it is
+        doing while it says nothing else."""
+        path = self.run_dir / "logs" / f"{name}.log"
+        with open(path, "rb") as log:
+            log.seek(max(0, path.stat().st_size - 4096))
+            lines = log.read().decode(errors="replace").splitlines()
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        return " ".join(last.split(" - ", 1)[-1].split())[:120]
+
     def hotkey(self, name: str) -> str:
         from iota.auth import load_hotkey
 
@@ -229,9 +246,12 @@ class LocalNetwork:
     def events(self) -> list[dict[str, Any]]:
         return list(httpx.get(f"{self.url}/events", params={"limit": 1000}, timeout=10).json())
 
-    def wait_until(self, predicate: Any, timeout_s: float, progress: bool = False) -> Status:
-        """Poll /status until predicate(status) holds; raise if the orchestrator dies or time runs out."""
-        deadline, last_print, status = time.monotonic() + timeout_s, 0.0, None
+    def wait_until(
+        self, predicate: Any, timeout_s: float, watch: Callable[[Status], None] | None = None
+    ) -> Status:
+        """Poll /status until predicate(status) holds; raise if the orchestrator dies or time runs out. `watch`
+        sees every status polled (the progress of `iota local`)."""
+        deadline, status = time.monotonic() + timeout_s, None
         while True:
             status = self.status() or status
             orch = self.procs.get("orchestrator")
@@ -243,24 +263,9 @@ class LocalNetwork:
                 return status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not reached within {timeout_s:.0f} s; last status: {status}")
-            if progress and status is not None and time.monotonic() - last_print >= (1.0 if tty() else 10.0):
-                last_print = time.monotonic()
-                _progress_line(status)
+            if watch is not None and status is not None:
+                watch(status)
             time.sleep(0.5)
-
-
-def tty() -> bool:
-    return sys.stdout.isatty()
-
-
-def _progress_line(status: Status) -> None:
-    loss = "-" if status.latest_loss is None else f"{status.latest_loss:.3f}"
-    line = (
-        f"epoch {status.epoch} {status.phase:<6} tokens {status.tokens_trained:>8} loss {loss} "
-        f"samples {status.samples_completed} (in flight {status.samples_in_flight}, "
-        f"requeued {status.samples_requeued})"
-    )
-    print(("\r" + line) if tty() else line, end="" if tty() else "\n", flush=True)
 
 
 def _ensure_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:

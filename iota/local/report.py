@@ -6,6 +6,7 @@ trained on the same tokens."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import httpx
 
 from iota.config import RunSettings
 from iota.local.network import LocalNetwork, LocalOptions
+from iota.local.progress import step
 from iota.protocol import Status
 
 
@@ -46,7 +48,7 @@ def run_report(
 ) -> dict[str, Any]:
     if status is None:
         raise RuntimeError(f"no status from the orchestrator; see {run_dir / 'logs'}")
-    checkpoint, eval_loss = _pull_and_eval(settings, run_dir, orch_env)
+    checkpoint, eval_loss = _pull_and_eval(settings, run_dir, orch_env, options.progress)
     curve = [list(p) for p in status.loss_curve]
     tail = [loss for _, loss in status.loss_curve[-8:]]
     miners = [m.model_dump() for st in status.stages for m in st.miners]
@@ -78,38 +80,51 @@ def run_report(
 
 
 def _pull_and_eval(
-    settings: RunSettings, run_dir: Path, env: dict[str, str]
+    settings: RunSettings, run_dir: Path, env: dict[str, str], shown: bool = True
 ) -> tuple[Path | None, float | None]:
     """The latest checkpoint into run_dir/checkpoint, and its held-out loss (the orchestrator never trains)."""
-    from iota.checkpoint import eval_command, find_prepared, latest_epoch, pull_checkpoint
-    from iota.storage import LocalStore, S3Store
+    with step("pulling the latest checkpoint", enabled=shown) as pulling:
+        # Inside the step: these imports load torch, seconds on a busy machine.
+        from iota.checkpoint import eval_command, find_prepared, latest_epoch, pull_checkpoint
+        from iota.storage import LocalStore, S3Store
 
-    if env.get("IOTA_STORE") == "s3":
-        store: Any = S3Store(
-            "iota",
-            endpoint_url=env["IOTA_S3_ENDPOINT"],
-            access_key=env["IOTA_S3_ACCESS_KEY"],
-            secret_key=env["IOTA_S3_SECRET_KEY"],
-        )
-    else:
-        store = LocalStore(run_dir / "orchestrator" / "store", "http://unused", b"local-read-only-secret")
-    epoch = latest_epoch(store, "local")
-    if epoch is None:
-        return None, None
-    manifest = json.loads(store.get(f"runs/local/checkpoints/{epoch}/manifest.json"))
-    prepared = find_prepared(settings.data_dir, manifest["data"])
-    out = pull_checkpoint(store, "local", epoch, run_dir / "checkpoint", tokenizer_dir=prepared)
-    report = eval_command(out, settings.data_dir, settings.heldout_samples, out / "eval.json")
+        if env.get("IOTA_STORE") == "s3":
+            store: Any = S3Store(
+                "iota",
+                endpoint_url=env["IOTA_S3_ENDPOINT"],
+                access_key=env["IOTA_S3_ACCESS_KEY"],
+                secret_key=env["IOTA_S3_SECRET_KEY"],
+            )
+        else:
+            store = LocalStore(run_dir / "orchestrator" / "store", "http://unused", b"local-read-only-secret")
+        epoch = latest_epoch(store, "local")
+        if epoch is None:
+            return None, None
+        pulling.update(0, f"epoch {epoch}")
+        manifest = json.loads(store.get(f"runs/local/checkpoints/{epoch}/manifest.json"))
+        prepared = find_prepared(settings.data_dir, manifest["data"])
+        out = pull_checkpoint(store, "local", epoch, run_dir / "checkpoint", tokenizer_dir=prepared)
+    with step(f"evaluating it on {settings.heldout_samples} held-out samples", enabled=shown):
+        report = eval_command(out, settings.data_dir, settings.heldout_samples, out / "eval.json")
     return out, float(report["eval_loss"])
 
 
-def baseline(settings: RunSettings, tokens: int, replicas: int) -> dict[str, Any]:
+def baseline(settings: RunSettings, tokens: int, replicas: int, shown: bool = True) -> dict[str, Any]:
+    """The same tokens trained in one process (then evaluated): what the network's losses are compared with."""
     from iota.train.baseline import train_baseline
     from iota.train.run import build_run
 
     if tokens <= 0:
         return {}
-    report = train_baseline(build_run(settings), tokens, replicas=replicas, progress=False)
+    # On a terminal the baseline's own bar (tqdm, on stderr) counts its steps with an ETA; elsewhere tqdm is
+    # silent, so the step's heartbeat says that it still runs.
+    own_bar = shown and sys.stderr.isatty()
+    with step(
+        f"baseline: the same {tokens:,} tokens in one process, then evaluated",
+        beat=not own_bar,
+        enabled=shown,
+    ):
+        report = train_baseline(build_run(settings), tokens, replicas=replicas, progress=own_bar)
     return {
         k: report[k]
         for k in (

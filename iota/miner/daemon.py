@@ -9,7 +9,7 @@ from typing import Protocol
 import httpx
 
 from iota.client.orchestrator import OrchestratorClient
-from iota.protocol import RunInfo, Work
+from iota.protocol import ReleaseReason, RunInfo, Work
 from iota.train.schedule import LRSchedule
 from iota.train.worker import StageWorker
 
@@ -40,6 +40,6 @@ class Daemon(Protocol):
     @property
     def phases(self) -> SnapshotAnswers: ...  # a report past a challenged step waits for its answer
 
-    def release(self, work: Work) -> None: ...
+    def release(self, work: Work, reason: ReleaseReason = "stopping") -> None: ...
 
     def load_flat(self, url: str, sha: str | None) -> None: ...

@@ -4,7 +4,8 @@ Work kinds: forward / backward (a hop of a sample: iota.miner.hops); snapshot (a
 copied between hops and sent beside the next ones), upload (the epoch's pseudo-gradient), merge (this miner's
 partitions of the butterfly merge) and apply (the next epoch's weights): iota.miner.phases; wait; stop. The
 stage worker is used on the main thread only; while a hop computes, the next item is fetched and the previous
-outputs uploaded and reported beside it (iota.miner.pipeline). Failures of one item are logged and the item
+outputs uploaded and reported beside it (iota.miner.pipeline). Every PROGRESS_S a one-line progress is logged
+(epoch, what it does, hops, tokens/s, loss, what it waits for). Failures of one item are logged and the item
 released; SIGTERM/SIGINT finish the current step, release what is leased (a prefetched item included), send
 what is finished, and exit.
 """
@@ -17,6 +18,7 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,47 @@ from iota.model import wire
 from iota.model.config import ModelConfig
 from iota.model.flat import decode_f32
 from iota.model.stages import StageSpec
-from iota.protocol import RegisterRequest, RunInfo, Work
+from iota.protocol import RegisterRequest, ReleaseReason, RunInfo, Work
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule
 from iota.train.worker import StageWorker, TrainFlags, stage_clip
 
 HOLD_S = 10.0  # how long the orchestrator may hold a request for work (it answers as soon as there is some)
+PROGRESS_S = 30.0  # how often the progress line is logged: often enough to see it move, seldom enough to read
+
+
+@dataclass
+class Progress:
+    """What the periodic progress line says: where this miner is, and what it did since the last line."""
+
+    epoch: int = 0
+    doing: str = "starting"
+    forward: int = 0
+    backward: int = 0
+    waiting_for: str = ""
+    logged_at: float = field(default_factory=time.monotonic)
+    forward_logged: int = 0  # `forward` at the last line: the rate is over the interval, not the whole run
+
+    def saw(self, work: Work) -> None:
+        self.epoch = work.epoch
+        if work.kind == "wait":
+            self.waiting_for = work.reason or "work"
+            return
+        self.waiting_for = ""
+        self.doing = "training" if work.kind in ("forward", "backward") else work.kind
+        self.forward += work.kind == "forward"
+        self.backward += work.kind == "backward"
+
+    def line(self, now: float, tokens_per_hop: int, loss: float | None) -> str:
+        """The line to log now; starts the next interval."""
+        rate = (self.forward - self.forward_logged) * tokens_per_hop / max(now - self.logged_at, 1e-9)
+        self.logged_at, self.forward_logged = now, self.forward
+        shown_loss = "-" if loss is None else f"{loss:.3f}"
+        waiting = f"; waiting: {self.waiting_for}" if self.waiting_for else ""
+        return (
+            f"progress: epoch {self.epoch} {self.doing}; hops {self.forward} forward, {self.backward} backward; "
+            f"{rate:.0f} tok/s; loss {shown_loss}{waiting}"
+        )
 
 
 class MinerDaemon:
@@ -58,6 +95,7 @@ class MinerDaemon:
         status_file: Path | None = None,
         worker_factory: type[StageWorker] = StageWorker,
         hold_s: float = HOLD_S,
+        progress_s: float = PROGRESS_S,
     ):
         self.client, self.device, self.use_autocast = client, device, use_autocast
         self.cache_size, self.memory_bytes = cache_size, memory_bytes
@@ -75,6 +113,8 @@ class MinerDaemon:
         self.state_id = ""
         self.hops = Hops(self, hold_s)
         self.phases = Phases(self)
+        self.progress_s = progress_s
+        self.progress = Progress()
 
     @property
     def loaded_worker(self) -> StageWorker:
@@ -218,6 +258,7 @@ class MinerDaemon:
                     self.release(fetched.work)  # leased (perhaps prefetched) but not begun
                 return
             work = fetched.work
+            self.progress.saw(work)
             if work.kind == "stop":
                 logger.info("run complete: {}", work.reason)
                 return
@@ -235,6 +276,7 @@ class MinerDaemon:
                 self.phases.do(work)
                 hops.fetch_next()
             self._write_status()
+            self._log_progress()
 
     def _leave(self) -> None:
         """Tell the orchestrator at once, so the samples waiting on this miner's graphs restart now."""
@@ -248,11 +290,12 @@ class MinerDaemon:
         self.state.stopping = True
         self.client.interrupt()  # an unreachable orchestrator is not waited for: its leases will expire
 
-    def release(self, work: Work) -> None:
-        """Hand a leased item back, so that another miner may do it."""
+    def release(self, work: Work, reason: ReleaseReason = "stopping") -> None:
+        """Hand a leased item back, so that another miner may do it; `reason` says why (a bad input accuses
+        the miner that produced it)."""
         if work.hop_id is not None:
             try:
-                self.client.release(work.hop_id, work.epoch)
+                self.client.release(work.hop_id, work.epoch, reason)
             except Refused as error:
                 logger.warning("release of item {} refused: {}", work.hop_id, error)
 
@@ -270,6 +313,11 @@ class MinerDaemon:
             "pid": os.getpid(),
             "at": time.time(),
         }
+
+    def _log_progress(self) -> None:
+        now = time.monotonic()
+        if now - self.progress.logged_at >= self.progress_s:
+            logger.info("{}", self.progress.line(now, self.run.micro_batch_tokens, self.state.last_loss))
 
     def _write_status(self) -> None:
         """For `iota miner status`; at most once a second, off the hot path."""

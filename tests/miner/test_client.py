@@ -9,10 +9,10 @@ import time
 
 import pytest
 from bittensor.keyfiles import Keypair
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from iota.client.orchestrator import OrchestratorClient
-from iota.orchestrator.admission import Admission, AdmissionMiddleware
+from iota.orchestrator.admission import Admission
 from iota.protocol import EpochPlan, Work
 from tests.support import running_server
 
@@ -39,16 +39,15 @@ def test_an_overloaded_answer_is_retried_after_its_retry_after() -> None:
     """A 503 from the orchestrator's admission control is retried after its Retry-After (1-3 s), not after the
     client's own first backoff (0.2 s)."""
     app = FastAPI()
-
-    @app.post("/work")
-    async def work() -> Work:
-        return Work(
-            kind="stop", run_id="r", epoch=0, stage=0, plan=EpochPlan(epoch=0, tokens_at_start=0, replicas=1)
-        )
-
     admission = Admission(1)
     admission.in_progress = 1  # full, as under load: the first request is refused
-    app.add_middleware(AdmissionMiddleware, admission=admission)
+
+    @app.post("/work")
+    async def work(request: Request) -> Work:
+        async with admission.slot(request.scope, None):
+            return Work(
+                kind="stop", run_id="r", epoch=0, stage=0, plan=EpochPlan(epoch=0, tokens_at_start=0, replicas=1)
+            )
     key = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
     with running_server(app) as url:
         client = OrchestratorClient(url, key, key.ss58_address, give_up_s=30)

@@ -5,15 +5,19 @@ are exact), each report counting once, the run's in-flight limit, and what SIGTE
 from __future__ import annotations
 
 import os
+import re
 import signal
+import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from loguru import logger
 
+from iota.cli.logs import configure_logging
 from iota.miner.main import MinerDaemon
 from iota.protocol import Ack, Report
 from iota.train.baseline import train_baseline
@@ -262,3 +266,37 @@ def test_a_refused_step_report_leaves_its_sketch_to_the_next_report(make_net: Ca
     # The refusal made here (not leased, or, when the miner leased the item again at once, its output gone with the
     # release), and no report without its sketch.
     assert len(strikes) == 1 and "sketch" not in strikes[0], strikes
+
+
+@pytest.fixture
+def iota_logging() -> Iterator[None]:
+    """The `iota` command's log set-up for one test, then loguru's default sink again."""
+    configure_logging("DEBUG")
+    yield
+    logger.remove()
+    logger.add(sys.stderr)
+
+
+def test_the_miners_progress_line_goes_to_stdout(
+    make_net: Callable[..., Net], iota_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = 4
+    net = make_net(samples_per_epoch=samples, micro_batch=2, accumulate=2, total_tokens=samples * 2 * SEQ_LEN)
+    for _ in range(3):
+        miner = net.miner()
+        miner.progress_s = 0.0  # a line after every item, not every 30 s
+        net.start(miner)
+    net.join(timeout_s=120)
+
+    out, err = capsys.readouterr()
+    line = re.compile(
+        r"INFO .* progress: epoch 0 (training|upload|merge|apply|snapshot|starting); hops (\d+) forward, (\d+) backward; "
+        r"\d+ tok/s; loss (-|\d+\.\d{3})(; waiting: .+)?$"
+    )
+    found = [m for m in map(line.search, out.splitlines()) if m]
+    assert found, out[-2000:]
+    assert "progress:" not in err  # stderr is for warnings and errors: PM2 shows it as such
+    # Every sample went forward through the head and back through it: some miner's last line counts them all.
+    assert max(int(m.group(2)) for m in found) >= samples
+    assert max(int(m.group(3)) for m in found) >= samples
+    assert any(m.group(4) != "-" for m in found)  # the tail saw losses
