@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import httpx
 from loguru import logger
 from pydantic import BaseModel
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay
 
 from iota.auth import HotkeyAuth
 from iota.protocol import (
@@ -35,6 +36,14 @@ class Refused(Exception):
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail
+
+
+class _Unanswered(Exception):
+    """No answer worth keeping (the orchestrator is unreachable or overloaded); retry_after: its Retry-After."""
+
+    def __init__(self, why: str, retry_after: float = 0.0):
+        super().__init__(why)
+        self.retry_after = retry_after
 
 
 def _seconds(retry_after: str | None) -> float:
@@ -86,35 +95,54 @@ class OrchestratorClient:
         give_up_s: float | None = None,
         extra_s: float = 0.0,
     ) -> M:
-        """One request, retried while the orchestrator is unreachable or overloaded (it may be restarting);
+        """One request, retried while the orchestrator is unreachable or overloaded (it may be restarting):
+        after 0.2, 0.4, ... up to max_backoff_s seconds, or the Retry-After it sends if longer, for give_up_s;
         ``extra_s``: the orchestrator may hold it this long before it starts answering."""
-        start, delay = time.monotonic(), 0.2
         content = body.model_dump_json().encode() if body is not None else b""
         headers = {"content-type": "application/json"}
         timeout: Any = httpx.USE_CLIENT_DEFAULT
         if extra_s:
             timeout = httpx.Timeout(self.timeout_s, read=self.timeout_s + extra_s)
-        while True:
-            wait_s = delay
+        limit = self.give_up_s if give_up_s is None else give_up_s
+        last: list[_Unanswered] = []
+
+        def attempt() -> httpx.Response:
+            if self._interrupted and last:
+                raise ConnectionError(f"not retrying {method} {path}, the client was interrupted: {last[-1]}")
             try:
                 response = self.http.request(
                     method, path, content=content, headers=headers, params=params, timeout=timeout
                 )
-                if response.status_code not in RETRY_STATUS:
-                    break
-                why = f"{response.status_code} {response.text[:200]}"
-                # An overloaded orchestrator says when to come back (spread, so that its refusals return apart).
-                wait_s = max(delay, min(_seconds(response.headers.get("retry-after")), self.max_backoff_s))
             except httpx.TransportError as error:
-                why = f"{type(error).__name__}: {error}"
-            limit = self.give_up_s if give_up_s is None else give_up_s
-            if time.monotonic() - start > limit:
-                raise ConnectionError(f"orchestrator unreachable for {limit:.0f} s: {why}")
-            logger.warning("{} {}: {}; retrying in {:.1f} s", method, path, why, wait_s)
-            self._pause(wait_s)
-            if self._interrupted:
-                raise ConnectionError(f"not retrying {method} {path}, the client was interrupted: {why}")
-            delay = min(delay * 2, self.max_backoff_s)
+                last.append(_Unanswered(f"{type(error).__name__}: {error}"))
+                raise last[-1] from error
+            if response.status_code in RETRY_STATUS:
+                retry_after = _seconds(response.headers.get("retry-after"))
+                last.append(_Unanswered(f"{response.status_code} {response.text[:200]}", retry_after))
+                raise last[-1]
+            return response
+
+        def wait(state: RetryCallState) -> float:
+            # An overloaded orchestrator says when to come back (spread, so that its refusals return apart).
+            backoff = min(0.2 * 2 ** (state.attempt_number - 1), self.max_backoff_s)
+            return max(backoff, min(last[-1].retry_after, self.max_backoff_s))
+
+        def log_retry(state: RetryCallState) -> None:
+            delay = state.next_action.sleep if state.next_action else 0.0
+            logger.warning("{} {}: {}; retrying in {:.1f} s", method, path, last[-1], delay)
+
+        policy = Retrying(
+            retry=retry_if_exception_type(_Unanswered),
+            stop=stop_after_delay(limit),
+            wait=wait,
+            sleep=self._pause,
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        try:
+            response = policy(attempt)
+        except _Unanswered as error:
+            raise ConnectionError(f"orchestrator unreachable for {limit:.0f} s: {error}") from None
         if response.is_error:
             try:
                 detail = response.json().get("detail", response.text)
