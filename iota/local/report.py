@@ -117,14 +117,26 @@ def baseline(settings: RunSettings, tokens: int, replicas: int, shown: bool = Tr
     if tokens <= 0:
         return {}
     # On a terminal the baseline's own bar (tqdm, on stderr) counts its steps with an ETA; elsewhere tqdm is
-    # silent, so the step's heartbeat says that it still runs.
+    # silent, and this step's line counts them instead.
     own_bar = shown and sys.stderr.isatty()
     with step(
         f"baseline: the same {tokens:,} tokens in one process, then evaluated",
         beat=not own_bar,
         enabled=shown,
-    ):
-        report = train_baseline(build_run(settings), tokens, replicas=replicas, progress=own_bar)
+        unit="steps",
+    ) as progress:
+
+        def on_step(done: int, steps: int, loss: float) -> None:
+            progress.total = steps
+            progress.update(done, f"loss {loss:.3f}")
+
+        report = train_baseline(
+            build_run(settings),
+            tokens,
+            replicas=replicas,
+            progress=own_bar,
+            on_step=None if own_bar else on_step,
+        )
     return {
         k: report[k]
         for k in (

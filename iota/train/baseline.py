@@ -4,6 +4,7 @@ compared with. Same data plan, same schedule, same optimizer code as the miners.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,11 +26,13 @@ def train_baseline(
     bf16: bool = False,
     threads: int = 0,
     progress: bool = True,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train on samples 0, 1, 2, ... and return the report of DESIGN.md.
 
     `replicas` > 1 reproduces the global batch of a stage with that many replicas: every inner step then
-    averages replicas x k micro-batches, at the learning rate the network would use.
+    averages replicas x k micro-batches, at the learning rate the network would use. `on_step(done, steps,
+    loss)` is called after every inner step (a caller's own progress line, where tqdm's bar is off).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -60,6 +63,8 @@ def train_baseline(
         lr = inner_step_lr(run.schedule, 0, step, s.accumulate, run.micro_batch_tokens, replicas)
         optim.step(optimizer, lr, s.clip)
         bar.set_postfix(loss=f"{curve[-1][1]:.3f}", lr=f"{lr:.2e}")
+        if on_step is not None:
+            on_step(step + 1, steps, curve[-1][1])
     wall = time.perf_counter() - start
     model.eval()
     eval_loss = heldout_loss(lambda t: model(t.to(dev)).float().cpu(), run.data, s.heldout_samples)

@@ -108,3 +108,16 @@ def test_two_replicas_of_b_train_as_one_replica_of_2b(data_dir: Path) -> None:
     pairs = [(a[1] + b[1]) / 2 for a, b in zip(curve[::2], curve[1::2], strict=True)]
     assert pairs == pytest.approx([loss for _, loss in single["loss_curve"]], rel=1e-4)
     assert replicated["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
+
+
+def test_the_local_baseline_counts_its_steps_outside_a_terminal(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`iota local`'s baseline in a log or a pipe (tqdm's bar is off there): its own line gives steps of the total
+    and the loss, not only a heartbeat."""
+    from iota.local.report import baseline
+
+    settings = RunSettings(_env_file=None, preset="test", data_dir=data_dir, micro_batch=2)  # type: ignore[call-arg]
+    baseline(settings, tokens=640, replicas=1)
+    out = capsys.readouterr().out
+    assert "10/10 steps" in out and "loss " in out, out
