@@ -110,6 +110,30 @@ def test_wallet_create_and_chain_register_are_idempotent(tmp_path: Path) -> None
     (neuron,) = LocalChain(chain_path).neurons()
     assert neuron.stake == 7 and neuron.validator_permit
 
+    # By wallet name: its hotkey with its coldkey, nothing pasted.
+    by_name = [
+        "--wallet",
+        "m0",
+        "--wallet-path",
+        str(wallets),
+        "--wallet-hotkey",
+        "h",
+        "--stake",
+        "7",
+        "--validator",
+    ]
+    other_chain = tmp_path / "other-chain.json"  # the hotkey above was registered with itself as coldkey
+    assert iota("chain", "register", "--chain-path", str(other_chain), *by_name).returncode == 0
+    (neuron,) = LocalChain(other_chain).neurons()
+    coldkey = (wallets / "m0" / "coldkeypub.txt").read_text()
+    assert neuron.hotkey == hotkey and neuron.coldkey in coldkey
+    missing = iota("chain", "register", "--chain-path", str(other_chain), "--wallet", "nobody")
+    assert (
+        missing.returncode == 2
+        and "iota wallet create" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )
+
 
 def test_data_prepare_tokenizes_a_small_corpus(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"

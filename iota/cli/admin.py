@@ -22,9 +22,27 @@ def cmd_wallet(args: argparse.Namespace) -> int:
 def cmd_chain(args: argparse.Namespace) -> int:
     from iota.chain.local import register_command
 
-    neuron = register_command(
-        Path(args.chain_path), args.hotkey, args.coldkey or args.hotkey, args.stake, args.validator
-    )
+    hotkey, coldkey = args.hotkey, args.coldkey
+    if args.wallet:  # the wallet's own keys: nothing to copy and paste
+        from bittensor import Wallet
+
+        wallet = Wallet(
+            name=args.wallet, hotkey=args.wallet_hotkey, path=str(Path(args.wallet_path).expanduser())
+        )
+        if not wallet.hotkey_file.exists_on_device():
+            print(
+                f"iota: error: no hotkey at {wallet.hotkey_file.path}; create it with `iota wallet create`",
+                file=sys.stderr,
+            )
+            return 2
+        hotkey, coldkey = wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address
+    if not hotkey:
+        print(
+            "iota: error: name the hotkey: --wallet NAME (its hotkey and coldkey) or --hotkey SS58",
+            file=sys.stderr,
+        )
+        return 2
+    neuron = register_command(Path(args.chain_path), hotkey, coldkey or hotkey, args.stake, args.validator)
     print(
         f"registered uid {neuron.uid}: {neuron.hotkey} (stake {neuron.stake}, validator {neuron.validator_permit})"
     )
@@ -94,8 +112,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("chain", help="`iota chain register`: add a hotkey to the local chain")
     p.add_argument("action", choices=["register"])
     p.add_argument("--chain-path", default="runs/chain.json")
-    p.add_argument("--hotkey", required=True, help="ss58")
-    p.add_argument("--coldkey", default="")
+    p.add_argument("--wallet", default="", help="wallet name: register its hotkey with its coldkey")
+    p.add_argument("--wallet-path", default="~/.bittensor/wallets")
+    p.add_argument("--wallet-hotkey", default="default", help="the wallet's hotkey name")
+    p.add_argument("--hotkey", default="", help="ss58 address (instead of --wallet)")
+    p.add_argument("--coldkey", default="", help="ss58 address (instead of --wallet); default: the hotkey")
     p.add_argument("--stake", type=float, default=0.0)
     p.add_argument("--validator", action="store_true")
     p.set_defaults(func=cmd_chain)

@@ -157,8 +157,8 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     miner_timeout_s: float = Field(30.0, description="A miner silent this long is gone; its work is requeued")
     max_in_flight: int = Field(8, description="Samples in flight per head miner (backpressure)")
     max_leases_held: int = Field(
-        3,
-        ge=3,
+        4,
+        ge=4,
         description="Work items one miner may hold leased at once; an honest miner holds at most 4 (one "
         "prefetched, one computing, two in its outbox), so fewer would refuse honest miners",
     )
