@@ -313,8 +313,12 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     """Keyword arguments for transformers.LlamaConfig (also its config.json) describing this model."""
     if config.bottleneck is not None:
         raise ValueError("a model with a bottleneck has no transformers equivalent")
-    rope_scaling = None
+    rope_scaling, context = None, config.seq_len
     if config.rope_scaling is not None:
+        # The scaled context, as Llama 3.1's own config states it: transformers warns when the original context
+        # exceeds max_position_embeddings. (The llama3 rope frequencies do not depend on it.)
+        scaled = config.rope_scaling.original_max_position_embeddings * config.rope_scaling.factor
+        context = max(context, int(scaled))
         rope_scaling = {
             "rope_type": "llama3",
             "factor": config.rope_scaling.factor,
@@ -332,7 +336,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
         "head_dim": config.head_dim,
-        "max_position_embeddings": config.seq_len,
+        "max_position_embeddings": context,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "rope_scaling": rope_scaling,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,13 +29,19 @@ from tests.checkpoint.conftest import same_tensors
 Pulled = Callable[..., tuple[Path, list[Llama]]]
 
 
-def test_export_hf_matches_compose_and_tokenizer(pulled: Pulled, prepared: Prepared, tmp_path: Path) -> None:
+def test_export_hf_matches_compose_and_tokenizer(
+    pulled: Pulled, prepared: Prepared, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     checkpoint_dir, _ = pulled()
     out = export_hf(checkpoint_dir, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
 
-    theirs = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        theirs = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert not [
+        r.getMessage() for r in caplog.records if "rope" in r.getMessage()
+    ]  # a config it accepts as is
     assert next(theirs.parameters()).dtype == torch.float32
     ours = compose(load_checkpoint(checkpoint_dir))
     tokens = prepared.token_data(32, seed=0).batch([0, 1, 2])[0]  # real text, (3, 32)
