@@ -13,7 +13,8 @@ if [ -z "$role" ] && [ -t 0 ]; then
 fi
 role="${role:-dev}"
 case "$role" in
-  miner|validator|orchestrator) extras="postgres" ;;
+  miner|validator) extras="" ;;  # they keep no database: no PostgreSQL driver
+  orchestrator) extras="postgres" ;;
   dev|lock) extras="dev" ;;
   *) echo "setup.sh: unknown role '$role' (expected miner, validator, orchestrator or dev)" >&2; exit 2 ;;
 esac
@@ -126,7 +127,7 @@ want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   echo "setup.sh: .venv is set up for $role already; nothing to install"
 elif venv_python satisfied "$extras" 2>/dev/null; then
-  echo "setup.sh: .venv already has iota[$extras] at the versions of requirements.lock; nothing to install"
+  echo "setup.sh: .venv already has iota${extras:+[$extras]} at the versions of requirements.lock; nothing to install"
   echo "$want" > "$stamp"
 else
   # pip says what it collects, package by package; a first install takes minutes.
@@ -138,8 +139,8 @@ else
     patiently "installing iota itself from this checkout (editable; its requirements are in place)" \
       .venv/bin/python -m pip install --no-deps -e .
   else
-    patiently "installing iota[$extras] at the versions of requirements.lock" \
-      .venv/bin/python -m pip install -c requirements.lock -e ".[$extras]"
+    patiently "installing iota${extras:+[$extras]} at the versions of requirements.lock" \
+      .venv/bin/python -m pip install -c requirements.lock -e ".${extras:+[$extras]}"
   fi
   echo "$want" > "$stamp"
 fi
