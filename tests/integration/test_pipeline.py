@@ -176,6 +176,7 @@ def test_miner_sigterm_releases_at_once(tmp_path: Path, net_data_dir: Path) -> N
         net.stop()
 
 
+@pytest.mark.timeout(900)  # a whole network, a restart and its recovery: over 300 s on a box loaded to 15
 def test_orchestrator_restart_loses_nothing(tmp_path: Path, net_data_dir: Path) -> None:
     net = _network(tmp_path, net_data_dir, lease_s=30.0)
     try:
