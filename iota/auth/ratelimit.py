@@ -12,7 +12,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 RETRY_AFTER_HEADER = "Retry-After"
@@ -91,11 +91,26 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted_proxies: tupl
     return hops[0] if hops else peer
 
 
+def scope_client_ip(scope: Mapping[str, Any], trusted_proxies: tuple[IPNetwork, ...]) -> str:
+    """``client_ip`` of an ASGI request."""
+    peer = scope["client"][0] if scope.get("client") else None
+    # Only a trusted proxy's X-Forwarded-For counts: without any, the headers need not be searched.
+    forwarded = _header(scope, b"x-forwarded-for") if trusted_proxies else None
+    return client_ip(peer, forwarded, trusted_proxies)
+
+
+def under(path: str, prefixes: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``prefixes`` or below one (``/storage`` covers ``/storage/objects/k``, not
+    ``/storagex``)."""
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
 class IPRateLimitMiddleware:
     """ASGI middleware: one token per HTTP request from each client IP; 429 with Retry-After when empty.
 
-    Add it with ``app.add_middleware(IPRateLimitMiddleware, limiter=..., trusted_proxies=[...])``; paths in
-    ``exempt_paths`` (health checks, metrics scraped from inside) are not counted.
+    Add it with ``app.add_middleware(IPRateLimitMiddleware, limiter=..., trusted_proxies=[...])``; paths under
+    ``exempt_paths`` (object transfers, health checks) are not counted; with ``only_paths``, only paths under
+    those are (a budget of its own for some routes, such as public reads, beside the general one).
     """
 
     def __init__(
@@ -104,20 +119,24 @@ class IPRateLimitMiddleware:
         limiter: RateLimiter,
         trusted_proxies: Iterable[str] = (),
         exempt_paths: Iterable[str] = (),
+        only_paths: Iterable[str] | None = None,
     ) -> None:
         self.app = app
         self.limiter = limiter
         self.trusted_proxies = parse_networks(trusted_proxies)
-        self.exempt_paths = frozenset(exempt_paths)
+        self.exempt_paths = tuple(exempt_paths)
+        self.only_paths = None if only_paths is None else tuple(only_paths)
+
+    def _counts(self, path: str) -> bool:
+        if self.only_paths is not None and not under(path, self.only_paths):
+            return False
+        return not under(path, self.exempt_paths)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
+        if scope["type"] != "http" or not self._counts(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        peer = scope["client"][0] if scope.get("client") else None
-        # Only a trusted proxy's X-Forwarded-For counts: without any, the headers need not be searched.
-        forwarded = _header(scope, b"x-forwarded-for") if self.trusted_proxies else None
-        ip = client_ip(peer, forwarded, self.trusted_proxies)
+        ip = scope_client_ip(scope, self.trusted_proxies)
         wait_s = self.limiter.acquire(ip)
         if wait_s == 0.0:
             await self.app(scope, receive, send)
@@ -136,7 +155,7 @@ class IPRateLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
+def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
     # Several X-Forwarded-For lines are one list, in order (RFC 9110 field combination).
     values = [value.decode("latin-1") for key, value in scope.get("headers", []) if key.lower() == name]
     return ", ".join(values) if values else None

@@ -1,25 +1,30 @@
 """The orchestrator's HTTP app (`create_app`) and the options uvicorn serves it with (`server_options`).
 
-Its assembly from settings: iota.orchestrator.assembly; its admission control: iota.orchestrator.admission."""
+Its assembly from settings: iota.orchestrator.assembly; its admission control: iota.orchestrator.admission.
+What a stranger can make it hold: a body is read bounded and paced (iota.orchestrator.guards) before its
+signature is checked, and only then may it take a slot of the bound on calls in progress; public reads are cached
+(iota.orchestrator.routes.cache) and have a per-address budget of their own; a malformed body is a 422 that names
+what is wrong without repeating it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from loguru import logger
 
-from iota.auth import Authenticator, RateLimiter, install_auth
+from iota.auth import Authenticator, IPRateLimitMiddleware, RateLimiter, install_auth
 from iota.config import OrchestratorSettings
-from iota.orchestrator.admission import Admission, AdmissionMiddleware, finishes_work
+from iota.orchestrator.admission import Admission, finishes_work
 from iota.orchestrator.guards import BodyLimitMiddleware, guarded_http
+from iota.orchestrator.metrics import Metrics, RequestMetricsMiddleware
 from iota.orchestrator.routes import dashboard, miners, run, validators
+from iota.orchestrator.routes.cache import Cache
 from iota.orchestrator.routes.deps import CallRunner
 from iota.orchestrator.service import Orchestrator
 from iota.storage import LocalStore, local_store_router
@@ -33,6 +38,11 @@ KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS_PER_IP = 64  # a machine with 8 GPUs runs 8 miners of about 2 connections each
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers: a signed request needs under 1 KiB
 
+# Reads anyone may make that cost more than a lookup: cached (routes.cache), and each address has this budget
+# for them beside the general per-IP limit (a scraper every few seconds and a poller 4 times a second fit).
+PUBLIC_READS = ("/scores", "/metrics", "/events")
+PUBLIC_READS_PER_IP = 5.0
+
 
 def create_app(
     orchestrator: Orchestrator,
@@ -43,10 +53,12 @@ def create_app(
     trusted_proxies: tuple[str, ...] = (),
     max_body_bytes: int = MAX_BODY_BYTES,
     max_in_progress: int = 0,
+    public_reads_per_ip: float = PUBLIC_READS_PER_IP,
     inline_calls: bool = False,
     on_shutdown: Callable[[], None] = lambda: None,
 ) -> FastAPI:
-    """The orchestrator's HTTP API. ``max_in_progress`` > 0 bounds the requests in progress (see Admission);
+    """The orchestrator's HTTP API. ``max_in_progress`` > 0 bounds the calls in progress, overall and per caller
+    (see Admission); ``public_reads_per_ip`` > 0 is each address's budget for PUBLIC_READS (requests a second);
     ``inline_calls``: the orchestrator's backends are all in this process, so its calls run on the event loop (see
     CallRunner); ``on_shutdown`` runs when the server stops, after the last call into the orchestrator."""
     runner = CallRunner(inline=inline_calls)
@@ -82,22 +94,27 @@ def create_app(
     )
     app.state.orchestrator = orchestrator
     app.state.call_runner = runner
-    # Added before install_auth, so it sits inside the per-IP limit: a flood is turned away before this.
+    app.state.public_cache = Cache()
+    # Added before install_auth, so they sit inside the per-IP limit: a flood is turned away before them.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, exempt_prefixes=(STORAGE_PREFIX + "/",))
+    if public_reads_per_ip > 0:
+        app.add_middleware(
+            IPRateLimitMiddleware,
+            limiter=RateLimiter(public_reads_per_ip, burst=4 * public_reads_per_ip),
+            trusted_proxies=list(trusted_proxies),
+            only_paths=PUBLIC_READS,
+        )
     app.state.admission = None
     if max_in_progress > 0:
-        # Outside the body limit and the routes (a refusal costs neither), inside the per-IP limit.
-        # A miner whose requests are refused is not silent: the scheduler holds off timing miners out meanwhile.
+        # Slots are taken as routes call into the orchestrator (routes.deps.Served), after the signature check;
+        # object transfers never call into it, so they take none. A miner whose requests are refused for load is
+        # not silent: the scheduler holds off timing miners out meanwhile.
         scheduler = orchestrator.scheduler
         app.state.admission = Admission(
             max_in_progress,
             exempt=finishes_work,
             on_refusal=lambda: scheduler.refused_for_load(orchestrator.clock()),
-        )
-        # Object transfers are not the orchestrator's work and may take long on a slow link (an upload of a
-        # leased item's output): neither counted nor refused.
-        app.add_middleware(
-            AdmissionMiddleware, admission=app.state.admission, skip_prefixes=(STORAGE_PREFIX + "/",)
+            trusted_proxies=trusted_proxies,
         )
     app.add_exception_handler(RequestValidationError, _malformed_request)
     limiter = RateLimiter(rate_per_ip, burst=2 * rate_per_ip) if rate_per_ip > 0 else None
@@ -109,6 +126,10 @@ def create_app(
         ip_exempt_paths=(STORAGE_PREFIX,),
         date_header=True,
     )
+    # Outermost: every request is timed, those refused by the limits above included. Its own registry: the tests
+    # start several apps in one process.
+    app.state.metrics = Metrics(orchestrator, app.state.admission)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.include_router(miners.router)
     app.include_router(run.router)
     app.include_router(run.control)
@@ -121,7 +142,7 @@ def create_app(
 
 
 async def _malformed_request(request: Request, error: Exception) -> JSONResponse:
-    """422 as FastAPI answers it; a malformed body from a verified hotkey is also a strike against it."""
+    """422 naming what is wrong (``refusal_of``); a malformed body from a verified hotkey is also a strike."""
     hotkey = getattr(request.state, "caller_hotkey", None)
     orchestrator: Orchestrator = request.app.state.orchestrator
     if hotkey is None and request.method == "POST" and orchestrator.abuse is not None:
@@ -135,7 +156,31 @@ async def _malformed_request(request: Request, error: Exception) -> JSONResponse
         runner: CallRunner = request.app.state.call_runner
         await runner.run(orchestrator.abuse.strike, hotkey, why, orchestrator.clock())
     assert isinstance(error, RequestValidationError)
-    return await request_validation_exception_handler(request, error)
+    return refusal_of(error.errors())
+
+
+# What a 422 says, bounded: a body of 10,000 wrong fields is not answered with 10,000 errors.
+MAX_ERRORS_SHOWN = 8
+MAX_ERROR_TEXT = 200
+MAX_LOC_TEXT = 64  # our field names are short; a longer part is a caller's dict key
+
+
+def refusal_of(errors: Sequence[Any]) -> JSONResponse:
+    """The 422 for a request's validation ``errors``: where each is and what is wrong, never the value sent.
+
+    FastAPI's own answer repeats each offending value (``input``, ``ctx``): a hostile caller's megabyte comes back
+    to it, a value JSON cannot carry (NaN, Infinity) turns the answer into a 500, and a secret sent by mistake is
+    echoed. Locations are truncated too, since a dict's keys are the caller's text.
+    """
+    shown = [
+        {
+            "type": str(e.get("type", ""))[:MAX_ERROR_TEXT],
+            "loc": [p if isinstance(p, int) else str(p)[:MAX_LOC_TEXT] for p in e.get("loc", ())][:16],
+            "msg": str(e.get("msg", ""))[:MAX_ERROR_TEXT],
+        }
+        for e in errors[:MAX_ERRORS_SHOWN]
+    ]
+    return JSONResponse({"detail": shown, "errors": len(errors)}, status_code=422)
 
 
 def server_options(

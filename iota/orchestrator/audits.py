@@ -28,7 +28,7 @@ from loguru import logger
 
 from iota.audit.compare import thresholds
 from iota.audit.scoring import ORCHESTRATOR, standing
-from iota.orchestrator.challenges import Challenges
+from iota.orchestrator.challenges import Challenges, audit_window, last_session
 from iota.orchestrator.commitments import epoch_end
 from iota.orchestrator.ledgers import AuditRecord, Claim, EndAuditQueue, ScoreArchive
 from iota.orchestrator.scheduler import Scheduler, SchedulingError
@@ -47,7 +47,12 @@ from iota.protocol import (
 from iota.storage import keys
 from iota.storage.base import ObjectStore, StoreError
 
-MAX_AUDIT_HOPS = 512  # the replay stops at its calibrated depth long before this
+# Hops one audit names: its window, from where it starts (iota.audit.replay.window); the replay stops at its
+# calibrated depth long before this.
+MAX_AUDIT_HOPS = 512
+# Unanswered audits a validator may have open at once: an honest one works on one at a time, and the rest cover
+# its restarts. Each draw writes a record and may take a claim to confirm, so drawing without answering is bounded.
+MAX_OPEN_AUDITS = 4
 
 
 class Auditor:
@@ -63,11 +68,16 @@ class Auditor:
         clock: Callable[[], float] = time.time,
         confirm_wait_s: float = 30.0,
         challenges: Challenges | None = None,
+        max_open: int = MAX_OPEN_AUDITS,
     ):
         self.run, self.state, self.scheduler, self.store = run, state, scheduler, store
         self.plan, self.data_urls, self.url_ttl_s, self.clock = plan, data_urls, url_ttl_s, clock
         self.confirm_wait_s, self.challenges = confirm_wait_s, challenges
         self.random = secrets.SystemRandom()
+        self.max_open = max_open
+        # validator -> {audit id: issued} of its unanswered audits whose URLs live. Kept in memory, as a rate
+        # limit's buckets are: a restart forgets them, so a validator may then open that many more.
+        self._open: dict[str, dict[str, float]] = {}
         self._restore()
 
     # -- tasks --------------------------------------------------------------------------------------------
@@ -81,9 +91,13 @@ class Auditor:
                 403, f"you lost your standing: {lost[validator]} of your failing verdicts were refuted"
             )
         now = self.clock()
+        self._check_open(validator, now)
         with self.state.transaction():
             for audit_id, claim in sorted(self.state.audits.claims().items(), key=lambda item: item[1].at):
                 taken = claim.assigned_at > now - self.confirm_wait_s
+                if self.challenges is not None and self.challenges.lapsed(claim):
+                    self.state.audits.drop_claim(audit_id)  # its window cannot be rebuilt
+                    continue
                 if claim.accuser != validator and not taken:
                     self.state.audits.put_claim(audit_id, claim.model_copy(update={"assigned_at": now}))
                     return self._issue(
@@ -116,6 +130,23 @@ class Auditor:
         return self._issue(
             validator, chosen, epoch, miner.stage, self.plan(miner.stage), miner.device == "cuda", None, None
         )
+
+    def _check_open(self, validator: str, now: float) -> None:
+        """Refuse a draw to a validator with ``max_open`` audits open; an audit closes when answered or when its URLs
+        expire (its record is then the retention's to forget, iota.orchestrator.retention)."""
+        issued = {
+            audit_id: at
+            for audit_id, at in self._open.get(validator, {}).items()
+            if now < at + self.url_ttl_s
+        }
+        self._open[validator] = issued
+        if len(issued) >= self.max_open:
+            wait_s = min(issued.values()) + self.url_ttl_s - now
+            raise SchedulingError(
+                429,
+                f"{len(issued)} audits issued to you are unanswered: answer one, or draw again when the oldest "
+                f"expires in {wait_s:.0f} s",
+            )
 
     def _next_end_audit(self) -> tuple[int, str, int] | None:
         """The next (epoch, miner, stage) of the end-of-epoch audits: one per submitter of each merged epoch,
@@ -190,6 +221,7 @@ class Auditor:
         )
         with self.state.transaction():
             self.state.audits.record(audit_id, record)
+        self._open.setdefault(validator, {})[audit_id] = record.issued
         ttl = self.url_ttl_s
         hops = [
             AuditHop(
@@ -201,9 +233,10 @@ class Auditor:
                 output_url=self.store.presign_get(out_key, ttl) if out_key else None,
                 output_sha256=out_sha,
                 loss=loss,
+                session=session,
             )
-            for _, direction, sample, step, in_key, in_sha, out_key, out_sha, loss in self.state.done_hops(
-                hotkey, epoch, MAX_AUDIT_HOPS
+            for session, (_, direction, sample, step, in_key, in_sha, out_key, out_sha, loss) in audit_window(
+                self.state, hotkey, epoch, start, depth, MAX_AUDIT_HOPS
             )
         ]
         end = epoch_end(self.state, hotkey, epoch, stage)
@@ -214,6 +247,7 @@ class Auditor:
                 sha256=end.upload_sha,
                 step=end.final_step,
                 sketch=end.final_sketch,
+                session=last_session(self.state, hotkey, epoch),
             )
         merge = None
         if end.plan is not None and end.digests:
@@ -259,6 +293,7 @@ class Auditor:
                 raise SchedulingError(400, "the verdict names another miner, epoch or stage than its audit")
             self.state.audits.record(verdict.audit_id, issued.model_copy(update={"answered": now}))
             self._record(now, validator, verdict, issued)
+        self._open.get(validator, {}).pop(verdict.audit_id, None)
         return Ack(detail="verdict recorded")
 
     def _record(self, now: float, source: str, verdict: AuditVerdict, issued: AuditRecord) -> None:

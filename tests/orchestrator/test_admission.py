@@ -1,13 +1,13 @@
-"""Admission control on the real orchestrator app: beyond a bound on requests in progress, new ones get 503 with
-Retry-After at once (before their signature is checked), work already handed out is still finished, and the
-server takes requests again as soon as the queue drains."""
+"""Admission control on the real orchestrator app: beyond a bound on calls in progress, new ones get 503 with
+Retry-After at once, one caller beyond its share gets 429, work already handed out is still finished, and the
+server takes requests again as soon as the queue drains. A slot is taken only once the signature is checked."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,21 +16,23 @@ from typing import Any
 import httpx
 import pytest
 from bittensor.keyfiles import Keypair
+from fastapi import HTTPException
 
 from iota.auth import HotkeyAuth
 from iota.chain.local import LocalChain
-from iota.orchestrator.admission import Admission, AdmissionMiddleware, finishes_work
+from iota.orchestrator.admission import Admission, finishes_work
 from iota.orchestrator.app import STORAGE_PREFIX
 from iota.orchestrator.assembly import assemble
 from iota.orchestrator.scheduler import Policy, Scheduler
 from iota.orchestrator.service import Orchestrator
 from iota.orchestrator.state import StateStore
-from iota.protocol import RegisterRequest, WorkRequest
+from iota.protocol import RegisterRequest, Report, WorkRequest
 from iota.state import Database
 from tests.orchestrator import run_settings
 from tests.support import running_server
 
-BOUND = 2
+BOUND = 2  # so one hotkey may hold 1 slot (an eighth, rounded up) and one address 1 (a half)
+ADDRESSES = {name: f"127.0.0.{10 + i}" for i, name in enumerate("abcd")}  # one machine per miner
 WORK_BODY = WorkRequest().model_dump_json().encode()
 JSON = {"content-type": "application/json"}
 
@@ -43,6 +45,7 @@ class Server:
     clients: dict[str, httpx.Client]  # one signed client per miner
     gate: threading.Event  # while clear, every POST /work waits in the orchestrator's thread
     waiting: list[str]  # hotkeys whose /work has reached the orchestrator's thread
+    keys: dict[str, Keypair]
 
     def post_work(self, name: str) -> httpx.Response:
         return self.clients[name].post("/work", content=WORK_BODY, headers=JSON)
@@ -77,14 +80,19 @@ def server(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     assembled.app.state.call_runner.inline = False
     with running_server(assembled.app) as url:
         clients = {
-            name: httpx.Client(base_url=url, auth=HotkeyAuth(keys[name], keys["o"].ss58_address), timeout=30)
+            name: httpx.Client(
+                base_url=url,
+                auth=HotkeyAuth(keys[name], keys["o"].ss58_address),
+                timeout=30,
+                transport=httpx.HTTPTransport(local_address=ADDRESSES[name]),
+            )
             for name in "abcd"
         }
         for name, client in clients.items():
             body = RegisterRequest(device="cpu", memory_bytes=1 << 40, session=name).model_dump_json()
             assert client.post("/miners/register", content=body, headers=JSON).status_code == 200
         try:
-            yield Server(url, orch, assembled.app.state.admission, clients, gate, waiting)
+            yield Server(url, orch, assembled.app.state.admission, clients, gate, waiting, keys)
         finally:
             gate.set()
             for client in clients.values():
@@ -108,11 +116,11 @@ def test_requests_beyond_the_bound_are_refused_at_once_and_the_rest_are_served(s
         assert refused.headers["retry-after"] in ("1", "2", "3")  # spread, so refused miners return apart
         assert refused.json()["detail"]["code"] == "overloaded"
         assert time.monotonic() - started < 2.0  # not queued behind the held thread
-        # Refused before the signature is looked at: an unsigned request gets the same answer, not a 401.
+        # A slot is for a checked signature: an unsigned request is refused for that, and never counted.
         unsigned = httpx.post(f"{server.url}/work", content=WORK_BODY, headers=JSON)
-        assert unsigned.status_code == 503
+        assert unsigned.status_code in (401, 426)
         assert len(server.waiting) == 1  # the refused requests never reached the orchestrator
-        assert server.admission.refused == 2
+        assert server.admission.refused == 1
 
         server.gate.set()
         answers = [f.result(timeout=30) for f in pending]
@@ -128,6 +136,25 @@ def local_port(response: httpx.Response) -> int:
     return int(response.extensions["network_stream"].get_extra_info("socket").getsockname()[1])
 
 
+def test_one_hotkey_gets_its_share_of_the_slots_and_no_more(server: Server) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(server.post_work, "a")
+        wait_until(lambda: server.admission.in_progress == 1 and len(server.waiting) == 1)
+        # The same hotkey from another machine, a slot still free: over its share (1 of 2), refused at once.
+        auth = HotkeyAuth(server.keys["a"], server.keys["o"].ss58_address)
+        transport = httpx.HTTPTransport(local_address="127.0.0.99")
+        with httpx.Client(base_url=server.url, auth=auth, transport=transport, timeout=30) as elsewhere:
+            refused = elsewhere.post("/work", content=WORK_BODY, headers=JSON)
+        assert refused.status_code == 429 and refused.json()["detail"]["code"] == "too_many_in_progress"
+        assert refused.headers["retry-after"] == "1"
+        # Another hotkey takes the free slot, and waits its turn.
+        other = pool.submit(server.post_work, "b")
+        wait_until(lambda: server.admission.in_progress == BOUND)
+        server.gate.set()
+        assert held.result(timeout=30).status_code == 200 and other.result(timeout=30).status_code == 200
+    assert server.admission.refused == 0 and server.admission.refused_share == 1
+
+
 def test_work_already_handed_out_is_finished_under_load(server: Server) -> None:
     with ThreadPoolExecutor(4) as pool:
         pending = fill(server, pool)
@@ -137,13 +164,23 @@ def test_work_already_handed_out_is_finished_under_load(server: Server) -> None:
         assert transfer.status_code in (400, 403)
         assert server.admission.in_progress == BOUND
         # A report completes work that was handed out: counted, never refused; it waits its turn.
-        report = pool.submit(server.clients["c"].post, "/work/1/report", content=b"{}", headers=JSON)
+        body = Report(
+            run_id="run-test",
+            epoch=0,
+            hop_id=1,
+            inner_step=0,
+            input_sha256=None,
+            output_sha256=None,
+            output_md5=None,
+        )
+        report = pool.submit(
+            server.clients["c"].post, "/work/1/report", content=body.model_dump_json(), headers=JSON
+        )
         wait_until(lambda: server.admission.in_progress == BOUND + 1)
         assert server.post_work("d").status_code == 503
         server.gate.set()
-        assert (
-            report.result(timeout=30).status_code == 422
-        )  # served (and refused on its merits, not for load)
+        # Served, and refused on its merits (no such lease), not for load.
+        assert report.result(timeout=30).status_code in (400, 404, 409)
         assert [f.result(timeout=30).status_code for f in pending] == [200] * BOUND
 
 
@@ -155,9 +192,11 @@ def test_metrics_count_refusals(server: Server) -> None:
         for f in pending:
             f.result(timeout=30)
     wait_until(lambda: server.admission.in_progress == 0)
-    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
-    assert "iota_requests_refused_overloaded_total 1" in lines
-    assert f"iota_requests_in_progress_limit {BOUND}" in lines
+    figures = dict(
+        line.split() for line in httpx.get(f"{server.url}/metrics").text.splitlines() if line[:1] != "#"
+    )
+    assert float(figures["iota_requests_refused_overloaded_total"]) == 1
+    assert float(figures["iota_requests_in_progress_limit"]) == BOUND
 
 
 def test_miners_are_not_timed_out_while_their_requests_may_be_refused(
@@ -191,41 +230,70 @@ def test_refusals_hold_off_the_miner_timeout(db: Database) -> None:
     assert not sched.state.miner("m").alive  # type: ignore[union-attr]
 
 
-def test_requests_arriving_together_are_counted_together() -> None:
-    # Served inline a request never waits, so without the middleware's yield each would finish before the next
-    # is counted and a backlog could never be refused.
+def scope(address: str, path: str = "/work") -> dict[str, Any]:
+    return {"type": "http", "path": path, "client": (address, 40000), "headers": []}
+
+
+async def outcomes(
+    admission: Admission, callers: Sequence[tuple[str | None, str]], path: str = "/work"
+) -> list[int]:
+    """The status each of ``callers`` (hotkey, address), arriving together, gets: 200 when it had a slot."""
     served: list[int] = []
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        served.append(1)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    async def one(hotkey: str | None, address: str) -> int:
+        try:
+            async with admission.slot(scope(address, path), hotkey):
+                served.append(1)
+                await asyncio.sleep(0)  # all are in progress together
+                return 200
+        except HTTPException as refusal:
+            return refusal.status_code
 
-    async def burst(n: int) -> list[int]:
-        middleware = AdmissionMiddleware(app, Admission(3))
-        statuses: list[int] = []
-
-        async def one() -> None:
-            async def send(message: dict[str, Any]) -> None:
-                if message["type"] == "http.response.start":
-                    statuses.append(message["status"])
-
-            await middleware({"type": "http", "path": "/work"}, None, send)
-
-        await asyncio.gather(*(one() for _ in range(n)))
-        return statuses
-
-    assert sorted(asyncio.run(burst(5))) == [200, 200, 200, 503, 503]
-    assert len(served) == 3
+    statuses = await asyncio.gather(*(one(*caller) for caller in callers))
+    assert len(served) == statuses.count(200)
+    assert admission.in_progress == 0 and not admission.by_hotkey and not admission.by_address
+    return list(statuses)
 
 
-def test_admission_counts_and_reports_refusals() -> None:
+def test_calls_arriving_together_are_counted_together() -> None:
+    # Served inline a call never waits, so without the slot's yield each would finish before the next is counted
+    # and a backlog could never be refused.
+    callers: list[tuple[str | None, str]] = [(f"h{i}", f"10.0.0.{i}") for i in range(5)]
+    assert sorted(asyncio.run(outcomes(Admission(3), callers))) == [200, 200, 200, 503, 503]
+
+
+def test_one_hotkey_or_one_address_gets_its_share_and_no_more() -> None:
     seen: list[str] = []
-    admission = Admission(1, exempt=lambda path: path == "/free", on_refusal=lambda: seen.append("refused"))
-    assert admission.admit("/work")
-    admission.in_progress = 1
-    assert admission.admit("/free") and not admission.admit("/work")
-    assert admission.refused == 1 and seen == ["refused"]
+    admission = Admission(16, exempt=finishes_work, on_refusal=lambda: seen.append("refused"))
+    assert (admission.per_hotkey, admission.per_address) == (2, 8)
+    # One hotkey opening many calls at once, from many addresses: two are served.
+    many = [("greedy", f"10.0.1.{i}") for i in range(10)]
+    assert sorted(asyncio.run(outcomes(admission, many))) == [200] * 2 + [429] * 8
+    # One address with many hotkeys (Sybils on one machine): half the bound, the rest is left to others.
+    sybils: list[tuple[str | None, str]] = [(f"s{i}", "10.0.2.1") for i in range(12)]
+    assert sorted(asyncio.run(outcomes(admission, sybils))) == [200] * 8 + [429] * 4
+    # Anonymous public reads count by address alone.
+    reads: list[tuple[str | None, str]] = [(None, "10.0.3.1")] * 10
+    assert sorted(asyncio.run(outcomes(admission, reads))) == [200] * 8 + [429] * 2
+    # A caller over its share is refused for what it does, not for the load: the miner timeout is not held off.
+    assert seen == [] and admission.refused == 0 and admission.refused_share == 14
+    # Work already handed out is counted and never refused, whoever sends it.
+    assert asyncio.run(outcomes(admission, many, "/work/3/report")) == [200] * 10
+
+
+def test_the_address_is_the_trusted_proxys_client() -> None:
+    admission = Admission(4, trusted_proxies=("10.9.0.1",))
+    behind = {**scope("10.9.0.1"), "headers": [(b"x-forwarded-for", b"203.0.113.7")]}
+    spoofed = {**scope("198.51.100.1"), "headers": [(b"x-forwarded-for", b"203.0.113.7")]}
+
+    async def addresses() -> list[str]:
+        seen: list[str] = []
+        for each in (behind, spoofed):
+            async with admission.slot(each, None):
+                seen.extend(admission.by_address)
+        return seen
+
+    assert asyncio.run(addresses()) == ["203.0.113.7", "198.51.100.1"]
 
 
 def test_which_requests_finish_work() -> None:

@@ -238,3 +238,50 @@ def test_bytes_after_a_complete_request_do_not_cut_off_its_answer(parser_net: Ne
             sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" + tail)
             assert response_to(sock).startswith(b"HTTP/1.1 200")
             assert closed_within(sock, PARSER_HEADER_TIMEOUT_S)
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def small_header_net(
+    request: pytest.FixtureRequest, data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> Iterator[Net]:
+    """A header bound small enough that a request over it fits in one TCP segment, so it arrives in one read."""
+    if request.param == "httptools":
+        pytest.importorskip("httptools", reason=HTTPTOOLS_MISSING)
+    options = server_options(run_settings(data_dir, tmp_path), max_connections_per_ip=PER_IP)
+    options["http"] = guarded_http(PARSER_HEADER_TIMEOUT_S, PER_IP, parser=request.param)
+    options["h11_max_incomplete_event_size"] = SMALL_HEADER_BYTES
+    with serve_net(data_dir, keypairs, tmp_path, options=options) as net:
+        yield net
+
+
+SMALL_HEADER_BYTES = 8 * 1024
+
+
+def test_headers_over_the_bound_in_one_write_are_refused(small_header_net: Net) -> None:
+    # Complete headers in one read used to pass uncounted: the bound held only for headers still incomplete.
+    padding = b"a" * (SMALL_HEADER_BYTES + 4096)
+    with connect(small_header_net) as sock:
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Padding: " + padding + b"\r\n\r\n")
+        reply = response_to(sock)
+        assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), reply[:200]
+        assert closed_within(sock, PARSER_HEADER_TIMEOUT_S)
+    # Headers under the bound, in one write with their body, still pass.
+    body = b"{}" + b" " * 100_000
+    headers = {"X-Pad": "a" * (SMALL_HEADER_BYTES // 2)}
+    response = httpx.post(f"{small_header_net.url}/miners/register", content=body, headers=headers)
+    assert response.status_code in (401, 426)
+
+
+def test_object_transfers_are_not_counted_by_the_per_ip_limit(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    # The limit exempts every path under /storage (presigned transfers, bounded by their signature), not only
+    # "/storage" itself, which no transfer uses.
+    with serve_net(data_dir, keypairs, tmp_path, rate_per_ip=1.0) as net:
+        key = "runs/run-test/object.bin"
+        net.store.put(key, b"\1" * 100)
+        url = net.store.presign_get(key, 60)
+        with httpx.Client() as client:
+            assert [client.get(url).status_code for _ in range(10)] == [200] * 10
+            statuses = [client.get(f"{net.url}/status").status_code for _ in range(10)]
+        assert 429 in statuses  # the API is still counted (a burst of 2, one more a second)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, Request
 
@@ -48,15 +48,16 @@ class CallRunner:
 
 @dataclass(frozen=True)
 class Served:
-    """What a route is handed: the orchestrator behind the app, the runner its calls go through, and the bound on
-    requests in progress (None: unbounded)."""
+    """What a route is handed: the orchestrator behind the app, the runner its calls go through, the bound on
+    calls in progress (None: unbounded) and the request's ASGI scope (whose client that bound counts)."""
 
     orchestrator: Orchestrator
     runner: CallRunner
     admission: Admission | None = None
+    scope: Mapping[str, Any] = field(default_factory=dict)
 
     async def run(self, call: Callable[..., T], *args: object) -> T:
-        return await self.runner.run(call, *args)
+        return await self._admitted(None, call, *args)
 
     async def serve(self, hotkey: str | None, call: Callable[..., T], *args: object) -> T:
         """``call(*args)`` inside ``refusals`` for the verified caller ``hotkey`` (None: no caller to hold to
@@ -66,26 +67,30 @@ class Served:
             with refusals(self.orchestrator, hotkey):
                 return call(*args)
 
-        return await self.runner.run(guarded)
+        return await self._admitted(hotkey, guarded)
+
+    async def _admitted(self, hotkey: str | None, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` in a slot of the bound on calls in progress: taken here, once the body was read and the
+        signature checked, so that slow or unsigned requests hold none (iota.orchestrator.admission)."""
+        if self.admission is None:
+            return await self.runner.run(call, *args)
+        async with self.admission.slot(self.scope, hotkey):
+            return await self.runner.run(call, *args)
 
     async def hold(self, ticket: Ticket, timeout_s: float) -> str | None:
         """Wait until the ticket is rung (why it was) or ``timeout_s`` passes (None). A held request costs the
-        server nothing meanwhile, so it does not count against the bound on requests in progress."""
-        if self.admission is not None:
-            self.admission.in_progress -= 1
+        server nothing meanwhile, and holds no slot of the bound on calls in progress."""
         try:
             await asyncio.wait([asyncio.wrap_future(ticket.rung)], timeout=max(timeout_s, 0.0))
         finally:
             self.orchestrator.scheduler.doorbell.drop(ticket)  # resolves it, unless a ring came first
-            if self.admission is not None:
-                self.admission.in_progress += 1
         why = ticket.rung.result()
         return None if why == DROPPED else why
 
 
 async def served(request: Request) -> Served:
     state = request.app.state
-    return Served(state.orchestrator, state.call_runner, state.admission)
+    return Served(state.orchestrator, state.call_runner, state.admission, request.scope)
 
 
 Orch = Annotated[Served, Depends(served)]
