@@ -63,11 +63,12 @@ class Outcome:
 @dataclass(frozen=True)
 class FinalClaim:
     """The end of the miner's epoch as it committed it: its uploaded pseudo-gradient (flat fp32), its last inner
-    step (0: it took none) and the sketch it committed with that step."""
+    step (0: it took none) and the sketch it committed with that step, in its last session of the epoch."""
 
     pseudo_gradient: torch.Tensor
     step: int
     sketch: WeightSketch | None
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ class MergeClaim:
 
 @dataclass(frozen=True)
 class Evidence:
-    """What an audit replays: the stage's setup, the epoch's checkpoint, the miner's records in commit order,
-    and, for a window that starts at a challenged step, that snapshot with the sketch committed for it and the
+    """What an audit replays: the stage's setup, the epoch's checkpoint, the miner's records in commit order with
+    the session each was committed in (empty: all one session), and, for a window that starts at a challenged step, that snapshot with the sketch committed for it and the
     weights of later snapshots the window reaches (step -> flat fp32); once the epoch has ended, the claims the
     miner made at its end (its pseudo-gradient, and its merge if it owned partitions)."""
 
@@ -97,6 +98,7 @@ class Evidence:
     later: dict[int, torch.Tensor] = field(default_factory=dict)
     final: FinalClaim | None = None
     merge: MergeClaim | None = None
+    sessions: Sequence[int] = ()
 
 
 def stage_size(setup: ReplaySetup) -> tuple[int, int]:
@@ -171,7 +173,12 @@ def judge(load: Callable[[], Evidence], who: str, miner: str, epoch: int) -> Out
                 reason = f"snapshot of step {start.inner_step} does not match its sketch: {bound.reason}"
                 return Outcome(False, 0, 0, reason, {"sketch": float(bound.error)})
         result = replay(
-            setup, evidence.records, evidence.checkpoint, snapshot=start, claimed_weights=evidence.later
+            setup,
+            evidence.records,
+            evidence.checkpoint,
+            snapshot=start,
+            claimed_weights=evidence.later,
+            sessions=evidence.sessions,
         )
         end, notes = end_of_epoch(evidence, result, epoch)
     except (ValueError, KeyError, OSError, RuntimeError) as error:
@@ -211,7 +218,8 @@ def end_of_epoch(
 
     - `pseudo_gradient_sketch`: checkpoint minus the upload against the sketch of the miner's last step: cheap,
       no replay, in every audit of an ended epoch.
-    - `pseudo_gradient`: the upload against the replay's end of epoch, when the window reached the last step.
+    - `pseudo_gradient`: the upload against the replay's end of epoch, when the window reached the last step of
+      the miner's last session (the one whose weights it uploaded: a restart voids what came before).
     - `merge`: each partition the miner merged as an owner, recomputed from the same uploads.
     """
     checks: list[tuple[str, Verdict]] = []
@@ -223,7 +231,7 @@ def end_of_epoch(
             setup, evidence.checkpoint, final.pseudo_gradient, final.step, final.sketch, seed
         )
         checks.append(("pseudo_gradient_sketch", _explained(bound, f"against its last step {final.step}")))
-        if result.end_step == final.step and not result.stopped:
+        if result.end_step == final.step and result.session == final.session and not result.stopped:
             limits = setup.thresholds
             checks.append(
                 ("pseudo_gradient", check_pseudo_gradient(result, final.pseudo_gradient, limits, final.step))

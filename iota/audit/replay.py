@@ -107,6 +107,7 @@ class ReplayResult:
     hops: int  # records replayed
     complete: bool  # the replay reached the end of the records (so `end` is the miner's end of epoch)
     stopped: str = ""  # why the replay stopped early on a protocol failure
+    session: int = 0  # the session (of the miner's epoch) whose weights `end` is
 
     @property
     def passed(self) -> bool:
@@ -126,60 +127,90 @@ def replay(
     max_steps: int | None = None,
     claimed_weights: Mapping[int, torch.Tensor] | None = None,
     limits: Thresholds | None = None,
+    sessions: Sequence[int] = (),
 ) -> ReplayResult:
-    """Replay at most `max_steps` inner steps (default: the calibrated depth D for the miner's precision) of one
-    miner's epoch, and judge each hop in that window against `limits` (default: the calibrated thresholds).
+    """Replay at most `max_steps` inner steps (default: the calibrated depth D for the miner's precision) of each
+    session of one miner's epoch in `records`, and judge each hop in that window against `limits` (default: the
+    calibrated thresholds).
 
-    `records` are all the miner's hops of the epoch in commit order; the window starts at the beginning
-    (from `epoch_start`, the checkpoint) or right after the hop that completed `snapshot.inner_step`. Hops whose
-    forward came before the window have their input restored as a miner's cache holds it, with the graph marked
-    stale, so their backward recomputes the forward with the window's weights exactly as the miner's did.
-    `claimed_weights` maps an inner step to the flat weights the miner committed at that step boundary (from
-    later snapshots); each one reached in the window is compared with the replay.
+    `records` are the miner's hops of the epoch in commit order, and `sessions[i]` the session records[i] was
+    committed in (empty: all one session). A miner that restarts registers a new session and starts again from
+    the epoch's checkpoint at inner step 0, so each session is a stream of its own: the replay restarts from
+    `epoch_start` wherever the session changes, and replays at most `max_steps` steps of each.
+
+    A window starts at the beginning (from `epoch_start`, the checkpoint) or, in the last session, right after the
+    hop that completed `snapshot.inner_step`. Hops whose forward came before the window have their input restored
+    as a miner's cache holds it, with the graph marked stale, so their backward recomputes the forward with the
+    window's weights exactly as the miner's did. `claimed_weights` maps an inner step to the flat weights the
+    miner committed at that step boundary in the snapshot's session (from later snapshots); each one reached in the
+    window is compared with the replay.
     """
     limits = limits or setup.thresholds
     max_steps = limits.depth if max_steps is None else max_steps
+    session_of = list(sessions) or [0] * len(records)
+    if len(session_of) != len(records):
+        raise ValueError(f"{len(session_of)} sessions for {len(records)} records")
     worker = setup.worker(epoch_start)
     first = 0
     if snapshot is not None and snapshot.inner_step > 0:
         restore_snapshot(worker, snapshot, epoch_start)
-        first = _window_start(records, snapshot.inner_step)
-        _restore_in_flight(worker, setup, records[:first])
+        first = _window_start(records, session_of, snapshot.inner_step)
+        last = session_of[-1]
+        before = zip(records[:first], session_of[:first], strict=True)
+        _restore_in_flight(worker, setup, [record for record, session in before if session == last])
     start_step, start = worker.inner_step, worker.flat_weights()
     checks: list[HopCheck] = []
-    result = ReplayResult(checks, epoch_start, start, start, start_step, start_step, 0, False)
+    session = session_of[first] if first < len(records) else (session_of[-1] if records else 0)
+    result = ReplayResult(checks, epoch_start, start, start, start_step, start_step, 0, True, session=session)
     pending_weights = dict(claimed_weights or {})
     for index in range(first, len(records)):
         record = records[index]
+        if session_of[index] != session:  # a restart: the next session begins at the checkpoint
+            session, pending_weights = session_of[index], {}
+            worker = setup.worker(epoch_start)
+            start_step, start = 0, epoch_start
         depth = worker.inner_step - start_step
         if depth >= max_steps:
-            break
+            result.complete = False
+            continue  # this session's window is done; a later session's begins at its first hop
         problem = _protocol_problem(setup, worker, record, records[0].epoch)
-        if problem:
-            return _stop(result, worker, checks, index, record, depth, problem)
-        try:
-            checks.extend(_replay_hop(setup, worker, record, index, depth, limits))
-        except wire.WireError as error:
-            return _stop(result, worker, checks, index, record, depth, f"input does not decode: {error}")
-        if worker.step_due():
+        if not problem:
+            try:
+                checks.extend(_replay_hop(setup, worker, record, index, depth, limits))
+            except wire.WireError as error:
+                problem = f"input does not decode: {error}"
+        if not problem and worker.step_due():
             worker.step(setup.lr(worker.inner_step))
             claimed = pending_weights.pop(worker.inner_step, None)
             if claimed is not None:
                 verdict = compare_change("weights", claimed, worker.flat_weights(), start, limits.weights)
                 checks.append(HopCheck(-1, -1, "step", worker.inner_step - start_step, verdict))
-        if record.inner_step != worker.inner_step:
-            reason = f"reported inner step {record.inner_step}, the replay is at {worker.inner_step}"
-            return _stop(result, worker, checks, index, record, depth, reason)
+        if not problem and record.inner_step != worker.inner_step:
+            problem = f"reported inner step {record.inner_step}, the replay is at {worker.inner_step}"
+        if problem:
+            refused = Verdict.refuse("protocol", problem)
+            checks.append(HopCheck(index, record.sample_id, record.direction, depth, refused))
+            result.stopped, result.complete = problem, False
+            break
         result.hops += 1
-    else:
-        result.complete = True
+    return _ended(result, worker, start, start_step, session)
+
+
+def _ended(
+    result: ReplayResult, worker: StageWorker, start: torch.Tensor, start_step: int, session: int
+) -> ReplayResult:
+    """The result as of where the replay stands: in `session`, whose window began at `start_step`."""
+    result.start, result.start_step, result.session = start, start_step, session
     result.end, result.end_step = worker.flat_weights(), worker.inner_step
     return result
 
 
-def _window_start(records: Sequence[HopRecord], step: int) -> int:
+def _window_start(records: Sequence[HopRecord], sessions: Sequence[int], step: int) -> int:
+    """Right after the first hop of the last session that reached `step`: a snapshot is of the miner's state
+    as it stands, so of its last session (a restart forgets the earlier sessions' snapshots)."""
+    last = sessions[-1] if sessions else 0
     for index, record in enumerate(records):
-        if record.inner_step >= step:
+        if sessions[index] == last and record.inner_step >= step:
             return index + 1
     raise ValueError(f"no committed hop reached inner step {step}: the snapshot is not from these records")
 
@@ -206,8 +237,8 @@ def _protocol_problem(setup: ReplaySetup, worker: StageWorker, record: HopRecord
     if record.epoch != epoch:
         return f"a hop of epoch {record.epoch} among epoch {epoch}'s records"
     if record.direction == "forward":
-        if record.sample_id in worker.cache:
-            return f"sample {record.sample_id} forwarded twice"
+        # A sample already in the cache is a restarted sample coming back: the orchestrator assigns every hop,
+        # and the worker replaces the orphaned graph of the earlier attempt (StageWorker.forward), as the replay's.
         if not setup.spec.is_head and record.input is None:
             return "a forward without an input object"
         return ""
@@ -283,23 +314,6 @@ def _compare_bytes(
     except wire.WireError as error:
         return Verdict.refuse(kind, f"output does not decode: {error}")
     return compare_change(kind, claimed_t, _decode(setup, replayed), carried, threshold)
-
-
-def _stop(
-    result: ReplayResult,
-    worker: StageWorker,
-    checks: list[HopCheck],
-    index: int,
-    record: HopRecord,
-    depth: int,
-    reason: str,
-) -> ReplayResult:
-    checks.append(
-        HopCheck(index, record.sample_id, record.direction, depth, Verdict.refuse("protocol", reason))
-    )
-    result.stopped = reason
-    result.end, result.end_step = worker.flat_weights(), worker.inner_step
-    return result
 
 
 # -- single checks -----------------------------------------------------------------------------------------
@@ -433,3 +447,56 @@ def check_snapshot(setup: ReplaySetup, snapshot: Snapshot, sketch: WeightSketch,
     of the window before it (`claimed_weights`) checks the snapshot's weights against the committed hops.
     """
     return check_committed_weights(setup, snapshot.weights, sketch, seed)
+
+
+# -- which hops a window needs ---------------------------------------------------------------------------------
+
+
+def window(hops: Sequence[tuple[int, str, int, int]], start: int, depth: int, cap: int) -> list[int]:
+    """The indices of the hops a replay of `depth` steps from inner step `start` needs, at most `cap` of them.
+
+    `hops` are a miner's done hops of an epoch in commit order, each as (session, direction, sample id, reported
+    inner step). From the checkpoint (`start` 0) that is each session's hops from its first through the first one
+    past step `depth`; from a snapshot of the last session at `start`, that session's hop that reached `start`
+    (where `replay` begins), then its hops through the first one past `start + depth`, and for each backward among
+    them whose forward came before, that forward (the replay restores it as in flight). So the window is where it
+    starts, however many hops came before it, and the miner's reported steps cannot empty it: the first hop past
+    the bound is always in, and a replay that reaches it while not yet that deep stops on the reported step.
+    """
+    bound = start + depth
+    chosen: list[int] = []
+    if start == 0:
+        session, open_ = None, True
+        for index, (hop_session, _, _, step) in enumerate(hops):
+            if hop_session != session:
+                session, open_ = hop_session, True
+            if open_:
+                chosen.append(index)
+                open_ = step <= bound
+        return chosen[:cap]
+    last = hops[-1][0] if hops else 0
+    own = [index for index, hop in enumerate(hops) if hop[0] == last]
+    reached = next((n for n, index in enumerate(own) if hops[index][3] >= start), None)
+    if reached is None:
+        return []
+    in_flight: dict[int, int] = {}  # sample -> its forward before the window, not yet backpropagated
+    for index in own[:reached]:
+        _, direction, sample, _ = hops[index]
+        if direction == "forward":
+            in_flight[sample] = index
+        else:
+            in_flight.pop(sample, None)
+    in_flight.pop(hops[own[reached]][2], None)  # the hop that reached `start` is always in
+    chosen.append(own[reached])
+    for index in own[reached + 1 :]:
+        _, direction, sample, step = hops[index]
+        forward = in_flight.pop(
+            sample, None
+        )  # a backward needs it; a restarted sample's new forward replaces it
+        needed = [forward] if forward is not None and direction == "backward" else []
+        if len(chosen) + len(needed) + 1 > cap:
+            break
+        chosen += [*needed, index]
+        if step > bound:
+            break
+    return sorted(chosen)

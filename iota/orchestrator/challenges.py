@@ -14,14 +14,21 @@ stall its pipeline for it: it copies its state, says at once which step it took 
 uploads it beside its work. From then on it gets other work, but a report that reaches a later step is refused
 until the snapshot is answered: its state cannot move past the step unanswered. Such a refusal serves the order
 again, so a miner whose upload failed answers anew.
+
+A miner that restarts (a crash, PM2) registers a new session and starts again from the epoch's checkpoint at inner
+step 0. Its first accepted report opens the session here: the epoch's step commitments and answered snapshots
+start afresh (those of the session before are of weights nobody holds any more), and where its hops begin among
+the miner's done hops is kept, so an audit replays each session as a stream of its own (`audit_window`).
 """
 
 from __future__ import annotations
 
+import bisect
 import secrets
 from typing import Any
 
-from iota.orchestrator.ledgers import ChallengeRecord, SnapshotRecord
+from iota.audit.replay import window
+from iota.orchestrator.ledgers import ChallengeRecord, Claim, SnapshotRecord
 from iota.orchestrator.scheduler import SchedulingError
 from iota.orchestrator.state import MinerRecord, StateStore
 from iota.protocol import (
@@ -33,6 +40,7 @@ from iota.protocol import (
     WeightSketch,
     Work,
 )
+from iota.protocol.bounds import MAX_HOPS
 from iota.storage import keys
 from iota.storage.base import ObjectStore
 
@@ -59,6 +67,7 @@ class Challenges:
     ) -> None:
         """Record the sketch of a report that completes a step, and perhaps challenge that step. Call it inside
         the report's transaction, after the hop is accepted."""
+        self._open_session(hotkey, epoch, now)
         if inner_step <= self.state.steps.last(epoch, hotkey):
             return
         if sketch is None:
@@ -74,6 +83,19 @@ class Challenges:
                 hotkey, ChallengeRecord(epoch=epoch, step=inner_step, key=key, at=now)
             )
             self.state.counters.bump("challenges_issued")
+
+    def _open_session(self, hotkey: str, epoch: int, now: float) -> None:
+        """Note where the miner's session begins among its done hops of the epoch, at its first accepted hop (this
+        one, the last done); a restart's session starts the epoch's commitments afresh."""
+        miner = self.state.miner(hotkey)
+        known = self.state.steps.sessions(epoch, hotkey)
+        if miner is None or (known and known[-1][0] == miner.session):
+            return
+        first = len(self.state.done_hops(hotkey, epoch, MAX_HOPS)) - 1
+        self.state.steps.new_session(epoch, hotkey, miner.session, first)
+        if known:
+            self.state.snapshots.forget(epoch, hotkey)
+            self.state.log(now, "session_restarted", hotkey, epoch=epoch, session=len(known), first_hop=first)
 
     def pending(self, hotkey: str) -> bool:
         return self.state.snapshots.pending(hotkey) is not None
@@ -165,6 +187,12 @@ class Challenges:
                 found[step] = {**snapshot.model_dump(), "sketch": sketch.model_dump()}
         return found
 
+    def lapsed(self, claim: Claim) -> bool:
+        """Whether a failing verdict's window can no longer be rebuilt: it started at a snapshot that a restart of
+        the miner dropped since. Judged anew, it would be confirmed or refuted on other evidence than the
+        accuser's, so it lapses: an unconfirmed failure counts for nothing, and costs its accuser nothing."""
+        return bool(claim.start_step) and claim.start_step not in self.snapshots(claim.miner, claim.epoch)
+
     def for_audit(
         self, hotkey: str, epoch: int, depth: int, start: int | None = None
     ) -> tuple[int, list[AuditSnapshot]]:
@@ -195,3 +223,23 @@ class Challenges:
                 400, f"a snapshot answers for step {challenge.step} or later, not {step!r}", fault=True
             )
         return challenge, step
+
+
+def audit_window(
+    state: StateStore, hotkey: str, epoch: int, start: int, depth: int, cap: int
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """(session, done hop as `StateStore.done_hops` gives it) of each hop a replay of `depth` steps from `start`
+    needs (iota.audit.replay.window), at most `cap`: what an audit task names, and what a recomputation of it
+    replays."""
+    rows = state.done_hops(hotkey, epoch, MAX_HOPS)
+    firsts = [first for _, first in state.steps.sessions(epoch, hotkey)]
+    sessions = [max(0, bisect.bisect_right(firsts, index) - 1) for index in range(len(rows))]
+    hops = [
+        (session, row[1], int(row[2]), int(row[3] or 0)) for session, row in zip(sessions, rows, strict=True)
+    ]
+    return [(sessions[index], rows[index]) for index in window(hops, start, depth, cap)]
+
+
+def last_session(state: StateStore, hotkey: str, epoch: int) -> int:
+    """The miner's last session of the epoch (0: its first, or it committed nothing)."""
+    return max(0, len(state.steps.sessions(epoch, hotkey)) - 1)

@@ -31,7 +31,7 @@ from iota.audit.records import HopRecord
 from iota.audit.replay import ReplaySetup
 from iota.model.flat import decode_f32
 from iota.orchestrator.audits import MAX_AUDIT_HOPS, Auditor
-from iota.orchestrator.challenges import Challenges
+from iota.orchestrator.challenges import Challenges, audit_window, last_session
 from iota.orchestrator.commitments import epoch_end
 from iota.orchestrator.ledgers import Claim
 from iota.orchestrator.state import StateStore
@@ -61,6 +61,16 @@ class Rechecker:
         """Recompute every claim now due; returns how many were settled."""
         done = 0
         for audit_id, claim in self.auditor.unconfirmed(self.auditor.clock()):
+            if self.challenges is not None and self.challenges.lapsed(claim):
+                with self.state.transaction():
+                    self.state.audits.drop_claim(audit_id)
+                logger.warning(
+                    "claim {} lapses unjudged: the miner restarted since, and the snapshot of step {} its "
+                    "window started at is of a session that is over",
+                    audit_id,
+                    claim.start_step,
+                )
+                continue
             outcome = judge(partial(self._load, claim), "orchestrator", claim.miner, claim.epoch)
             verdict = AuditVerdict(
                 audit_id=uuid.uuid4().hex,
@@ -84,6 +94,8 @@ class Rechecker:
         shas = self.state.epochs.checkpoint_shas(epoch)
         assert shas is not None  # audits are issued only for epochs whose checkpoint is known
         checkpoint = decode_f32(self._get(keys.checkpoint_stage(self.run.run_id, epoch, stage), shas[stage]))
+        first, depth = claim.start_step, thresholds(claim.bf16).depth
+        hops = audit_window(self.state, hotkey, epoch, first, depth, MAX_AUDIT_HOPS)
         records = [
             HopRecord(
                 epoch,
@@ -95,15 +107,12 @@ class Rechecker:
                 self._get(out_key, out_sha) if out_key else None,
                 loss,
             )
-            for _, direction, sample, step, in_key, in_sha, out_key, out_sha, loss in self.state.done_hops(
-                hotkey, epoch, MAX_AUDIT_HOPS
-            )
+            for _, (_, direction, sample, step, in_key, in_sha, out_key, out_sha, loss) in hops
         ]
+        sessions = [session for session, _ in hops]
         final, merge = self._epoch_end(hotkey, epoch, stage, setup)
-        first = claim.start_step
         if not first or self.challenges is None:
-            return Evidence(setup, checkpoint, records, final=final, merge=merge)
-        depth = thresholds(claim.bf16).depth
+            return Evidence(setup, checkpoint, records, final=final, merge=merge, sessions=sessions)
         snapshots = {
             step: decode_challenged(setup, self._get(snap["key"], snap["sha256"]))
             for step, snap in self.challenges.snapshots(hotkey, epoch).items()
@@ -120,6 +129,7 @@ class Rechecker:
             later,
             final,
             merge,
+            sessions,
         )
 
     def _epoch_end(
@@ -130,7 +140,9 @@ class Rechecker:
         final = None
         if end.upload_key is not None:
             pseudo = decode_pseudo_gradient(setup, self._get(end.upload_key, end.upload_sha))
-            final = FinalClaim(pseudo, end.final_step, end.final_sketch)
+            final = FinalClaim(
+                pseudo, end.final_step, end.final_sketch, last_session(self.state, hotkey, epoch)
+            )
         merge = None
         if end.plan is not None and end.digests:
             merge = MergeClaim(end.plan, hotkey, end.digests, self.store, end.upload_shas)

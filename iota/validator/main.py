@@ -1,6 +1,7 @@
 """The validator daemon: draw audits, replay them, report verdicts; compute weights from the score log and set them.
 
-Each audit replays a miner's committed hops of an epoch from the epoch's checkpoint (or a challenged snapshot) with
+Each audit replays a miner's committed hops of an epoch from the epoch's checkpoint (or a challenged snapshot; each
+session of a miner that restarted from the checkpoint again) with
 the miners' own code (iota.audit.replay), in the miner's declared precision, and compares every claim; once the
 epoch has ended, also its uploaded pseudo-gradient and the partitions it merged (iota.audit.judge). Weights
 follow from the orchestrator's score log by a pure function (iota.audit.scoring), so two validators with the
@@ -144,6 +145,7 @@ class ValidatorDaemon:
                 later,
                 self._final(task, setup, n),
                 self._merge(task),
+                [hop.session for hop in task.hops],
             )
 
         outcome = judge(load, "validator", task.miner, task.epoch)
@@ -165,7 +167,7 @@ class ValidatorDaemon:
         if claim is None:
             return None
         data = get(claim.url, claim.sha256, 4 * n_params, self.http)
-        return FinalClaim(decode_pseudo_gradient(setup, data), claim.step, claim.sketch)
+        return FinalClaim(decode_pseudo_gradient(setup, data), claim.step, claim.sketch, claim.session)
 
     def _merge(self, task: AuditTask) -> MergeClaim | None:
         """The miner's merge as an owner, if the task names one: read through the task's URLs as it recomputes."""

@@ -27,6 +27,21 @@ class Steps:
         data = self.kv.get(keys.sketch(epoch, hotkey, step))
         return None if data is None else WeightSketch.model_validate(data)
 
+    def sessions(self, epoch: int, hotkey: str) -> list[tuple[str, int]]:
+        """(session, position of its first hop among the miner's done hops of the epoch) of each session that
+        committed a hop, in order."""
+        known = self.kv.get(keys.sessions(epoch, hotkey), [])
+        return [(str(session), int(first)) for session, first in known]
+
+    def new_session(self, epoch: int, hotkey: str, session: str, first: int) -> None:
+        """A session's first hop, at `first`: it starts from the checkpoint at inner step 0, so the sketches of an
+        earlier session's steps are dropped (a step it reaches again is committed anew)."""
+        known = self.sessions(epoch, hotkey)
+        for step in range(1, self.last(epoch, hotkey) + 1):
+            self.kv.put(keys.sketch(epoch, hotkey, step), None)
+        self.kv.put(keys.step(epoch, hotkey), 0)
+        self.kv.put(keys.sessions(epoch, hotkey), [*known, (session, first)])
+
 
 class Snapshots:
     """The snapshot challenge pending for each miner (one at most), and the snapshots it answered per epoch."""
@@ -45,6 +60,10 @@ class Snapshots:
     def record(self, epoch: int, hotkey: str, step: int, snapshot: SnapshotRecord) -> None:
         self.kv.put(keys.snapshot(epoch, hotkey, step), snapshot.model_dump())
         self.kv.put(keys.snapshots(epoch, hotkey), sorted({*self.steps(epoch, hotkey), step}))
+
+    def forget(self, epoch: int, hotkey: str) -> None:
+        """Forget the miner's answered snapshots of the epoch: they are of a session that is over."""
+        self.kv.put(keys.snapshots(epoch, hotkey), [])
 
     def steps(self, epoch: int, hotkey: str) -> list[int]:
         """The steps of the miner's answered snapshots in the epoch, ascending."""
