@@ -4,8 +4,14 @@ The orchestrator never trains: it only plans the merge, has it settled (iota.orc
 a partition whose owners disagree or vanished recomputed, the merge is cheap and deterministic), and publishes the
 next checkpoint from the accepted slices (iota.orchestrator.checkpoints).
 
-Deadlines are soft for uploads: a pseudo-gradient upload granted before the UPLOAD deadline holds a lease of that
-deadline plus its size over `min_upload_bytes_per_s`, and the phase waits for it until then, never longer.
+The phases wait only for those who owe something: UPLOAD for the miners that completed a hop this epoch (only
+they have a pseudo-gradient), MERGE for the owners of its partitions, APPLY for those miners and any other that
+took the new weights. A registered miner that did no work and asks for nothing holds up nothing.
+
+Deadlines are soft: an upload or apply handed out before its phase's deadline holds a lease of that deadline plus
+the stage's size over `min_upload_bytes_per_s`, and the phase waits for it until then, never longer. A lease that
+lapses with its work unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for
+no longer.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from iota.model.stages import StageSpec
 from iota.orchestrator import referee
 from iota.orchestrator.checkpoints import Checkpoints
 from iota.orchestrator.ledgers import UploadRecord
+from iota.orchestrator.ledgers.epoch_end import Leases
 from iota.orchestrator.scheduler import APPLY, DONE, MERGE, TRAIN, UPLOAD, Scheduler, SchedulingError
 from iota.orchestrator.state import MinerRecord, StateStore
 from iota.protocol import ApplyDone, EpochPlan, MergeDone, MergeOrder, PhaseReport, UploadDone, Work
@@ -70,6 +77,9 @@ class EpochDriver:
         self.run_id, self.model, self.stages = run_id, model, stages
         self.state, self.scheduler, self.store, self.settings = state, scheduler, store, settings
         self.micro_batch_tokens = micro_batch_tokens
+        # Strikes against a miner whose upload or apply lease lapsed: the abuse policy's, set by the assembly.
+        self.strike: Callable[[str, str, float], object] | None = None
+        self._workers: tuple[int, frozenset[str]] | None = None  # (epoch, who completed a hop in it)
         self.tensors = stage_tensor_lists(model, stages)
         self.n_params = [n_params(t) for t in self.tensors]
         self.checkpoints = Checkpoints(
@@ -116,8 +126,12 @@ class EpochDriver:
         if phase == DONE:
             return Work(kind="stop", reason="the run is complete", **base)
         if phase == UPLOAD and self.state.uploads.get(epoch, miner.stage, miner.hotkey) is None:
-            lease = self._upload_lease(epoch, miner, now)
-            if lease is None:
+            if miner.hotkey not in self.workers(epoch):
+                return Work(
+                    kind="wait", wait_s=0.2, reason="no hop done this epoch: nothing to upload", **base
+                )
+            lease = self._lease(epoch, UPLOAD, miner, now)
+            if lease is None or now > lease:
                 return Work(kind="wait", wait_s=0.2, reason="the upload deadline has passed", **base)
             key = keys.pseudo_grad(self.run_id, epoch, miner.stage, miner.hotkey)
             size = 4 * self.n_params[miner.stage]
@@ -140,22 +154,34 @@ class EpochDriver:
                 kind="apply",
                 input_url=self.store.presign_get(key, ttl),
                 input_sha256=self.checkpoints.weights_sha(miner.stage),
+                lease_expires=self._lease(epoch, APPLY, miner, now),
                 **base,
             )
         return Work(kind="wait", wait_s=0.2, reason=f"waiting for other miners to finish {phase}", **base)
 
-    def _upload_lease(self, epoch: int, miner: MinerRecord, now: float) -> float | None:
-        """When `miner`'s upload must be reported by: granted once, before the UPLOAD deadline, for the deadline
-        plus a grace of its size over the minimum bandwidth (asking again never extends it); None once that has
-        passed, or when the deadline passed before it asked."""
-        lease = self.state.uploads.lease(epoch, miner.stage, miner.hotkey)
+    def workers(self, epoch: int) -> frozenset[str]:
+        """The miners that completed a hop in `epoch`: those its end waits for. Asked only once training is over
+        (in UPLOAD, MERGE or APPLY), when no more hops of the epoch complete: read once, not on every request."""
+        if self._workers is None or self._workers[0] != epoch:
+            self._workers = epoch, frozenset(hotkey for hotkey, _ in self.state.work.by_miner(epoch))
+        return self._workers[1]
+
+    def _leases(self, phase: str) -> Leases:
+        return self.state.uploads.leases if phase == UPLOAD else self.state.merges.apply_leases
+
+    def _lease(self, epoch: int, phase: str, miner: MinerRecord, now: float) -> float | None:
+        """Until when `miner`'s upload or apply is waited for: granted once, when the work is first handed to it
+        before the phase's deadline, until that deadline plus a grace of the stage's size over the minimum
+        bandwidth (asking again never extends it). None when it was first handed the work after the deadline."""
+        leases = self._leases(phase)
+        lease = leases.until(epoch, miner.stage, miner.hotkey)
         if lease is None:
-            deadline = self._phase_started(epoch, UPLOAD, now) + self.settings.phase_timeout_s
+            deadline = self._phase_started(epoch, phase, now) + self.settings.phase_timeout_s
             if now > deadline:
                 return None
             lease = deadline + 4 * self.n_params[miner.stage] / self.settings.min_upload_bytes_per_s
-            self.state.uploads.grant(epoch, miner.stage, miner.hotkey, lease)
-        return lease if now <= lease else None
+            leases.grant(epoch, miner.stage, miner.hotkey, lease)
+        return lease
 
     def _phase_started(self, epoch: int, phase: str, now: float) -> float:
         """When `phase` of `epoch` began: the first time anyone looked, if it was not set when it began."""
@@ -191,7 +217,7 @@ class EpochDriver:
         if report.epoch != epoch:
             raise SchedulingError(409, f"epoch {report.epoch} is closed (current {epoch})")
         if isinstance(result, UploadDone) and phase == UPLOAD:
-            lease = self.state.uploads.lease(epoch, miner.stage, miner.hotkey)
+            lease = self.state.uploads.leases.until(epoch, miner.stage, miner.hotkey)
             if lease is None or now > lease:
                 why = "no upload was granted" if lease is None else f"its lease ended {now - lease:.1f} s ago"
                 raise SchedulingError(
@@ -199,6 +225,7 @@ class EpochDriver:
                 )
             self._record_upload(miner, report, result.norm)
         elif isinstance(result, MergeDone) and phase == MERGE:
+            self._check_merge_report(epoch, miner, result)
             self.state.merges.record_report(epoch, miner.stage, miner.hotkey, result)
         elif isinstance(result, ApplyDone) and phase == APPLY:
             expected = self.checkpoints.weights_sha(miner.stage)
@@ -210,6 +237,19 @@ class EpochDriver:
         else:
             raise SchedulingError(409, f"a {kind!r} report does not fit phase {phase} of epoch {epoch}")
         self.advance(now)
+
+    def _check_merge_report(self, epoch: int, miner: MinerRecord, done: MergeDone) -> None:
+        """A merge report names only partitions its sender owns, and norms of the plan's submitters only: what is
+        kept of it is bounded by the plan, not by what the sender chose to put in the body."""
+        plan = self.state.merges.plan(epoch, miner.stage)
+        mine = set(plan.partitions_of(miner.hotkey)) if plan is not None else set()
+        if not set(done.partitions) | set(done.failed) <= mine:
+            raise SchedulingError(
+                400, f"the report names partitions other than yours {sorted(mine)}", fault=True
+            )
+        submitters = set(plan.hotkeys) if plan is not None else set()
+        if any(not set(p.sq_norms) <= submitters for p in done.partitions.values()):
+            raise SchedulingError(400, "the report names norms of miners that submitted nothing", fault=True)
 
     def _record_upload(self, miner: MinerRecord, report: PhaseReport, norm: float) -> None:
         epoch = self.scheduler.epoch
@@ -231,11 +271,14 @@ class EpochDriver:
         phase, epoch = self.scheduler.phase, self.scheduler.epoch
         timed_out = now - self._phase_started(epoch, phase, now) > self.settings.phase_timeout_s
         alive = self.state.miners(alive_only=True)
+        workers = self.workers(epoch) if phase in (UPLOAD, APPLY) else frozenset()
         if phase == UPLOAD:
-            waiting = [m for m in alive if self.state.uploads.get(epoch, m.stage, m.hotkey) is None]
-            # Past the deadline, only uploads granted before it are waited for, each until its own lease ends.
-            uploading = [m for m in waiting if timed_out and self._upload_lease(epoch, m, now) is not None]
-            if not waiting or (timed_out and not uploading):
+            owing = [
+                m
+                for m in alive
+                if m.hotkey in workers and self.state.uploads.get(epoch, m.stage, m.hotkey) is None
+            ]
+            if not self._waiting(epoch, UPLOAD, owing, timed_out, now):
                 self._start_merge(epoch, now)
         elif phase == MERGE:
             pending = []
@@ -254,9 +297,42 @@ class EpochDriver:
             if not pending or timed_out:
                 self._finish_merge(epoch, now)
         elif phase == APPLY:
-            waiting = [m for m in alive if self.state.merges.applied(epoch, m.hotkey) is None]
-            if not waiting or timed_out:
+            # And whoever took the new weights: an idle replica that loads them is not left behind.
+            leases = self.state.merges.apply_leases
+            owing = [
+                m
+                for m in alive
+                if (m.hotkey in workers or leases.until(epoch, m.stage, m.hotkey) is not None)
+                and self.state.merges.applied(epoch, m.hotkey) is None
+            ]
+            if not self._waiting(epoch, APPLY, owing, timed_out, now):
                 self.scheduler.next_epoch(now)
+
+    def _waiting(
+        self, epoch: int, phase: str, owing: list[MinerRecord], timed_out: bool, now: float
+    ) -> list[MinerRecord]:
+        """Those of `owing` that `phase` still waits for: before its deadline every one, past it those whose lease
+        still runs. One whose lease lapsed with its work unreported is struck, once, and waited for no longer."""
+        leases = self._leases(phase)
+        waiting = []
+        for miner in owing:
+            lease = leases.until(epoch, miner.stage, miner.hotkey)
+            if lease is not None and now > lease:
+                self._lapsed(epoch, phase, miner.hotkey, now)
+            elif lease is not None or not timed_out:
+                waiting.append(miner)
+        return waiting
+
+    def _lapsed(self, epoch: int, phase: str, hotkey: str, now: float) -> None:
+        if not self._leases(phase).lapse(epoch, hotkey):
+            return  # struck already
+        why = f"its {phase} of epoch {epoch} was not reported before its lease ended"
+        self.state.log(now, "lease_lapsed", hotkey, epoch=epoch, phase=phase)
+        logger.warning(
+            "epoch {}: {}'s {} lease lapsed; the phase goes on without it", epoch, hotkey[:10], phase
+        )
+        if self.strike is not None:
+            self.strike(hotkey, why, now)
 
     def _start_merge(self, epoch: int, now: float) -> None:
         # A miner whose audit failed this epoch, confirmed by an independent replay, contributes no update.

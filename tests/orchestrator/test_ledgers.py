@@ -21,6 +21,8 @@ from iota.protocol import EpochPlan, MergeDone, PartitionDone, WeightSketch
 from iota.state import Database
 
 PLAN = EpochPlan(epoch=2, tokens_at_start=4096, replicas=3)
+DIGEST = "d" * 64  # as a digest must look on the wire
+HOTKEY = "5" * 48  # as a hotkey must look on the wire: ss58
 
 
 def test_run_values_counters_and_epoch_values(db: Database) -> None:
@@ -72,8 +74,13 @@ def test_uploads_and_merges(db: Database) -> None:
     state.uploads.record(2, 1, "hk", UploadRecord(key="k", sha=None, norm=math.nan, weight=5))
     stored = state.get("upload/2/1/hk")
     assert math.isnan(stored.pop("norm")) and stored == {"key": "k", "sha": None, "weight": 5}
-    state.uploads.grant(2, 1, "hk", 99.0)
-    assert state.get("upload_lease/2/1/hk") == 99.0 and state.uploads.lease(2, 1, "other") is None
+    state.uploads.leases.grant(2, 1, "hk", 99.0)
+    assert state.get("upload_lease/2/1/hk") == 99.0 and state.uploads.leases.until(2, 1, "other") is None
+    state.merges.apply_leases.grant(2, 1, "hk", 98.0)
+    assert state.get("apply_lease/2/1/hk") == 98.0 == state.merges.apply_leases.until(2, 1, "hk")
+    # A lapse is noted once per phase: the first note is the one that strikes.
+    assert state.uploads.leases.lapse(2, "hk") and not state.uploads.leases.lapse(2, "hk")
+    assert state.get("lapsed/2/upload/hk") is True and state.merges.apply_leases.lapse(2, "hk")
 
     submitter = Submitter(hotkey="hk", upload_key="k", weight=5.0, claimed_norm=1.0)
     plan = make_plan(
@@ -88,9 +95,9 @@ def test_uploads_and_merges(db: Database) -> None:
     )
     state.merges.set_plan(plan)
     assert state.get("plan/2/1") == plan.model_dump(mode="json") and state.merges.plan(2, 1) == plan
-    done = MergeDone(partitions={0: PartitionDone(digest="d", sq_norms={"a": 1.0})})
+    done = MergeDone(partitions={0: PartitionDone(digest=DIGEST, sq_norms={HOTKEY: 1.0})})
     state.merges.record_report(2, 1, "hk", done)
-    assert state.get("merged/2/1/hk") == {"0": {"digest": "d", "sq_norms": {"a": 1.0}}}
+    assert state.get("merged/2/1/hk") == {"0": {"digest": DIGEST, "sq_norms": {HOTKEY: 1.0}}}
     assert state.merges.report(2, 1, "hk") == done.partitions and state.merges.report(2, 1, "other") is None
     state.put(
         "merged/2/1/old", {"0": "not a report"}

@@ -4,8 +4,11 @@ log, mirrored to the bucket, survives a fresh orchestrator."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,6 +127,46 @@ def test_another_validator_confirms_or_refutes_the_same_audit(net: Net) -> None:
     log = net.orch.auditor.score_log()
     assert compute_scores(log)[head] == 1.0
     assert [v["validator"] for v in log["verdicts"]].count(ORCHESTRATOR) == 0
+
+
+def test_a_verdict_out_of_bounds_is_refused_and_never_stored(net: Net) -> None:
+    """A validator's verdict is kept for good and served to anyone: an oversized reason, a dict of thousands of
+    error kinds, a NaN, a number past 64 bits or a miner that is no hotkey is a 422, and the audit stays open."""
+    net.join("head", "mid", "tail")
+    honest_head_forward(net)
+    task = audit(net)
+    honest = AuditVerdict(
+        audit_id=task.audit_id,
+        miner=task.miner,
+        epoch=task.epoch,
+        stage=task.stage,
+        passed=True,
+        hops_replayed=len(task.hops),
+        depth=1,
+        errors={"forward": 1e-6},
+    ).model_dump()
+    spoilt: list[dict[str, Any]] = [
+        {"reason": "x" * 600_000},
+        {"errors": {f"kind{i}": 0.5 for i in range(10_000)}},
+        {"errors": {"forward": math.nan}},
+        {"errors": {"forward": math.inf}},
+        {"hops_replayed": 2**63},
+        {"depth": -1},
+        {"miner": "not a hotkey"},
+        {"audit_id": "x" * 10_000},
+    ]
+    log = net.orch.auditor.score_log()
+    for change in spoilt:
+        response = net.signed("validator", "/validators/verdict", json.dumps(honest | change).encode())
+        assert response.status_code == 422, (list(change), response.status_code)
+        assert len(response.content) < 4096  # the answer names what is wrong without repeating it
+    assert net.orch.auditor.score_log() == log
+    response = net.signed("validator", "/validators/verdict", json.dumps(honest).encode())
+    assert response.status_code == 200, response.text  # the audit was still open
+    (stored,) = [
+        v for v in net.orch.auditor.score_log()["verdicts"] if v["detail"]["audit_id"] == task.audit_id
+    ]
+    assert stored["passed"] and stored["detail"]["errors"] == {"forward": 1e-6}
 
 
 def test_the_score_log_survives_a_fresh_orchestrator_through_the_bucket(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -15,11 +15,35 @@ from iota.protocol import MergeDone, PartitionDone
 _PARTITIONS = TypeAdapter(dict[int, PartitionDone])
 
 
+class Leases:
+    """Until when an end-of-epoch phase waits for a miner's upload or apply once it was handed the work (its lease),
+    and whether its lapse has been struck."""
+
+    def __init__(self, kv: KeyValues, phase: str, key: Callable[[int, int, str], str]):
+        self.kv, self.phase, self.key = kv, phase, key
+
+    def grant(self, epoch: int, stage: int, hotkey: str, until: float) -> None:
+        self.kv.put(self.key(epoch, stage, hotkey), until)
+
+    def until(self, epoch: int, stage: int, hotkey: str) -> float | None:
+        value = self.kv.get(self.key(epoch, stage, hotkey))
+        return None if value is None else float(value)
+
+    def lapse(self, epoch: int, hotkey: str) -> bool:
+        """Note that `hotkey`'s lease lapsed with its work unreported; True the first time only (one strike)."""
+        key = keys.lapsed(epoch, self.phase, hotkey)
+        if self.kv.get(key) is not None:
+            return False
+        self.kv.put(key, True)
+        return True
+
+
 class Uploads:
-    """Each miner's pseudo-gradient upload of an epoch, and the time its upload was granted until (its lease)."""
+    """Each miner's pseudo-gradient upload of an epoch, and the leases of those it was handed."""
 
     def __init__(self, kv: KeyValues):
         self.kv = kv
+        self.leases = Leases(kv, "upload", keys.upload_lease)
 
     def record(self, epoch: int, stage: int, hotkey: str, upload: UploadRecord) -> None:
         self.kv.put(keys.upload(epoch, stage, hotkey), upload.model_dump())
@@ -28,20 +52,14 @@ class Uploads:
         data = self.kv.get(keys.upload(epoch, stage, hotkey))
         return None if data is None else UploadRecord.model_validate(data)
 
-    def grant(self, epoch: int, stage: int, hotkey: str, until: float) -> None:
-        self.kv.put(keys.upload_lease(epoch, stage, hotkey), until)
-
-    def lease(self, epoch: int, stage: int, hotkey: str) -> float | None:
-        until = self.kv.get(keys.upload_lease(epoch, stage, hotkey))
-        return None if until is None else float(until)
-
 
 class Merges:
     """Each stage's merge: its plan, what each owner reported merging, whose result was accepted for each
-    partition, and which miners applied the merged weights."""
+    partition, and which miners applied the merged weights (and the leases of those handed the apply)."""
 
     def __init__(self, kv: KeyValues):
         self.kv = kv
+        self.apply_leases = Leases(kv, "apply", keys.apply_lease)
 
     def set_plan(self, plan: MergePlan) -> None:
         self.kv.put(keys.plan(plan.epoch, plan.stage), plan.model_dump(mode="json"))

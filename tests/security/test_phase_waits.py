@@ -1,0 +1,167 @@
+"""The end of an epoch waits only for those who owe something: a registered miner that did no work and asks for
+nothing holds up neither UPLOAD nor APPLY, and a miner whose upload or apply lease lapses (a worker's, or an idle
+miner's that took the new weights) is struck and waited for no longer.
+
+Through the real orchestrator on uvicorn, with real keys: three miners carry one sample through three stages, then
+upload (zeros: what is merged does not matter here), merge with iota.merge as a miner does, and apply.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from bittensor.keyfiles import Keypair
+
+from iota.client.transfers import UrlStore
+from iota.merge import MergePlan, run_owner
+from iota.model import wire
+from iota.protocol import (
+    ApplyDone,
+    MergeDone,
+    PartitionDone,
+    PhaseReport,
+    RegisterRequest,
+    UploadDone,
+    Work,
+)
+from iota.storage.transfer import download, upload
+from tests.security import MINERS, Net, report_for, serve_net
+
+
+@pytest.fixture
+def net(data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path) -> Iterator[Net]:
+    # One sample an epoch; nobody is timed out when the clock is moved past a lease.
+    with serve_net(data_dir, keypairs, tmp_path, samples_per_epoch=1, epochs=2, miner_timeout_s=1e6) as net:
+        yield net
+
+
+def train_one_sample(net: Net) -> None:
+    """head, mid and tail forward; mid and head backward: each of the three has done work this epoch."""
+    for name, kind in [("head", "forward"), ("mid", "forward"), ("tail", "forward")]:
+        hop(net, name, kind)
+    for name in ("mid", "head"):
+        hop(net, name, "backward")
+    assert net.orch.scheduler.phase == "upload"
+
+
+def hop(net: Net, name: str, kind: str) -> None:
+    work = net.work(name, kind)
+    data = download(work.input_url, work.input_sha256, 1 << 24) if work.input_url else None
+    out = net.activation(0.5) if work.output_url else None
+    if work.output_url and out is not None:
+        upload(work.output_url, out)
+    loss = 2.5 if kind == "forward" and name == "tail" else None
+    net.clients[name].report(report_for(work, data, out, loss))
+
+
+def phase_report(
+    work: Work, result: UploadDone | MergeDone | ApplyDone, **digests: str | None
+) -> PhaseReport:
+    return PhaseReport(run_id=work.run_id, epoch=work.epoch, inner_step=0, result=result, **digests)
+
+
+def upload_zeros(net: Net, name: str) -> None:
+    work = net.work(name, "upload")
+    assert work.output_url and work.output_size
+    data = bytes(work.output_size)  # fp32 zeros
+    upload(work.output_url, data)
+    digests = {"output_sha256": wire.sha256(data), "output_md5": wire.md5_hex(data)}
+    net.clients[name].phase_report(phase_report(work, UploadDone(norm=0.0), **digests))
+
+
+def merge(net: Net, name: str) -> None:
+    work = net.work(name, "merge")
+    assert work.merge is not None
+    plan = MergePlan.model_validate(work.merge.plan)
+    with httpx.Client() as http:
+        store = UrlStore(work.merge.get, work.merge.put, http, 4 * plan.n_params)
+        result = run_owner(store, plan, net.clients[name].hotkey)
+    partitions = {
+        i: PartitionDone(digest=r.digest, sq_norms=r.slice_sq_norms) for i, r in result.results.items()
+    }
+    net.clients[name].phase_report(phase_report(work, MergeDone(partitions=partitions, failed=result.failed)))
+
+
+def apply(net: Net, name: str) -> None:
+    work = net.work(name, "apply")
+    digests = {"input_sha256": work.input_sha256, "output_sha256": work.input_sha256}
+    net.clients[name].phase_report(phase_report(work, ApplyDone(), **digests))
+
+
+def past(net: Net, lease: float | None) -> None:
+    """Move the orchestrator's clock just past `lease`."""
+    assert lease is not None
+    net.clock.offset += lease + 1 - net.clock()
+
+
+def strikes(net: Net, name: str) -> list[float]:
+    return net.orch.state.abuse.strike_times(net.keys[name].ss58_address)
+
+
+def test_an_idle_registered_miner_holds_up_no_phase(net: Net) -> None:
+    net.join(*MINERS)
+    net.clients["idle"].register(
+        RegisterRequest(device="cpu", memory_bytes=1 << 34, session=uuid.uuid4().hex)
+    )
+    train_one_sample(net)
+    net.clients["idle"].heartbeat()  # alive, as far as the orchestrator can tell
+    asked = net.clients["idle"].work()
+    assert asked.kind == "wait" and "nothing to upload" in asked.reason
+
+    for name in MINERS:
+        upload_zeros(net, name)
+    assert net.orch.scheduler.phase == "merge"  # at once: the idle miner owes no upload
+    for name in MINERS:
+        merge(net, name)
+    assert net.orch.scheduler.phase == "apply"
+    for name in MINERS:
+        apply(net, name)
+    assert (net.orch.scheduler.epoch, net.orch.scheduler.phase) == (1, "train")  # at once again
+    assert net.clock.offset == 0  # no deadline had to pass
+    assert strikes(net, "idle") == [] and not net.events("lease_lapsed")
+
+
+def test_a_miner_whose_lease_lapses_is_struck_and_waited_for_no_longer(net: Net) -> None:
+    net.join(*MINERS)
+    net.clients["idle"].register(
+        RegisterRequest(device="cpu", memory_bytes=1 << 34, session=uuid.uuid4().hex)
+    )
+    train_one_sample(net)
+    tail, idle = net.keys["tail"].ss58_address, net.keys["idle"].ss58_address
+
+    stalled = net.work("tail", "upload")  # taken, and never done
+    for name in ("head", "mid"):
+        upload_zeros(net, name)
+    # The tail did work: its upload is waited for while its lease runs.
+    assert net.orch.scheduler.phase == "upload"
+    assert strikes(net, "tail") == []
+    past(net, stalled.lease_expires)
+    assert net.clients["head"].work().kind == "merge"  # the next request moves on without it
+    assert len(strikes(net, "tail")) == 1
+    assert [(e["hotkey"], e["phase"]) for e in net.events("lease_lapsed")] == [(tail, "upload")]
+    assert strikes(net, "idle") == []  # it was never handed an upload
+    net.clients["mid"].work()
+    assert len(strikes(net, "tail")) == 1  # struck once for the lapse, however often the phase is looked at
+
+    for name in ("head", "mid"):
+        merge(net, name)
+    assert net.orch.scheduler.phase == "apply"
+    # Both take the new weights and never say they loaded them: the tail must (it trained), the idle miner may
+    # (and once it took them, it is waited for like the others).
+    leases = [net.work(name, "apply").lease_expires or 0.0 for name in ("tail", "idle")]
+    for name in ("head", "mid"):
+        apply(net, name)
+    assert net.orch.scheduler.phase == "apply"
+    past(net, max(leases))
+    net.clients["head"].work()  # the next request moves on without them
+    assert (net.orch.scheduler.epoch, net.orch.scheduler.phase) == (1, "train")
+    assert strikes(net, "tail")[-1] > max(leases) and len(strikes(net, "idle")) == 1  # new strikes
+    assert strikes(net, "head") == strikes(net, "mid") == []
+    lapsed = [(e["hotkey"], e["phase"]) for e in net.events("lease_lapsed")]
+    assert sorted(lapsed[:2]) == sorted([(tail, "apply"), (idle, "apply")]) and lapsed[2:] == [
+        (tail, "upload")
+    ]
