@@ -10,6 +10,13 @@ and the item went to someone else cannot be told from a claim on someone else's 
 most one such race per lease term (``lease_s``, 60 s by default), so at most 10 in the default window, well under
 ``throttle_at``.
 
+A lease that lapses unreported is a strike too (Orchestrator._charging_lapses): leasing work and sitting on it
+(hoarding) would otherwise cost nothing, since a miner that never completes a hop is never audited. Its holder also
+gets shorter leases and a cap on leases held (iota.orchestrator.scheduler). An honest miner lets a lease lapse only
+when it is cut off or far slower than ``lease_s``: a few strikes, forgotten after ``window_s`` (and the late
+report of a lapsed item is no second strike). A hoarder holding its cap of 4 leases is struck 4 times per term
+while its terms halve to ``lease_s / 8``, so it is banned within a few minutes.
+
 A miner is also struck for an output the next stage found bad, but never on that miner's word: the orchestrator
 first checks the claim against the store (Orchestrator._bad_input), and a claim the store contradicts strikes the
 one who made it instead.

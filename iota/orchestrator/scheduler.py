@@ -11,11 +11,18 @@ Nothing cycles forever: a hop leased `max_leases` times without being done resta
 restarted `max_restarts` times is dropped from its epoch (`samples_dropped`, a `drop_sample` event), so that a
 poisoned input costs a bounded number of hops and every allocated sample is completed, in flight or dropped.
 
+A lease taken and never finished costs its holder (docs/security.md, "Lease hoarding"): a miner holds at most
+`max_leases_held` leases at once; each lease that lapses is a strike (charged by the service through
+iota.orchestrator.abuse) and halves the miner's next lease terms until it completes hops again; a forward whose
+lease lapsed is offered to the stage's other miners first, and a backward whose lease lapsed restarts its sample at
+once (no one else holds its graph, and a holder that keeps itself alive with heartbeats must not keep the sample).
+
 Time is passed in (`now`), never read here, so tests drive the clock.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +31,7 @@ from iota.orchestrator.doorbell import Doorbell
 from iota.orchestrator.state import Hop, MinerRecord, StateStore
 
 FORWARD, BACKWARD = "forward", "backward"
+LAPSED = "lease expired"  # the reason a lease that ran out is requeued with
 TRAIN, UPLOAD, MERGE, APPLY, DONE = "train", "upload", "merge", "apply", "done"
 
 
@@ -52,6 +60,10 @@ class Policy:
     # Far above what churn of honest miners causes, low enough that a hop nobody can finish stops soon.
     max_leases: int = 16  # leases of one hop before its sample restarts instead of requeueing it again
     max_restarts: int = 8  # restarts of one sample before it is dropped from its epoch
+    # An honest miner holds at most 4 leases: one prefetched, one computing, two in its outbox (iota.miner.hops).
+    max_leases_held: int = 4
+    # A miner's lease term halves per lapse it has not repaid, down to lease_s / 2**lease_halvings.
+    lease_halvings: int = 3
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,12 @@ class Scheduler:
         # Rung whenever work appears, so that requests held for work are answered (iota.orchestrator.doorbell).
         self.doorbell = Doorbell()
         self._refused_for_load_at = float("-inf")
+        # Lapses are kept here, not in the database: a restarted orchestrator gives every miner full terms again,
+        # which costs one full term per lease a miner may hold; the strikes themselves are durable (abuse).
+        self._lapses: dict[str, int] = {}  # hotkey -> leases that lapsed, less the hops it completed since
+        # Forward item -> (the miner it lapsed with, until when it is offered to the stage's other miners first).
+        self._lapsed: dict[int, tuple[str, float]] = {}
+        self._unpaid: deque[tuple[str, str]] = deque()  # (hotkey, why) of lapses not yet charged as strikes
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -153,6 +171,10 @@ class Scheduler:
             miner = self.live_miner(hotkey, now)
             if self.phase != TRAIN:
                 return Assignment(None, f"phase is {self.phase}")
+            held = self.leases_held(hotkey)
+            if held >= self.policy.max_leases_held:
+                limit = self.policy.max_leases_held
+                return Assignment(None, f"holding {held} leased items (limit {limit}): report them first")
             hop = self.state.next_queued(miner.stage, BACKWARD, hotkey)
             if hop is None and not forward:
                 return Assignment(None, "no backward work yet for this miner's window")
@@ -161,11 +183,29 @@ class Scheduler:
                 if reason:
                     return Assignment(None, reason)
                 hop = self.state.next_queued(miner.stage, FORWARD, None)
+                if hop is not None and self._offered_to_others(hop, miner, now):
+                    return Assignment(None, f"item {hop.id} lapsed with you: offered to other miners first")
                 if hop is None and miner.stage == 0:
                     hop = self._new_sample(now)
                 if hop is None:
                     return Assignment(None, "no work queued for this stage", takes_forward=True)
             return Assignment(self._lease(hop, hotkey, now))
+
+    def leases_held(self, hotkey: str) -> int:
+        return sum(hop.status == "leased" for hop in self.state.open_hops_of_miner(hotkey))
+
+    def lease_term(self, hotkey: str) -> float:
+        """``lease_s``, halved per lapse the miner has not repaid with completed hops."""
+        halvings = min(self._lapses.get(hotkey, 0), self.policy.lease_halvings)
+        return self.policy.lease_s / 2**halvings
+
+    def _offered_to_others(self, hop: Hop, miner: MinerRecord, now: float) -> bool:
+        """The item lapsed in this miner's lease lately and the stage has another live miner to give it to."""
+        holder, until = self._lapsed.get(hop.id, ("", 0.0))
+        if holder != miner.hotkey or until <= now:
+            return False
+        live, _ = self.state.stage_load().get(miner.stage, (0, 0))
+        return live > 1
 
     def _inflow_blocked(self, miner: MinerRecord) -> str:
         if self.paused:
@@ -212,7 +252,7 @@ class Scheduler:
             status="leased",
             miner=hotkey,
             lease_no=lease_no,
-            lease_expires=now + self.policy.lease_s,
+            lease_expires=now + self.lease_term(hotkey),
             output_key=output_key,
         )
         leased = self.state.hop(hop.id)
@@ -239,11 +279,13 @@ class Scheduler:
         if hop is None:
             raise SchedulingError(404, f"no work item {hop_id}", fault=True)
         if hop.miner != hotkey or hop.status != "leased":
-            # Another miner's item is a fault; one's own item that is done or requeued is an honest retry.
+            # Another miner's item is a fault; one's own item that is done or requeued is an honest retry, and so
+            # is a late report of an item whose lease lapsed with this miner (the lapse was its strike).
+            lapsed = self._lapsed.get(hop.id, ("", 0.0))[0] == hotkey
             raise SchedulingError(
                 409,
                 f"work item {hop_id} is not leased to you (it is {hop.status})",
-                fault=hop.miner != hotkey,
+                fault=hop.miner != hotkey and not lapsed,
             )
         if epoch != hop.epoch or hop.epoch != self.epoch:
             self._requeue(hop, now, "report for a closed epoch")
@@ -252,7 +294,7 @@ class Scheduler:
             )
         if hop.lease_expires is not None and hop.lease_expires < now:
             # Refused even before a sweep has seen it: the sweep would requeue it, and may already have.
-            self._requeue(hop, now, "lease expired")
+            self._requeue(hop, now, LAPSED)
             raise SchedulingError(
                 409,
                 f"the lease of work item {hop_id} expired {now - hop.lease_expires:.1f} s ago; it was requeued",
@@ -270,7 +312,9 @@ class Scheduler:
         now: float,
         inner_step: int | None = None,
     ) -> None:
-        """Record a verified report and route the sample on."""
+        """Record a verified report and route the sample on; a completed hop repays one of its miner's lapses."""
+        if self._lapses.get(hop.miner or ""):
+            self._lapses[hop.miner or ""] -= 1
         self.state.set_hop(
             hop.id,
             status="done",
@@ -340,20 +384,39 @@ class Scheduler:
         timeout = self.policy.miner_timeout_s
         with self.state.transaction():
             for hop in self.state.expired_leases(now):
-                self._requeue(hop, now, "lease expired")
+                self._requeue(hop, now, LAPSED)
+            self._lapsed = {h: lapsed for h, lapsed in self._lapsed.items() if lapsed[1] > now}
             if now - self._refused_for_load_at < timeout:
                 return
             for hotkey in self.state.stale_miners(now - timeout):
                 self.miner_gone(hotkey, now, f"silent for {timeout:.0f} s")
 
+    def unpaid_lapses(self) -> Iterator[tuple[str, str]]:
+        """(hotkey, why) of each lapsed lease not yet charged as a strike, each once. The service charges
+        them after the transaction that requeued them, since a strike may ban, and a ban requeues work itself."""
+        while self._unpaid:
+            try:
+                yield self._unpaid.popleft()
+            except IndexError:  # another thread took the last one
+                return
+
+    def _lapse(self, hop: Hop, now: float) -> None:
+        hotkey = hop.miner or ""
+        self.state.counters.bump("leases_expired")
+        self._lapses[hotkey] = self._lapses.get(hotkey, 0) + 1
+        if hop.direction == FORWARD:
+            self._lapsed[hop.id] = (hotkey, now + self.policy.lease_s)
+        self._unpaid.append((hotkey, f"the lease of work item {hop.id} lapsed unreported"))
+
     def _requeue(self, hop: Hop, now: float, why: str) -> None:
-        if why == "lease expired":
-            self.state.counters.bump("leases_expired")
+        lapsed = why == LAPSED
+        if lapsed:
+            self._lapse(hop, now)
         if hop.lease_no >= self.policy.max_leases:
             self.restart_sample(hop.sample_id, now, f"item {hop.id} leased {hop.lease_no} times, last {why}")
             return
         holder_alive = False
-        if hop.direction == BACKWARD and hop.miner:
+        if hop.direction == BACKWARD and hop.miner and not lapsed:
             m = self.state.miner(hop.miner)
             holder_alive = m is not None and m.alive
         if hop.direction == FORWARD:

@@ -269,7 +269,7 @@ def test_a_sample_completes_once(db: Database) -> None:
 # -- failures -----------------------------------------------------------------------------------------------
 
 
-def test_expired_forward_lease_goes_to_any_miner_of_the_stage(db: Database) -> None:
+def test_expired_forward_lease_goes_to_another_miner_of_the_stage_first(db: Database) -> None:
     net = make_net(db)
     (head, _), (b1, b2), (tail, _) = staffed(net, per_stage=2)
     net.step(head)
@@ -279,6 +279,7 @@ def test_expired_forward_lease_goes_to_any_miner_of_the_stage(db: Database) -> N
     net.sched.sweep(net.now)
     requeued = net.state.hop(hop.id)
     assert requeued is not None and requeued.status == "queued" and requeued.miner is None
+    assert "offered to other miners first" in net.wait_reason(b1)  # the miner it lapsed with asks first
     again = net.work(b2)
     assert again is not None and again.id == hop.id and again.lease_no == 2
     assert (
@@ -286,28 +287,43 @@ def test_expired_forward_lease_goes_to_any_miner_of_the_stage(db: Database) -> N
     )  # a late upload under the old lease lands apart
     with pytest.raises(SchedulingError) as refused:
         net.report(b1, hop)  # the first miner's late report
-    assert refused.value.status == 409
+    assert refused.value.status == 409 and not refused.value.fault  # its lapse was the strike, not this
     net.report(b2, again)
     assert net.state.next_queued(2, FORWARD, None) is not None
     assert net.samples_lost() == 0 and net.counter("samples_requeued") == 0
 
 
-def test_expired_backward_lease_stays_with_its_live_miner(db: Database) -> None:
+def test_a_lone_miner_of_the_stage_gets_its_lapsed_item_back(db: Database) -> None:
+    """Offering a lapsed item to others first never stalls a stage that has no other miner."""
+    net = make_net(db)
+    [head], [mid], _ = staffed(net)
+    net.step(head)
+    hop = net.work(mid)
+    assert hop is not None
+    net.now += POLICY.lease_s + 1
+    net.sched.sweep(net.now)
+    again = net.work(mid)
+    assert again is not None and again.id == hop.id
+
+
+def test_expired_backward_lease_restarts_its_sample_though_its_miner_is_alive(db: Database) -> None:
+    """No one else holds the graph, and a holder that keeps itself alive (heartbeats) must not keep the sample
+    waiting lease after lease: the sample starts again at the head."""
     net = make_net(db)
     (head, _), (b1, b2), (tail, _) = staffed(net, per_stage=2)
-    net.step(head)
-    net.step(b1)
-    net.step(tail)
+    sample = through_tail(net, head, b1, tail)
     back = net.work(b1)
     assert back is not None and back.direction == BACKWARD
     net.now += POLICY.lease_s + 1
+    net.sched.live_miner(b1, net.now)  # a heartbeat: alive, and its lease lapsed all the same
     net.sched.sweep(net.now)
-    requeued = net.state.hop(back.id)
-    assert requeued is not None and requeued.status == "queued" and requeued.miner == b1
-    assert "no work queued" in net.wait_reason(b2)
-    again = net.work(b1)
-    assert again is not None and again.id == back.id and again.lease_no == 2
-    assert net.counter("samples_requeued") == 0
+    lapsed = net.state.hop(back.id)
+    assert lapsed is not None and lapsed.status == "dropped"
+    assert net.state.sample(sample) == (0, 1, "active")
+    assert "no work queued" in net.wait_reason(b1)
+    restarted = net.work(head)
+    assert restarted is not None and restarted.sample_id == sample and restarted.attempt == 1
+    assert net.counter("samples_requeued") == 1 and net.counter("leases_expired") == 1
 
 
 def test_silent_miner_times_out_and_its_samples_restart_at_the_head(db: Database) -> None:
@@ -459,6 +475,62 @@ def test_report_after_the_lease_expired_is_refused_before_any_sweep(db: Database
     again = net.work(h2)
     assert again is not None and again.id == hop.id
     assert net.state.next_queued(1, FORWARD, None) is None
+
+
+# -- leases taken and never finished ------------------------------------------------------------------------
+
+
+def test_a_miner_holds_at_most_max_leases_held_leases(db: Database) -> None:
+    net = make_net(db, max_in_flight=100)
+    (h1, h2), _, _ = staffed(net, per_stage=2)
+    held = [net.work(h1) for _ in range(POLICY.max_leases_held)]
+    assert all(hop is not None for hop in held)
+    assert "holding 4 leased items (limit 4)" in net.wait_reason(h1)
+    assert net.work(h2) is not None  # the cap is per miner: the stage goes on
+    first = held[0]
+    assert first is not None
+    net.release(h1, first)
+    assert net.work(h1) is not None  # room again once one is handed back
+
+
+def test_lease_terms_halve_per_lapse_and_come_back_with_completed_hops(db: Database) -> None:
+    net = make_net(db, max_in_flight=100)
+    [head], _, _ = staffed(net)
+    terms = []
+    for _ in range(POLICY.lease_halvings + 2):  # lapse after lapse, past the shortest term
+        hop = net.work(head)
+        assert hop is not None and hop.lease_expires is not None
+        terms.append(hop.lease_expires - net.now)
+        net.now = hop.lease_expires + 1
+        net.sched.sweep(net.now)
+    lease = POLICY.lease_s
+    assert terms == [lease, lease / 2, lease / 4, lease / 8, lease / 8]
+    assert len(list(net.sched.unpaid_lapses())) == 5 and list(net.sched.unpaid_lapses()) == []
+    # Each completed hop repays one lapse: those past the floor first (the term stays there), then the rest.
+    recovered = []
+    for _ in range(6):
+        hop = net.work(head)
+        assert hop is not None and hop.lease_expires is not None
+        recovered.append(hop.lease_expires - net.now)
+        net.report(head, hop)
+    assert recovered == [lease / 8, lease / 8, lease / 8, lease / 4, lease / 2, lease]
+
+
+def test_a_late_report_of_a_lapsed_lease_is_one_lapse_whichever_path_sees_it(db: Database) -> None:
+    net = make_net(db)
+    (h1, h2), _, _ = staffed(net, per_stage=2)
+    first, second = net.work(h1), net.work(h1)
+    assert first is not None and second is not None
+    net.now += POLICY.lease_s + 1
+    with pytest.raises(SchedulingError):
+        net.report(h1, first)  # before any sweep: refused, requeued, one lapse
+    net.sched.sweep(net.now)  # the second lapses here
+    with pytest.raises(SchedulingError) as refused:
+        net.report(h1, second)  # after the sweep: no second charge for it
+    assert not refused.value.fault
+    assert [who for who, _ in net.sched.unpaid_lapses()] == [h1, h1]
+    assert net.counter("leases_expired") == 2
+    assert net.sched.lease_term(h2) == POLICY.lease_s and net.sched.lease_term(h1) == POLICY.lease_s / 4
 
 
 # -- flow control and phases --------------------------------------------------------------------------------
