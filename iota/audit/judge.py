@@ -39,6 +39,7 @@ from iota.model.config import ModelConfig
 from iota.model.flat import decode_f32, size
 from iota.model.stages import StageSpec, build_stage
 from iota.protocol import EpochPlan, RunInfo, WeightSketch
+from iota.protocol.bounds import MAX_TEXT
 from iota.train.schedule import LRSchedule
 from iota.train.snapshot import Snapshot, snapshot_from_f32, snapshot_size
 from iota.train.worker import Batch, TrainFlags, sketch_seed, stage_clip
@@ -58,6 +59,11 @@ class Outcome:
     depth: int  # inner steps replayed
     reason: str = ""
     errors: dict[str, float] = field(default_factory=dict)  # largest finite relative error per claim kind
+
+    def __post_init__(self) -> None:
+        # A verdict's reason is bounded on the wire: a long list of failed partitions is cut here, not refused there.
+        if len(self.reason) > MAX_TEXT:
+            object.__setattr__(self, "reason", self.reason[: MAX_TEXT - 3] + "...")
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,7 @@ def replay_setup(
         run.weight_decay,
         stage_clip(run, stage),
         wire.wire_dtype(run.wire_dtype),
+        run.codec,
     )
     return ReplaySetup(
         config=ModelConfig.from_dict(run.model.model_dump()),

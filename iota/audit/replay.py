@@ -21,7 +21,7 @@ import torch
 
 from iota.audit.compare import Thresholds, Verdict, compare_change, compare_loss, compare_sketch, thresholds
 from iota.audit.records import HopRecord
-from iota.model import wire
+from iota.model import codecs, wire
 from iota.model.config import ModelConfig
 from iota.model.stages import StageSpec
 from iota.protocol import WeightSketch
@@ -65,6 +65,12 @@ class ReplaySetup:
     @property
     def thresholds(self) -> Thresholds:
         return thresholds(self.bf16)
+
+    @property
+    def codec(self) -> codecs.Codec:
+        """The run's activation codec at this stage's boundaries: the replay decodes and encodes as miners do."""
+        shape = (self.flags.micro_batch, self.config.seq_len, self.config.wire_width)
+        return codecs.build(self.flags.codec, shape, self.flags.wire_dtype, self.seed)
 
     def worker(
         self, weights: torch.Tensor, factory: WorkerFactory = StageWorker, cache_size: int = REPLAY_CACHE
@@ -285,17 +291,17 @@ def _carried_forward(setup: ReplaySetup, worker: StageWorker, record: HopRecord)
     if setup.spec.is_head:
         assert worker.model.embed is not None
         tokens = setup.batch(record.sample_id)[0].to(setup.device)
-        return worker.model.embed(tokens)[..., : setup.config.wire_width].float().cpu()
+        # What the codec can carry of it: a low-rank codec passes on only the embedding's part in its subspace.
+        return setup.codec.project(worker.model.embed(tokens)[..., : setup.config.wire_width].float().cpu())
     return _decode(setup, record.input)
 
 
 def _decode(setup: ReplaySetup, data: bytes | None) -> torch.Tensor:
-    """An activation or gradient object as fp32 on the CPU, checked against the stage's wire shape and dtype."""
+    """An activation or gradient object as fp32 on the CPU, as the run's codec decodes it: one packed by another
+    codec (a dense output in a compressed run, or the reverse) is a WireError, so it fails its check."""
     if data is None:
         raise wire.WireError("no object")
-    shape = (setup.flags.micro_batch, setup.config.seq_len, setup.config.wire_width)
-    dtype = setup.flags.wire_dtype
-    return wire.decode(data, dtype=dtype, shape=shape, max_bytes=wire.encoded_size(shape, dtype)).float()
+    return setup.codec.decode(data)
 
 
 def _compare_bytes(

@@ -14,10 +14,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The names of iota.model.config.PRESETS (a test keeps them equal): this layer may not import the model, and a
 # preset misspelt here should fail at start-up, not after the data is prepared.
-Preset = Literal["test", "tiny", "100m", "1b", "15b"]
+Preset = Literal["test", "tiny", "w512", "100m", "1b", "15b"]
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _HTTP_URL = re.compile(r"https?://[^/\s]+\S*")
 _SS58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{46,48}")  # base58 (no 0, O, I, l): a Substrate address
+# iota.model.codecs.GRAMMAR, for the same reason as Preset (a test keeps them equal).
+CODEC = re.compile(r"(lowrank:[1-9][0-9]{0,6}(\+int8)?|int8)?")
 
 
 def _device(value: str) -> str:
@@ -51,6 +53,15 @@ Device = Annotated[str, AfterValidator(_device)]
 Url = Annotated[str, AfterValidator(_url)]
 StateUrl = Annotated[str, AfterValidator(_state_url)]
 Ss58 = Annotated[str, AfterValidator(_ss58)]
+
+
+def _codec(value: str) -> str:
+    if not CODEC.fullmatch(value):
+        raise ValueError("expected '' (dense), int8, lowrank:R or lowrank:R+int8 (R a rank: lowrank:32+int8)")
+    return value
+
+
+Codec = Annotated[str, AfterValidator(_codec)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
@@ -83,7 +94,7 @@ class ChainSettings(_Base):
 class RunSettings(_Base):
     """What is trained and how: the orchestrator publishes it, and `iota baseline` reads the same fields."""
 
-    preset: Preset = Field("tiny", description="Model preset: test, tiny, 100m, 1b, 15b")
+    preset: Preset = Field("tiny", description="Model preset: test, tiny, w512, 100m, 1b, 15b")
     stages: int = Field(3, description="Pipeline stages the model is cut into")
     layers_per_stage: str = Field(
         "",
@@ -122,6 +133,11 @@ class RunSettings(_Base):
     )
     wire_dtype: Literal["bf16", "fp32"] = Field(
         "bf16", description="Dtype of activations and their gradients"
+    )
+    codec: Codec = Field(
+        "",
+        description="Codec of activations and their gradients between stages: empty sends them dense; int8 "
+        "(per-token scaled), lowrank:R (a fixed random rank-R subspace), or lowrank:R+int8",
     )
     heldout_samples: int = Field(16, description="Held-out samples for eval_loss")
     seed: int = Field(0, description="Seed of initialisation and data order")

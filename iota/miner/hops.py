@@ -13,7 +13,6 @@ from loguru import logger
 
 from iota.client.orchestrator import Refused
 from iota.client.transfers import get, put
-from iota.decoding import DecodeError
 from iota.miner.daemon import Daemon
 from iota.miner.pipeline import Fetched, Outbox, Prefetcher
 from iota.miner.reports import hop_report
@@ -21,18 +20,20 @@ from iota.protocol import ReleaseReason, Report, WeightSketch, Work
 from iota.storage.base import StoreError
 from iota.storage.transfer import DigestMismatch
 from iota.train.schedule import inner_step_lr
-from iota.train.worker import StageWorker, sketch_seed
+from iota.train.worker import InputRefused, StageWorker, sketch_seed
 
 
 def release_reason(error: BaseException | None) -> ReleaseReason:
     """What the release of a hop not done says. Input bytes that do not hash to the item's digest, or that do
     (the download checked) but do not decode, accuse the miner that produced them: the orchestrator checks the
-    claim. Any other error is this miner's own failure; no error, a hop it did not start."""
+    claim. Any other error is this miner's own failure (a non-finite output of its own compute included: it
+    cannot prove what drove it there, so it sends nothing and accuses nobody); no error, a hop it did not
+    start."""
     if error is None:
         return "stopping"
     if isinstance(error, DigestMismatch):
         return "input_mismatch"
-    if isinstance(error, DecodeError):
+    if isinstance(error, InputRefused):  # raised by the worker's decode of its input, and nowhere else
         return "input_undecodable"
     return "failed"
 

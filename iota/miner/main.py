@@ -153,6 +153,7 @@ class MinerDaemon:
             self.run.weight_decay,
             stage_clip(self.run, self.stage),
             wire.wire_dtype(self.run.wire_dtype),
+            self.run.codec,
         )
         self.schedule = LRSchedule.from_dict(self.run.schedule)
         self.worker = self.worker_factory(

@@ -139,6 +139,10 @@ _PRESETS: dict[str, tuple[dict[str, Any], int]] = {
     "test": (dict(hidden=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn=172, seq_len=32), 3),
     # Trains end to end on 2 CPU cores.
     "tiny": (dict(hidden=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn=688, seq_len=128), 3),
+    # Activation codecs' study (bench/codecs.py): wide enough that 32-128x fewer bytes than a bf16 hop still leaves
+    # channels to send (hidden 64 has one at 64x), small enough for one GPU or a patient CPU: 23M parameters in
+    # its blocks, 32M with an 8k vocabulary.
+    "w512": (dict(hidden=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn=1376, seq_len=256), 3),
     # GPT-2 small class: about 76M parameters outside the embeddings.
     "100m": (dict(hidden=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn=2048, seq_len=1024), 3),
     # Llama 3.2 1B shape with untied embeddings: the class of the public 1.5B, 3-stage run.

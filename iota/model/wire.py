@@ -85,13 +85,18 @@ def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None, rounding_seed
     `rounding_seed`: cast to bf16 by stochastic rounding with this seed (`round_bf16_stochastic`) rather than to
     the nearest value; other dtypes ignore it.
     """
-    target = tensor.dtype if dtype is None else dtype
-    _safetensors_name(target)
-    if target == torch.bfloat16 and rounding_seed is not None:
-        flat = round_bf16_stochastic(tensor, rounding_seed)
-    else:
-        flat = tensor.detach().to(device="cpu", dtype=target).contiguous()
-    return safetensors.torch.save({SINGLE_KEY: flat})
+    return safetensors.torch.save(
+        {SINGLE_KEY: cast(tensor, tensor.dtype if dtype is None else dtype, rounding_seed)}
+    )
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype, rounding_seed: int | None = None) -> torch.Tensor:
+    """`tensor` as it travels in `dtype`: on CPU, contiguous; to bf16 by stochastic rounding when `rounding_seed`
+    is given (`round_bf16_stochastic`), else to the nearest value."""
+    _safetensors_name(dtype)
+    if dtype == torch.bfloat16 and rounding_seed is not None:
+        return round_bf16_stochastic(tensor, rounding_seed)
+    return tensor.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def round_bf16_stochastic(tensor: torch.Tensor, seed: int) -> torch.Tensor:
@@ -121,10 +126,25 @@ def encoded_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return 8 + header + (-header % 8) + nbytes
 
 
+# The largest magnitude an activation or gradient on the wire may hold. Finite values near the float maximum
+# pass a finiteness check, yet overflow in the receiver's compute: an honest stage would then send Inf onward and
+# be blamed for it, and its weights would take a NaN step. Honest residual streams stay far below this (the
+# "massive activations" of 7B-70B models are ~1e3-1e4); gradients are smaller still.
+MAX_ABS = 2.0**16
+
+
 def decode(data: bytes, *, dtype: torch.dtype, shape: tuple[int, ...] | None, max_bytes: int) -> torch.Tensor:
-    """The tensor `encode` wrote, if it has exactly this dtype and shape (None: any shape) and is finite."""
+    """The activation or gradient `encode` wrote, if it has exactly this dtype and shape (None: any shape), is
+    finite and within MAX_ABS."""
     expected = {SINGLE_KEY: (None if shape is None else tuple(shape), dtype)}
-    return _decode(data, expected, max_bytes)[SINGLE_KEY]
+    return bounded(_decode(data, expected, max_bytes)[SINGLE_KEY])
+
+
+def bounded(tensor: torch.Tensor) -> torch.Tensor:
+    """An activation or gradient received, if every value is within MAX_ABS; else a WireError."""
+    if tensor.is_floating_point() and tensor.numel() and float(tensor.abs().max()) > MAX_ABS:
+        raise WireError(f"tensor holds values beyond +-{MAX_ABS:g}, which no honest stage sends")
+    return tensor
 
 
 def encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:

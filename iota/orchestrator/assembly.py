@@ -19,7 +19,7 @@ from iota.chain.base import Chain, Neuron
 from iota.checkpoint.manifest import n_params, stage_tensor_lists
 from iota.config import OrchestratorSettings
 from iota.merge import OuterConfig
-from iota.model import wire
+from iota.model import codecs, wire
 from iota.orchestrator.abuse import AbusePolicy
 from iota.orchestrator.app import STORAGE_PREFIX, create_app
 from iota.orchestrator.audits import Auditor
@@ -81,6 +81,7 @@ def run_info(run: Run, run_id: str, hotkey: str) -> RunInfo:
         weight_decay=s.weight_decay,
         clip=s.clip,
         wire_dtype=s.wire_dtype,
+        codec=s.codec,
         seed=s.seed,
     )
 
@@ -140,7 +141,8 @@ def assemble(
     info.flags.update(state.run.flags)
     upload_data(run, settings.run_id, store, state)
     wire_dtype = wire.wire_dtype(settings.wire_dtype)
-    act_bytes = wire.encoded_size((settings.micro_batch, run.model.seq_len, run.model.wire_width), wire_dtype)
+    act_shape = (settings.micro_batch, run.model.seq_len, run.model.wire_width)
+    act_bytes = codecs.build(settings.codec, act_shape, wire_dtype, settings.seed).size  # what a hop sends
     need = tuple(
         20 * st.n_params for st in info.stages
     )  # fp32 weights, grads, Adam moments, epoch-start copy

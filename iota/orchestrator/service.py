@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loguru import logger
 
-from iota.model import wire
+from iota.model import codecs, wire
 from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.doorbell import Ticket
 from iota.orchestrator.epochs import EpochDriver
@@ -41,8 +42,10 @@ from iota.protocol import (
     Status,
     Work,
 )
-from iota.storage.base import ObjectStore
+from iota.storage.base import ObjectStore, StoreError
 from iota.train.snapshot import snapshot_size
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from iota.orchestrator.abuse import AbusePolicy
@@ -112,8 +115,10 @@ class Orchestrator:
         )
 
     def heartbeat(self, hotkey: str) -> Ack:
-        """Liveness apart from work: a miner loading gigabytes of weights is busy, not gone."""
+        """Liveness apart from work: a miner loading gigabytes of weights is busy, not gone. Its leases are not
+        kept alive: they are swept here as on any request, and lapse on their own terms."""
         now = self.clock()
+        self.sweep(now)
         with self.state.transaction():
             self.scheduler.live_miner(hotkey, now)
         return Ack(detail="alive")
@@ -207,7 +212,7 @@ class Orchestrator:
             )
         if (why := self.challenges.blocks(hotkey, report.epoch, report.inner_step)) is not None:
             raise SchedulingError(409, why)
-        with self.scheduler.transaction():
+        with self._charging_lapses(now), self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, report.epoch, now)
             if hop.input_sha is not None and report.input_sha256 != hop.input_sha:
                 raise SchedulingError(
@@ -215,7 +220,7 @@ class Orchestrator:
                     f"input digest {report.input_sha256} is not the digest of the input you were given",
                     fault=True,
                 )
-            size, output_sha = self._check_output(hop, report)
+            size, output_sha = self._check_output(hop, report, now)
             last = self.scheduler.policy.n_stages - 1
             loss = report.loss if hop.stage == last and hop.direction == FORWARD else None
             if hop.stage == last and hop.direction == FORWARD and loss is None:
@@ -231,14 +236,15 @@ class Orchestrator:
         self.scheduler.doorbell.answer_now(hotkey)
         return Ack(detail=f"item {hop_id} recorded")
 
-    def _check_output(self, hop: Hop, report: Report) -> tuple[int | None, str | None]:
+    def _check_output(self, hop: Hop, report: Report, now: float) -> tuple[int | None, str | None]:
         """The output object's size and sha256 as the store confirms them: it must exist with the exact size and
         match the reported sha256 (and MD5, if reported) as the store computed them."""
         if hop.output_key is None:
             return None, None
         if not report.output_sha256:
             raise SchedulingError(400, "report is missing output_sha256", fault=True)
-        info = self.store.confirm(hop.output_key)
+        key = hop.output_key
+        info = self._asking_store(lambda: self.store.confirm(key))
         if info is None:
             raise SchedulingError(
                 400, f"output of item {hop.id} was not uploaded (nothing at its URL)", fault=True
@@ -250,8 +256,12 @@ class Orchestrator:
                 fault=True,
             )
         if info.sha256 is None:
-            # Not provably the miner's fault: the object was replaced since the upload, or the store cannot hash it.
-            raise SchedulingError(400, f"the store does not confirm the sha256 of item {hop.id}'s output")
+            # Not provably the miner's fault: the object was replaced since the upload, or the store cannot hash
+            # it. The item goes back to the queue at once: left leased, its lapse would be a strike.
+            self.scheduler.release(hop, now, "the store did not confirm its output's sha256")
+            raise SchedulingError(
+                400, f"the store does not confirm the sha256 of item {hop.id}'s output; requeued", keep=True
+            )
         if info.sha256 != report.output_sha256:
             raise SchedulingError(
                 400, f"output of item {hop.id} does not match the reported sha256", fault=True
@@ -265,7 +275,7 @@ class Orchestrator:
         """Take back an item the caller leased. A bad input (`input_mismatch`, `input_undecodable`) is a claim
         against the miner that produced it, which `_bad_input` checks."""
         now = self.clock()
-        with self.scheduler.transaction():
+        with self._charging_lapses(now), self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, epoch, now)
             if reason in ("input_mismatch", "input_undecodable"):
                 detail = self._bad_input(hop, reason, now)
@@ -294,7 +304,8 @@ class Orchestrator:
             raise SchedulingError(
                 400, f"item {hop.id} has no input from another miner to dispute", fault=True
             )
-        info = self.store.head(hop.input_key)
+        input_key = hop.input_key
+        info = self._asking_store(lambda: self.store.head(input_key))
         size = self.limits.activation_bytes
         intact = info is not None and info.size == size and info.sha256 == hop.input_sha
         if intact and (reason == "input_mismatch" or self._decodes(hop.input_key)):
@@ -315,6 +326,15 @@ class Orchestrator:
             self.abuse.strike(producer.miner, why, now)
         return f"item {hop.id} released: its input was bad, and its sample restarted"
 
+    @staticmethod
+    def _asking_store(call: Callable[[], T]) -> T:
+        """A store call on a miner's request: a store that does not answer is a 503 the miner retries (its
+        client backs off), not a 500, and not the miner's fault."""
+        try:
+            return call()
+        except StoreError as error:
+            raise SchedulingError(503, f"the object store did not answer ({error}); retry") from error
+
     def _producer(self, hop: Hop) -> Hop | None:
         """The done hop of the same sample attempt whose output is this hop's input."""
         for candidate in self.state.hops_of_sample(hop.sample_id, hop.attempt):
@@ -327,7 +347,8 @@ class Orchestrator:
         shape = (self.run.micro_batch, self.run.model.seq_len, self.run.model.wire_width)
         dtype = wire.wire_dtype(self.run.wire_dtype)
         try:
-            wire.decode(self.store.get(key), dtype=dtype, shape=shape, max_bytes=self.limits.activation_bytes)
+            data = self._asking_store(lambda: self.store.get(key))
+            codecs.build(self.run.codec, shape, dtype, self.run.seed).decode(data)
         except ValueError:  # every decoder's refusal is one (iota.decoding.DecodeError)
             return False
         return True
@@ -390,9 +411,21 @@ class Orchestrator:
     def sweep(self, now: float) -> None:
         if now - self._last_sweep >= self.limits.sweep_interval_s:
             self._last_sweep = now
-            self.scheduler.sweep(now)
+            with self._charging_lapses(now):
+                self.scheduler.sweep(now)
             if self.auditor is not None:
                 self.auditor.mirror_due()  # the score log goes to the bucket with each new checkpoint
+
+    @contextmanager
+    def _charging_lapses(self, now: float) -> Iterator[None]:
+        """Around a call that may requeue lapsed leases: once its transaction is over (committed, or kept by
+        a refusal), each lapse is a strike against the miner that let it lapse."""
+        try:
+            yield
+        finally:
+            for hotkey, why in self.scheduler.unpaid_lapses():
+                if self.abuse is not None:
+                    self.abuse.strike(hotkey, why, now)
 
     # -- views ------------------------------------------------------------------------------------------
 

@@ -97,7 +97,11 @@ def upload(
             # whose first reply was lost): the report is checked against what the store holds.
             return
         message = f"upload to {_redact(url)} refused with {response.status_code}: {response.text[:300]}"
-        if _retryable(response.status_code):
+        # S3 answers 409 ConditionalRequestConflict to a conditional PUT racing another on the same key (our own
+        # earlier attempt still in flight): asked again, it settles to 200 or 412. (LocalStore's 409, other bytes
+        # at a write-once key, names no such code and is final.)
+        racing = response.status_code == 409 and "ConditionalRequestConflict" in response.text
+        if _retryable(response.status_code) or racing:
             raise _Retryable(message, response.status_code)
         raise TransferError(message, status=response.status_code)
 

@@ -14,6 +14,7 @@ import torch
 
 from iota.config import RunSettings
 from iota.data import DataPlan, Prepared, TokenData, load_prepared, prepare_command
+from iota.model import codecs
 from iota.model.config import ModelConfig, preset
 from iota.model.stages import StageSpec, plan_stages
 from iota.train.schedule import LRSchedule
@@ -73,6 +74,7 @@ def build_run(settings: RunSettings) -> Run:
     model = preset(
         settings.preset, prepared.manifest.vocab_size, bottleneck=settings.bottleneck or None, **overrides
     )
+    codecs.parse(settings.codec).check(model.wire_width)  # a rank wider than the wire stops the run here
     split = [int(n) for n in settings.layers_per_stage.split(",") if n] or None
     stages = plan_stages(model.n_layers, settings.stages, split, tail_cost=model.lm_head_cost())
     plan = prepared.plan(model.seq_len, settings.seed, HELDOUT_FRACTION)

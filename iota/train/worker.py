@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from iota.model import wire
+from iota.model import codecs, wire
 from iota.model.config import ModelConfig
 from iota.model.flat import flatten, parameters, unflatten_into
 from iota.model.llama import Llama, autocast, loss_fn
@@ -36,6 +36,16 @@ def sketch_seed(run_seed: int, epoch: int, step: int) -> int:
     return ((run_seed * 1_000_003 + epoch) * 1_000_003 + step) % (1 << 62)
 
 
+class InputRefused(wire.WireError):
+    """The input (a peer's activation or gradient) does not decode: the fault is its producer's, which a release
+    may name (the orchestrator checks the claim). Other errors of a hop, decoding ones included, are this
+    miner's own."""
+
+
+class NonFiniteOutput(ValueError):
+    """This stage computed a non-finite output; it is not sent."""
+
+
 @dataclass(frozen=True)
 class TrainFlags:
     micro_batch: int
@@ -44,6 +54,7 @@ class TrainFlags:
     weight_decay: float
     clip: float
     wire_dtype: torch.dtype
+    codec: str = ""  # the run's activation codec (iota.model.codecs); "" sends activations dense
 
 
 @dataclass
@@ -80,12 +91,13 @@ class StageWorker:
         self.epoch_start = self.flat_weights()
         width = config.wire_width
         self.act_shape = (flags.micro_batch, config.seq_len, width)
+        self.codec = codecs.build(flags.codec, self.act_shape, flags.wire_dtype, seed)
 
     # -- compute ----------------------------------------------------------------------------------------
 
     @property
     def max_bytes(self) -> int:
-        return wire.encoded_size(self.act_shape, self.flags.wire_dtype)
+        return self.codec.size
 
     def forward(self, sample_id: int, data: bytes | None) -> tuple[bytes, float | None]:
         """Run the stage on a sample. Returns what to upload and, on the tail, the loss.
@@ -114,7 +126,7 @@ class StageWorker:
         self.cache[sample_id] = Cached(x, out if self.keep_graphs else None, self.inner_step)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)  # its backward will fail and the sample restarts at the head
-        return wire.encode(out.detach().cpu(), self.flags.wire_dtype), None
+        return self.codec.encode(self._checked(out.detach()).cpu()), None
 
     def backward(self, sample_id: int, data: bytes) -> bytes | None:
         """Backpropagate the gradient of this stage's output; returns the gradient of its input (None on the head).
@@ -140,16 +152,27 @@ class StageWorker:
         return self._encode_gradient(x.grad, sample_id)
 
     def _encode_gradient(self, grad: torch.Tensor | None, sample_id: int) -> bytes:
-        """An input gradient on the wire: in bf16, stochastically rounded (round-to-nearest biases what crosses a
-        bottleneck: iota.model.wire.round_bf16_stochastic)."""
+        """An input gradient on the wire, stochastically rounded to bf16 or int8 (round-to-nearest biases what
+        crosses a bottleneck: iota.model.wire.round_bf16_stochastic)."""
         assert grad is not None
         seed = rounding_seed(self.seed, self.spec.index, sample_id)
-        return wire.encode(grad.detach().cpu(), self.flags.wire_dtype, rounding_seed=seed)
+        return self.codec.encode(self._checked(grad.detach()).cpu(), seed)
 
     def _decode(self, data: bytes | None) -> torch.Tensor:
         if data is None:
             raise ValueError("this stage needs an input tensor")
-        return wire.decode(data, dtype=self.flags.wire_dtype, shape=self.act_shape, max_bytes=self.max_bytes)
+        try:
+            return self.codec.decode(data)
+        except wire.WireError as error:
+            raise InputRefused(str(error)) from error
+
+    @staticmethod
+    def _checked(out: torch.Tensor) -> torch.Tensor:
+        """This stage's output, refused before it is sent if it is not finite: whatever drove it there (an input
+        within the wire's bounds, these weights) it must not reach the next stage as if it were honest work."""
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteOutput("this stage's output is not finite; the hop is not sent")
+        return out
 
     def forget(self, sample_ids: list[int]) -> None:
         """Drop cached forwards whose backward will never come (their sample restarted elsewhere, or their report

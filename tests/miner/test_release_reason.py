@@ -5,15 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from iota.checkpoint.manifest import CheckpointError
+from iota.decoding import DecodeError
 from iota.miner.hops import release_reason
 from iota.model import wire
+from iota.model.wire import WireError
 from iota.storage.transfer import DigestMismatch, TransferError
+from iota.train.worker import InputRefused, NonFiniteOutput
 
 
 def decode_error(data: bytes) -> ValueError:
-    """What the stage worker's decode raises on these bytes."""
+    """What the stage worker's decode raises on these bytes (its _decode wraps the wire's error)."""
     with pytest.raises(ValueError) as error:
-        wire.decode(data, dtype=torch.bfloat16, shape=(2, 3), max_bytes=1 << 16)
+        try:
+            wire.decode(data, dtype=torch.bfloat16, shape=(2, 3), max_bytes=1 << 16)
+        except DecodeError as refused:
+            raise InputRefused(str(refused)) from refused
     return error.value
 
 
@@ -30,5 +37,8 @@ def test_other_failures_are_the_miners_own() -> None:
         OSError("disk full"),
         KeyError("t"),
         ValueError("lr"),
+        NonFiniteOutput("out"),  # its own compute: it cannot prove its input drove it there
+        CheckpointError("a bad checkpoint"),  # a DecodeError, but not of the hop's input
+        WireError("its own bytes"),
     ):
         assert release_reason(own) == "failed"

@@ -9,6 +9,7 @@ false, strikes the consumer and requeues its item. A sample restarted too often 
 from __future__ import annotations
 
 import hashlib
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -246,3 +247,26 @@ def test_s3_refuses_a_put_after_the_report(
     assert swapped.status_code == 412, swapped.text
     hop = orch.state.hop(work.hop_id or 0)
     assert hop is not None and hop.output_key and store.get(hop.output_key) == out
+
+
+def test_a_store_that_does_not_answer_is_a_503_and_the_lease_stands(
+    s3_orch: tuple[Orchestrator, S3Store, dict[str, str]], s3_bucket: S3Bucket
+) -> None:
+    """A report the orchestrator cannot check because its store is down is neither a 500 (the miner's client
+    would retry it for an hour as a crash) nor the miner's fault: 503, no strike, the lease still the miner's."""
+    orch, store, hotkeys = s3_orch
+    work = orch.work(hotkeys["head"])
+    assert work.output_url
+    out = b"\x01" * orch.limits.activation_bytes
+    upload(work.output_url, out)
+    with socket.socket() as s:  # a port nobody listens on: the store is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    orch.store = S3Store(**{**s3_bucket.store_kwargs(), "endpoint_url": dead})
+    with pytest.raises(SchedulingError) as error:
+        orch.report(hotkeys["head"], work.hop_id or 0, report_for(work, None, out))
+    assert error.value.status == 503 and not error.value.fault
+    hop = orch.state.hop(work.hop_id or 0)
+    assert hop is not None and hop.status == "leased" and hop.miner == hotkeys["head"]
+    orch.store = store  # back up: the same report is accepted
+    assert orch.report(hotkeys["head"], work.hop_id or 0, report_for(work, None, out)).ok

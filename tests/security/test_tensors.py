@@ -18,12 +18,13 @@ from iota.chain.local import LocalChain
 from iota.checkpoint import CheckpointError, load_checkpoint, pull_checkpoint
 from iota.merge import DictStore, FlatRef, Submitter, apply_merged, make_plan, merge_partition
 from iota.merge import partition_bounds as bounds_of
+from iota.miner.hops import release_reason
 from iota.model import wire
 from iota.model.flat import encode_f32
 from iota.orchestrator.assembly import assemble
 from iota.storage import LocalStore, keys
 from iota.train.run import Run, batch_fn, build_run
-from iota.train.worker import StageWorker, TrainFlags
+from iota.train.worker import NonFiniteOutput, StageWorker, TrainFlags
 from tests.orchestrator import run_settings
 
 WIRE = torch.float32  # the run_settings' wire dtype
@@ -52,9 +53,12 @@ def worker(run: Run, stage: int) -> StageWorker:
 def hostile_payloads(shape: tuple[int, ...]) -> dict[str, tuple[bytes, str]]:
     """Bytes a hostile neighbour could upload instead of an activation of `shape`, with the refusal's words."""
     good = torch.randn(shape)
-    nan, inf = good.clone(), good.clone()
+    nan, inf, huge = good.clone(), good.clone(), good.clone()
     nan[0, 0, 0] = float("nan")
     inf[-1, -1, -1] = float("inf")
+    huge[0, -1, 0] = (
+        3e38  # finite, but it overflows in the receiver's compute: an honest stage then sends Inf
+    )
     valid = wire.encode(good, WIRE)
     header_len = struct.unpack("<Q", valid[:8])[0]
     lying = json.loads(valid[8 : 8 + header_len])
@@ -66,6 +70,7 @@ def hostile_payloads(shape: tuple[int, ...]) -> dict[str, tuple[bytes, str]]:
         "wrong dtype": (wire.encode(good, torch.bfloat16), "expected dtype F32"),
         "NaN": (wire.encode(nan, WIRE), "NaN or Inf"),
         "Inf": (wire.encode(inf, WIRE), "NaN or Inf"),
+        "finite but near the float maximum": (wire.encode(huge, WIRE), "beyond"),
         "oversized": (wire.encode(torch.randn(shape[0] * 4, *shape[1:]), WIRE), "more than the"),
         "truncated": (valid[:-16], "truncated or padded"),
         "padded": (valid + b"\0" * 8, "more than the"),
@@ -130,6 +135,19 @@ def test_backward_gradient_is_checked_before_backpropagation(run: Run) -> None:
         assert all(g is None or not g.any() for g in params), case
     miner.forward(7, honest_input)
     assert miner.backward(7, wire.encode(torch.randn(miner.act_shape), WIRE)) is not None
+
+
+def test_a_non_finite_output_is_never_sent_and_accuses_nobody(run: Run) -> None:
+    """Whatever drives a stage's output to Inf (here its own weights), the output is refused before it is encoded:
+    the next stage would otherwise refuse it and the orchestrator, finding the object really undecodable, would
+    strike this miner for what its input did."""
+    for stage in (1, 2):
+        miner = worker(run, stage)
+        with torch.no_grad():
+            next(miner.model.parameters()).mul_(1e38)
+        with pytest.raises(NonFiniteOutput):
+            miner.forward(0, wire.encode(torch.randn(miner.act_shape), WIRE))
+        assert release_reason(NonFiniteOutput("x")) == "failed"
 
 
 # -- the merge ---------------------------------------------------------------------------------------------
