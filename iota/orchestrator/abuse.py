@@ -88,6 +88,10 @@ class AbusePolicy:
             return 0.0
         return self._slow_lane.acquire(hotkey)
 
+    def throttled(self, hotkey: str, now: float) -> bool:
+        """On the slow lane or banned: a miner the run no longer waits for."""
+        return self.ban_reason(hotkey) is not None or self.strikes(hotkey, now) >= self.config.throttle_at
+
     def ban_reason(self, hotkey: str) -> str | None:
         return self._bans.get(hotkey)
 

@@ -8,10 +8,14 @@ The phases wait only for those who owe something: UPLOAD for the miners that com
 they have a pseudo-gradient), MERGE for the owners of its partitions, APPLY for those miners and any other that
 took the new weights. A registered miner that did no work and asks for nothing holds up nothing.
 
-Deadlines are soft: an upload or apply handed out before its phase's deadline holds a lease of that deadline plus
-the stage's size over `min_upload_bytes_per_s`, and the phase waits for it until then, never longer. A lease that
-lapses with its work unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for
-no longer.
+Each wait is as long as an honest miner needs, not as long as the phase may last: a miner owing an upload or an
+apply must take it within `answer_grace_s` of the phase's start (honest miners hold a request open for their next
+item, so they take it at once), and holds it for `answer_grace_s` plus the stage's size over
+`min_upload_bytes_per_s` (within the phase's deadline plus that size-time). A lease that lapses with its work
+unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for no longer; one that
+never took its work is waited for no longer either. A miner the abuse policy throttles (it broke the protocol
+repeatedly, as by sending outputs the store confirmed bad) is not waited for at all: one hostile worker costs a
+phase at most one grace, once.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class EpochSettings:
     url_ttl_s: int
     phase_timeout_s: float  # an end-of-epoch phase moves on without miners that have not answered by then
     min_upload_bytes_per_s: float  # a granted upload gets this much extra time for its size (soft deadline)
+    answer_grace_s: float = 30.0  # to take an owed upload or apply, and to report it beyond its size-time
     merge_clip: float = 0.0  # global L2 norm C each pseudo-gradient is clipped to at the merge; 0: off
 
 
@@ -79,6 +84,8 @@ class EpochDriver:
         self.micro_batch_tokens = micro_batch_tokens
         # Strikes against a miner whose upload or apply lease lapsed: the abuse policy's, set by the assembly.
         self.strike: Callable[[str, str, float], object] | None = None
+        # Whether a miner is on the abuse policy's slow lane (distrusted: not waited for): set by the assembly.
+        self.distrusted: Callable[[str, float], bool] = lambda hotkey, now: False
         self._workers: tuple[int, frozenset[str]] | None = None  # (epoch, who completed a hop in it)
         self.tensors = stage_tensor_lists(model, stages)
         self.n_params = [n_params(t) for t in self.tensors]
@@ -171,15 +178,17 @@ class EpochDriver:
 
     def _lease(self, epoch: int, phase: str, miner: MinerRecord, now: float) -> float | None:
         """Until when `miner`'s upload or apply is waited for: granted once, when the work is first handed to it
-        before the phase's deadline, until that deadline plus a grace of the stage's size over the minimum
-        bandwidth (asking again never extends it). None when it was first handed the work after the deadline."""
+        before the phase's deadline, for `answer_grace_s` (no later than the deadline) plus the stage's size over
+        the minimum bandwidth (asking again never extends it). None when it was first handed the work after the
+        deadline."""
         leases = self._leases(phase)
         lease = leases.until(epoch, miner.stage, miner.hotkey)
         if lease is None:
             deadline = self._phase_started(epoch, phase, now) + self.settings.phase_timeout_s
             if now > deadline:
                 return None
-            lease = deadline + 4 * self.n_params[miner.stage] / self.settings.min_upload_bytes_per_s
+            size_s = 4 * self.n_params[miner.stage] / self.settings.min_upload_bytes_per_s
+            lease = min(now + self.settings.answer_grace_s, deadline) + size_s
             leases.grant(epoch, miner.stage, miner.hotkey, lease)
         return lease
 
@@ -311,15 +320,19 @@ class EpochDriver:
     def _waiting(
         self, epoch: int, phase: str, owing: list[MinerRecord], timed_out: bool, now: float
     ) -> list[MinerRecord]:
-        """Those of `owing` that `phase` still waits for: before its deadline every one, past it those whose lease
-        still runs. One whose lease lapsed with its work unreported is struck, once, and waited for no longer."""
+        """Those of `owing` that `phase` still waits for: those whose lease runs, and within `answer_grace_s` of
+        the phase's start those that have not taken their work yet. One whose lease lapsed with its work
+        unreported is struck, once, and waited for no longer; a distrusted one is never waited for."""
         leases = self._leases(phase)
+        asking = now - self._phase_started(epoch, phase, now) <= self.settings.answer_grace_s
         waiting = []
         for miner in owing:
             lease = leases.until(epoch, miner.stage, miner.hotkey)
+            if self.distrusted(miner.hotkey, now):
+                continue
             if lease is not None and now > lease:
                 self._lapsed(epoch, phase, miner.hotkey, now)
-            elif lease is not None or not timed_out:
+            elif lease is not None or (asking and not timed_out):
                 waiting.append(miner)
         return waiting
 

@@ -165,3 +165,29 @@ def test_a_miner_whose_lease_lapses_is_struck_and_waited_for_no_longer(net: Net)
     assert sorted(lapsed[:2]) == sorted([(tail, "apply"), (idle, "apply")]) and lapsed[2:] == [
         (tail, "upload")
     ]
+
+
+def test_a_wait_lasts_what_an_honest_miner_needs_not_the_phase_timeout(net: Net) -> None:
+    """A worker that takes its upload and sits on it holds the phase for the answer grace plus its size-time, not
+    for the phase's timeout; one that never asks is waited for only the grace; a throttled one not at all."""
+    net.join(*MINERS)
+    train_one_sample(net)
+    driver = net.orch.epochs
+    started = net.clock()
+    stalled = net.work("tail", "upload")
+    size_s = 4 * driver.n_params[2] / driver.settings.min_upload_bytes_per_s
+    assert stalled.lease_expires is not None
+    assert stalled.lease_expires <= started + driver.settings.answer_grace_s + size_s + 1
+    assert stalled.lease_expires < started + driver.settings.phase_timeout_s  # far shorter, here
+
+    upload_zeros(net, "head")  # mid never asks for its upload
+    # The tail breaks the protocol until it is throttled: from then on its lease is not waited for.
+    for _ in range(net.orch.abuse.config.throttle_at):
+        net.orch.abuse.strike(net.keys["tail"].ss58_address, "a confirmed bad output", net.clock())
+    assert (
+        net.clients["head"].work().kind == "wait" and net.orch.scheduler.phase == "upload"
+    )  # mid, in its grace
+    net.clock.offset += driver.settings.answer_grace_s + 1  # past the grace: mid is no longer waited for
+    assert net.clients["head"].work().kind == "merge"
+    assert net.clock() < started + driver.settings.phase_timeout_s  # long before the phase's timeout
+    assert strikes(net, "mid") == []  # never asked: not waited for, not struck (it may be slow, not hostile)
