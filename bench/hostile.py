@@ -258,12 +258,15 @@ def oversized_fields(client: OrchestratorClient, report: dict[str, Any], tally: 
 def footprint(net: LocalNetwork) -> tuple[int, int]:
     """(store bytes, state database bytes) of the orchestrator's run directory."""
     store = db = 0
-    for path in (net.run_dir / "orchestrator").rglob("*"):
-        if path.is_file():
-            size = path.stat().st_size
-            if path.name.startswith("state.db"):
+    for folder, _, names in os.walk(net.run_dir / "orchestrator"):  # retention may delete beside the walk
+        for name in names:
+            try:
+                size = (Path(folder) / name).stat().st_size
+            except FileNotFoundError:
+                continue
+            if name.startswith("state.db"):
                 db += size
-            elif path.suffix != ".log":
+            elif not name.endswith(".log"):
                 store += size
     return store, db
 
@@ -348,6 +351,9 @@ def main() -> None:
     )
     parser.add_argument("--read-rate", type=float, default=20.0, help="anonymous reads per second")
     parser.add_argument("--idle", type=int, default=2, help="registered miners that only heartbeat")
+    parser.add_argument(
+        "--lease-s", type=float, default=15.0, help="IOTA_LEASE_S: what a hop of this preset needs, with room"
+    )
     parser.add_argument("--work-dir", default="runs/bench-hostile")
     parser.add_argument("--quiet-only", action="store_true")
     parser.add_argument("--hostile-only", action="store_true")

@@ -153,6 +153,10 @@ class Orchestrator:
             order = self.challenges.work(challenged, self.scheduler.epoch, plan, self.run.run_id)
             if order is not None:
                 return order, None  # before any other work: the miner's state must not move past the step
+        if forward and self.abuse is not None and self.abuse.throttled(hotkey, now):
+            # A miner that keeps breaking the protocol takes no new samples: only the backwards of graphs it
+            # holds, so that no sample waits on it. Its forwards go to the stage's other miners.
+            forward = False
         assignment = self.scheduler.next_work(hotkey, now, forward)
         current = self.state.miner(hotkey)
         assert current is not None

@@ -158,3 +158,16 @@ def test_strikes_leave_the_window() -> None:
     with pytest.raises(Exception, match="banned"):
         abuse.admit("5Hostile", now=1203.0)
     assert state.events(10)[0]["kind"] == "ban"
+
+
+def test_a_throttled_miner_takes_no_new_samples(net: Net) -> None:
+    """Past the throttle a miner may still finish the backwards of graphs it holds, but is handed no forward:
+    a miner that keeps breaking the protocol cannot keep taking new samples and sitting on them."""
+    net.join(*MINERS)
+    head = net.keys["head"].ss58_address
+    for _ in range(THROTTLE_AT):
+        net.orch.abuse.strike(head, "a confirmed bad output", net.clock())
+    refused = net.orch.work(head)
+    assert refused.kind == "wait" and refused.hop_id is None
+    net.orch.abuse.forgive(head)
+    assert net.orch.work(head).kind == "forward"
