@@ -19,7 +19,8 @@ samples lost (/status), processes that died, 5xx answers the hostile clients saw
 orchestrator's log, and per epoch the store's bytes (the run's local store folder) and the state database's bytes
 (SQLite file with its WAL). The ratio hostile / quiet of samples/s is the figure (goal >= 0.8).
 
-Run:  python -m bench.hostile [--epochs 20] [--samples 8] [--slow 40] [--read-rate 20] [--idle 2] [--json FILE]
+Run:  python -m bench.hostile [--epochs 20] [--samples 8] [--slow 40] [--read-rate 20] [--idle 2] [--lease-s 15]
+                             [--json FILE]
       (--quiet-only / --hostile-only run one side; a 2-core box takes ~2 x 10 minutes at the defaults)
 """
 
@@ -284,7 +285,12 @@ def run(args: argparse.Namespace, hostile: bool) -> dict[str, Any]:
         total_tokens=10**9, warmup_tokens=1000, seed=0,
     )  # fmt: skip
     options = LocalOptions(
-        miners_per_stage=1, run_dir=run_dir, baseline=False, progress=False, overrides=overrides
+        miners_per_stage=1,
+        run_dir=run_dir,
+        baseline=False,
+        progress=False,
+        overrides=overrides,
+        lease_s=args.lease_s,
     )
     net = LocalNetwork(options)
     stop, tally, threads = threading.Event(), Tally(), []

@@ -224,7 +224,15 @@ class Orchestrator:
                     f"input digest {report.input_sha256} is not the digest of the input you were given",
                     fault=True,
                 )
-            size, output_sha = self._check_output(hop, report, now)
+            try:
+                size, output_sha = self._check_output(hop, report, now)
+            except SchedulingError as refused:
+                if refused.fault and not refused.keep:
+                    # Its output is provably not what it reports (missing, wrong size, other bytes): it will not
+                    # deliver this item, so the item is not left leased to it until the lease runs out.
+                    self.scheduler.release(hop, now, f"its report was refused: {refused.detail}")
+                    refused.keep = True
+                raise
             last = self.scheduler.policy.n_stages - 1
             loss = report.loss if hop.stage == last and hop.direction == FORWARD else None
             if hop.stage == last and hop.direction == FORWARD and loss is None:

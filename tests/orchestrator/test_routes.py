@@ -317,6 +317,14 @@ BAD_REPORTS = {
 }
 
 
+OUTPUT_CONTRADICTS_REPORT = {
+    "output missing",
+    "output of the wrong size",
+    "output sha256 mismatch",
+    "no output sha256",
+}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_REPORTS))
 def test_bad_report_is_refused_and_changes_nothing(net: Net, case: str) -> None:
     stage, status, reason = BAD_REPORTS[case]
@@ -351,10 +359,16 @@ def test_bad_report_is_refused_and_changes_nothing(net: Net, case: str) -> None:
     else:
         call = lambda: client.report(bad)  # noqa: E731
     refused(call, status, reason)
-    assert net.snapshot() == before
-    # The lease survives a refused report: the miner fixes it and is credited.
-    if case == "output of the wrong size":
-        net.store.delete(leased.output_key)  # the key is written once: only the store itself can clear it
+    if case in OUTPUT_CONTRADICTS_REPORT:
+        # The one deliberate change: an output that provably is not what the report says (or no digest at all)
+        # will not be delivered, so the item is requeued at once instead of waiting out the lease.
+        assert net.hop_status(work.hop_id) == "queued"
+        work = net.work(MINERS[stage])  # leased anew, to a new output key
+        assert work.output_url is not None and work.hop_id == leased.id
+        good = report_for(work, data, out, loss)
+    else:
+        assert net.snapshot() == before
+    # The lease survives any other refused report: the miner fixes it and is credited.
     upload(work.output_url, out)
     client.report(good)
     assert net.hop_status(work.hop_id) == "done"

@@ -210,19 +210,20 @@ def test_s3_refuses_a_forged_sha256_with_or_without_md5(
     s3_orch: tuple[Orchestrator, S3Store, dict[str, str]],
 ) -> None:
     orch, store, hotkeys = s3_orch
-    work = orch.work(hotkeys["head"])
-    assert work.output_url
     out = b"\x01" * orch.limits.activation_bytes
     forged = hashlib.sha256(b"what the next stage will be told").hexdigest()
-    # The writer even stores its forged digest beside the object (moto keeps unsigned metadata headers).
-    sent = httpx.put(
-        work.output_url, content=out, headers={"if-none-match": "*", "x-amz-meta-sha256": forged}
-    )
-    assert sent.status_code == 200, sent.text
-    assert "sha256" in refused_report(orch, hotkeys["head"], work, out, output_sha256=forged, output_md5=None)
-    assert "sha256" in refused_report(
-        orch, hotkeys["head"], work, out, output_sha256=forged
-    )  # true md5 beside
+    for beside in ({"output_md5": None}, {}):  # without md5, then beside the true md5
+        work = orch.work(hotkeys["head"])  # leased anew each time: a refused report requeues its item
+        assert work.output_url
+        # The writer even stores its forged digest beside the object (moto keeps unsigned metadata headers).
+        sent = httpx.put(
+            work.output_url, content=out, headers={"if-none-match": "*", "x-amz-meta-sha256": forged}
+        )
+        assert sent.status_code == 200, sent.text
+        assert "sha256" in refused_report(orch, hotkeys["head"], work, out, output_sha256=forged, **beside)
+    work = orch.work(hotkeys["head"])
+    assert work.output_url
+    upload(work.output_url, out)
     assert orch.report(hotkeys["head"], work.hop_id or 0, report_for(work, None, out)).ok
     hop = orch.state.hop(work.hop_id or 0)
     assert hop is not None and hop.output_sha == wire.sha256(out)
