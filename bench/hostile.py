@@ -14,7 +14,8 @@ All the hostile traffic is on loopback and bounded (threads, connections and req
   whose sha256 names other bytes (forged digest); between items it sends reports with oversized fields (a 600 KB
   string, 2**63, NaN) that must be refused with a 4xx.
 
-Printed for each run: training samples/s (completed samples over the time from the first to the last completion),
+Printed for each run: training samples/s (samples completed from the first completion, when the hostile clients
+start, to the last epoch, over that time),
 samples lost (/status), processes that died, 5xx answers the hostile clients saw and tracebacks in the
 orchestrator's log, and per epoch the store's bytes (the run's local store folder) and the state database's bytes
 (SQLite file with its WAL). The ratio hostile / quiet of samples/s is the figure (goal >= 0.8).
@@ -299,7 +300,7 @@ def run(args: argparse.Namespace, hostile: bool) -> dict[str, Any]:
         net.start_orchestrator()
         for _ in range(3):
             net.add_miner(threads=1)
-        net.wait_until(lambda s: s.samples_completed >= 1, timeout_s=600)
+        first = net.wait_until(lambda s: s.samples_completed >= 1, timeout_s=600)
         if hostile:
             jobs: list[tuple[Any, tuple[Any, ...]]] = [
                 (slow_clients, (net.url, args.slow, stop, tally)),
@@ -310,7 +311,7 @@ def run(args: argparse.Namespace, hostile: bool) -> dict[str, Any]:
             for target, fn_args in jobs:
                 threads.append(threading.Thread(target=target, args=fn_args, daemon=True))
                 threads[-1].start()
-        start = time.monotonic()
+        start, started_with = time.monotonic(), first.samples_completed
         for epoch in range(1, args.epochs + 1):
             status = net.wait_until(lambda s, e=epoch: s.epoch >= e or s.phase == "done", timeout_s=900)
             store, db = footprint(net)
@@ -332,10 +333,9 @@ def run(args: argparse.Namespace, hostile: bool) -> dict[str, Any]:
         for thread in threads:
             thread.join(timeout=30)
         net.stop()
-    first = per_epoch[0]
-    rate = (per_epoch[-1]["samples"] - first["samples"]) / max(
-        1e-9, per_epoch[-1]["seconds"] - first["seconds"]
-    )
+    # From the moment the hostile clients start (the first completed sample) to the last epoch: every stall they
+    # cause is in it.
+    rate = (per_epoch[-1]["samples"] - started_with) / max(1e-9, per_epoch[-1]["seconds"])
     return dict(
         hostile=hostile,
         samples_per_s=rate,

@@ -12,7 +12,8 @@ Each wait is as long as an honest miner needs, not as long as the phase may last
 apply must take it within `answer_grace_s` of the phase's start (honest miners hold a request open for their next
 item, so they take it at once), and holds it for `answer_grace_s` plus the stage's size over
 `min_upload_bytes_per_s` (within the phase's deadline plus that size-time). A lease that lapses with its work
-unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for no longer; one that
+unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for no longer (an apply
+taken by a miner that did no work this epoch gets only IDLE_APPLY_GRACE_S beyond its size-time); one that
 never took its work is waited for no longer either. A miner the abuse policy throttles (it broke the protocol
 repeatedly, as by sending outputs the store confirmed bad) is not waited for at all: one hostile worker costs a
 phase at most one grace, once.
@@ -50,6 +51,8 @@ from iota.orchestrator.state import MinerRecord, StateStore
 from iota.protocol import ApplyDone, EpochPlan, MergeDone, MergeOrder, PhaseReport, UploadDone, Work
 from iota.storage import keys
 from iota.storage.base import ObjectStore
+
+IDLE_APPLY_GRACE_S = 5.0  # beyond its size-time, for an apply taken by a miner that did no work in the epoch
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,12 @@ class EpochDriver:
             if now > deadline:
                 return None
             size_s = 4 * self.n_params[miner.stage] / self.settings.min_upload_bytes_per_s
-            lease = min(now + self.settings.answer_grace_s, deadline) + size_s
+            # A miner that did no work this epoch loads the new weights and nothing else: the size-time and a
+            # short grace are all it needs, and all an idle hostile one can hold the phase for.
+            grace = self.settings.answer_grace_s
+            if miner.hotkey not in self.workers(epoch):
+                grace = min(grace, IDLE_APPLY_GRACE_S)
+            lease = min(now + grace, deadline) + size_s
             leases.grant(epoch, miner.stage, miner.hotkey, lease)
         return lease
 

@@ -19,6 +19,7 @@ from bittensor.keyfiles import Keypair
 from iota.client.transfers import UrlStore
 from iota.merge import MergePlan, run_owner
 from iota.model import wire
+from iota.orchestrator.epochs import IDLE_APPLY_GRACE_S
 from iota.protocol import (
     ApplyDone,
     MergeDone,
@@ -152,7 +153,10 @@ def test_a_miner_whose_lease_lapses_is_struck_and_waited_for_no_longer(net: Net)
     assert net.orch.scheduler.phase == "apply"
     # Both take the new weights and never say they loaded them: the tail must (it trained), the idle miner may
     # (and once it took them, it is waited for like the others).
+    taken_at = net.clock()
     leases = [net.work(name, "apply").lease_expires or 0.0 for name in ("tail", "idle")]
+    size_s = 4 * net.orch.epochs.n_params[2] / net.orch.epochs.settings.min_upload_bytes_per_s
+    assert leases[1] <= taken_at + IDLE_APPLY_GRACE_S + size_s + 1  # the idle one gets a short grace
     for name in ("head", "mid"):
         apply(net, name)
     assert net.orch.scheduler.phase == "apply"
