@@ -42,6 +42,7 @@ from iota.orchestrator.state import StateStore
 @dataclass(frozen=True)
 class AbuseConfig:
     window_s: float = 600.0  # strikes older than this are forgotten
+    waited_until: int = 5  # strikes in the window past which the end of an epoch no longer waits for a miner
     throttle_at: int = 20  # strikes in the window that put a hotkey on the slow lane
     ban_at: int = 50  # strikes in the window that ban it from the run
     throttle_interval_s: float = 5.0  # a throttled hotkey gets one request through this often
@@ -89,8 +90,13 @@ class AbusePolicy:
         return self._slow_lane.acquire(hotkey)
 
     def throttled(self, hotkey: str, now: float) -> bool:
-        """On the slow lane or banned: a miner the run no longer waits for."""
+        """On the slow lane or banned: a miner that takes no new samples."""
         return self.ban_reason(hotkey) is not None or self.strikes(hotkey, now) >= self.config.throttle_at
+
+    def unwaited(self, hotkey: str, now: float) -> bool:
+        """A miner the end of an epoch does not wait for: `waited_until` strikes in the window (an honest miner
+        has none or one; a miner that sends bad outputs or malformed reports reaches it in a few requests)."""
+        return self.ban_reason(hotkey) is not None or self.strikes(hotkey, now) >= self.config.waited_until
 
     def ban_reason(self, hotkey: str) -> str | None:
         return self._bans.get(hotkey)

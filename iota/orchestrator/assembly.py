@@ -209,7 +209,7 @@ def assemble(
     lookup = cached_lookup(chain)
     abuse = AbusePolicy(state, scheduler, exempt=[settings.operator_hotkey])
     epochs.strike = abuse.strike  # a worker whose upload or apply lease lapses
-    epochs.distrusted = abuse.throttled  # not waited for at the end of an epoch
+    epochs.distrusted = abuse.unwaited  # not waited for at the end of an epoch
     orchestrator = Orchestrator(
         info,
         state,

@@ -14,9 +14,9 @@ item, so they take it at once), and holds it for `answer_grace_s` plus the stage
 `min_upload_bytes_per_s` (within the phase's deadline plus that size-time). A lease that lapses with its work
 unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for no longer (an apply
 taken by a miner that did no work this epoch gets only IDLE_APPLY_GRACE_S beyond its size-time); one that
-never took its work is waited for no longer either. A miner the abuse policy throttles (it broke the protocol
-repeatedly, as by sending outputs the store confirmed bad) is not waited for at all: one hostile worker costs a
-phase at most one grace, once.
+never took its work is waited for no longer either. A miner with a few strikes in the abuse policy's window (it
+broke the protocol, as by sending outputs the store confirmed bad or malformed reports: AbuseConfig.waited_until)
+is not waited for at all: one hostile worker costs a phase at most one grace, and only before its first strikes.
 """
 
 from __future__ import annotations

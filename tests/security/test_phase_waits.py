@@ -185,8 +185,8 @@ def test_a_wait_lasts_what_an_honest_miner_needs_not_the_phase_timeout(net: Net)
     assert stalled.lease_expires < started + driver.settings.phase_timeout_s  # far shorter, here
 
     upload_zeros(net, "head")  # mid never asks for its upload
-    # The tail breaks the protocol until it is throttled: from then on its lease is not waited for.
-    for _ in range(net.orch.abuse.config.throttle_at):
+    # The tail breaks the protocol a few times: from then on its lease is not waited for.
+    for _ in range(net.orch.abuse.config.waited_until):
         net.orch.abuse.strike(net.keys["tail"].ss58_address, "a confirmed bad output", net.clock())
     assert (
         net.clients["head"].work().kind == "wait" and net.orch.scheduler.phase == "upload"
