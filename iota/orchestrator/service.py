@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from loguru import logger
 
@@ -224,15 +224,7 @@ class Orchestrator:
                     f"input digest {report.input_sha256} is not the digest of the input you were given",
                     fault=True,
                 )
-            try:
-                size, output_sha = self._check_output(hop, report, now)
-            except SchedulingError as refused:
-                if refused.fault and not refused.keep:
-                    # Its output is provably not what it reports (missing, wrong size, other bytes): it will not
-                    # deliver this item, so the item is not left leased to it until the lease runs out.
-                    self.scheduler.release(hop, now, f"its report was refused: {refused.detail}")
-                    refused.keep = True
-                raise
+            size, output_sha = self._check_output(hop, report, now)
             last = self.scheduler.policy.n_stages - 1
             loss = report.loss if hop.stage == last and hop.direction == FORWARD else None
             if hop.stage == last and hop.direction == FORWARD and loss is None:
@@ -262,10 +254,10 @@ class Orchestrator:
                 400, f"output of item {hop.id} was not uploaded (nothing at its URL)", fault=True
             )
         if info.size != self.limits.activation_bytes:
-            raise SchedulingError(
-                400,
+            self._contradicted(
+                hop,
+                now,
                 f"output of item {hop.id} is {info.size} bytes, expected {self.limits.activation_bytes}",
-                fault=True,
             )
         if info.sha256 is None:
             # Not provably the miner's fault: the object was replaced since the upload, or the store cannot hash
@@ -275,13 +267,19 @@ class Orchestrator:
                 400, f"the store does not confirm the sha256 of item {hop.id}'s output; requeued", keep=True
             )
         if info.sha256 != report.output_sha256:
-            raise SchedulingError(
-                400, f"output of item {hop.id} does not match the reported sha256", fault=True
-            )
+            self._contradicted(hop, now, f"output of item {hop.id} does not match the reported sha256")
         if info.md5 and report.output_md5 and info.md5 != report.output_md5:
-            raise SchedulingError(400, f"output of item {hop.id} does not match the reported md5", fault=True)
+            self._contradicted(hop, now, f"output of item {hop.id} does not match the reported md5")
         self.state.counters.bump("bytes_transferred", 2 * info.size)  # uploaded once, downloaded once
         return info.size, info.sha256
+
+    def _contradicted(self, hop: Hop, now: float, detail: str) -> NoReturn:
+        """Refuse a report whose output, written once at its key, provably is not what it says: that miner will
+        not deliver this item, so the item is requeued at once rather than left leased to it until the lease runs
+        out (a forged digest held a run for a whole lease). Nothing uploaded is not such proof: the miner may
+        still upload, or have leased the item again under a new key."""
+        self.scheduler.release(hop, now, f"its report was refused: {detail}")
+        raise SchedulingError(400, detail, keep=True, fault=True)
 
     def release(self, hotkey: str, hop_id: int, epoch: int, reason: ReleaseReason = "stopping") -> Ack:
         """Take back an item the caller leased. A bad input (`input_mismatch`, `input_undecodable`) is a claim

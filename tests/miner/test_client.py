@@ -46,8 +46,13 @@ def test_an_overloaded_answer_is_retried_after_its_retry_after() -> None:
     async def work(request: Request) -> Work:
         async with admission.slot(request.scope, None):
             return Work(
-                kind="stop", run_id="r", epoch=0, stage=0, plan=EpochPlan(epoch=0, tokens_at_start=0, replicas=1)
+                kind="stop",
+                run_id="r",
+                epoch=0,
+                stage=0,
+                plan=EpochPlan(epoch=0, tokens_at_start=0, replicas=1),
             )
+
     key = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
     with running_server(app) as url:
         client = OrchestratorClient(url, key, key.ss58_address, give_up_s=30)

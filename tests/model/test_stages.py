@@ -271,8 +271,10 @@ def test_config_round_trips_through_json() -> None:
 
 
 def test_presets() -> None:
-    assert PRESETS == ("test", "tiny", "100m", "1b", "15b")
-    assert [default_stages(name) for name in PRESETS] == [3, 3, 3, 3, 5]
+    assert PRESETS == ("test", "tiny", "w512", "100m", "1b", "15b")
+    assert [default_stages(name) for name in PRESETS] == [3, 3, 3, 3, 3, 5]
+    w512 = preset("w512", 8192)  # wide enough for activation compression to matter (issue 17)
+    assert (w512.hidden, w512.n_layers, w512.seq_len) == (512, 8, 256)
     assert pad_vocab(200) == 256 and pad_vocab(256) == 256 and pad_vocab(1) == 64
     assert preset("test", 200).vocab_size == 256
     assert all(preset(name, 50_000).bottleneck is None for name in PRESETS)

@@ -83,26 +83,24 @@ def test_outputs_that_are_not_what_was_uploaded_are_strikes(net: Net) -> None:
     work, data = net.lease_at(1)
     assert work.output_url
     out = net.activation(1.0)
+    # Reported without uploading (or after uploading elsewhere): nothing is at the key it was issued.
+    refused(lambda: net.clients["mid"].report(report_for(work, data, out)), 400, "was not uploaded")
     refused(
         lambda: net.clients["mid"].report(report_for(work, data, out, input_sha256="0" * 64)),
         400,
         "input digest",
     )
-    # Reported without uploading (or after uploading elsewhere): nothing is at the key it was issued.
-    refused(lambda: net.clients["mid"].report(report_for(work, data, out)), 400, "was not uploaded")
     assert strikes(net, "mid") == 2
-    # A report its output provably contradicts ends the lease at once: the item is not left with a miner that
-    # will not deliver it until the lease runs out (a forged digest stalled the run for a whole lease).
     hop = net.orch.state.hop(work.hop_id or 0)
-    assert hop is not None and hop.status == "queued" and hop.miner is None
-    again = net.work("mid")  # leased anew (a new output key); this time its upload matches its report
-    assert again.output_url and again.hop_id == work.hop_id
-    upload(again.output_url, out)
-    wrong = report_for(again, data, net.activation(2.0))
+    assert hop is not None and hop.status == "leased"  # nothing uploaded proves nothing: the lease stands
+    upload(work.output_url, out)
+    wrong = report_for(work, data, net.activation(2.0))
     refused(lambda: net.clients["mid"].report(wrong), 400, "does not match the reported sha256")
     assert strikes(net, "mid") == 3
+    # An output written once that contradicts its report ends the lease at once: the item is not left with a
+    # miner that will not deliver it until the lease runs out (a forged digest stalled the run for a whole lease).
     hop = net.orch.state.hop(work.hop_id or 0)
-    assert hop is not None and hop.status == "queued"
+    assert hop is not None and hop.status == "queued" and hop.miner is None
 
 
 def test_honest_refusals_are_not_strikes(net: Net) -> None:

@@ -241,7 +241,7 @@ def test_no_body_gets_a_5xx(net: Net) -> None:
     bodies = [*honest_bodies(net.orch.run.run_id), leased_report(net)]
     seen: list[int] = []
 
-    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=hostile_bodies(bodies))
     def fuzz(case: tuple[str, str, Any]) -> None:
         signer, target, body = case
