@@ -11,7 +11,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-tomllib = pytest.importorskip("tomllib")  # Python 3.11 on, as setup.sh reads pyproject.toml
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11 on")
 
 
 def pins() -> dict[str, Version]:

@@ -165,12 +165,19 @@ HTTPTOOLS_MISSING = "httptools, uvicorn's C parser, is not installed: pip instal
 def parser_net(
     request: pytest.FixtureRequest, data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
 ) -> Iterator[Net]:
-    if request.param == "httptools":
+    with serve_net(
+        data_dir, keypairs, tmp_path, options=parser_options(request.param, data_dir, tmp_path)
+    ) as net:
+        yield net
+
+
+def parser_options(parser: str, data_dir: Path, tmp_path: Path) -> dict:
+    """Server options with the guarded protocol on `parser` (httptools or h11)."""
+    if parser == "httptools":
         pytest.importorskip("httptools", reason=HTTPTOOLS_MISSING)
     options = server_options(run_settings(data_dir, tmp_path), max_connections_per_ip=PER_IP)
-    options["http"] = guarded_http(PARSER_HEADER_TIMEOUT_S, PER_IP, parser=request.param)
-    with serve_net(data_dir, keypairs, tmp_path, options=options) as net:
-        yield net
+    options["http"] = guarded_http(PARSER_HEADER_TIMEOUT_S, PER_IP, parser=parser)
+    return options
 
 
 def test_server_options_take_httptools_where_installed(data_dir: Path, tmp_path: Path) -> None:
@@ -245,10 +252,7 @@ def small_header_net(
     request: pytest.FixtureRequest, data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
 ) -> Iterator[Net]:
     """A header bound small enough that a request over it fits in one TCP segment, so it arrives in one read."""
-    if request.param == "httptools":
-        pytest.importorskip("httptools", reason=HTTPTOOLS_MISSING)
-    options = server_options(run_settings(data_dir, tmp_path), max_connections_per_ip=PER_IP)
-    options["http"] = guarded_http(PARSER_HEADER_TIMEOUT_S, PER_IP, parser=request.param)
+    options = parser_options(request.param, data_dir, tmp_path)
     options["h11_max_incomplete_event_size"] = SMALL_HEADER_BYTES
     with serve_net(data_dir, keypairs, tmp_path, options=options) as net:
         yield net
