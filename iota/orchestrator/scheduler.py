@@ -22,12 +22,12 @@ Time is passed in (`now`), never read here, so tests drive the clock.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from iota.orchestrator.doorbell import Doorbell
+from iota.orchestrator.lapses import Lapses
 from iota.orchestrator.state import Hop, MinerRecord, StateStore
 
 FORWARD, BACKWARD = "forward", "backward"
@@ -87,12 +87,7 @@ class Scheduler:
         # Rung whenever work appears, so that requests held for work are answered (iota.orchestrator.doorbell).
         self.doorbell = Doorbell()
         self._refused_for_load_at = float("-inf")
-        # Lapses are kept here, not in the database: a restarted orchestrator gives every miner full terms again,
-        # which costs one full term per lease a miner may hold; the strikes themselves are durable (abuse).
-        self._lapses: dict[str, int] = {}  # hotkey -> leases that lapsed, less the hops it completed since
-        # Forward item -> (the miner it lapsed with, until when it is offered to the stage's other miners first).
-        self._lapsed: dict[int, tuple[str, float]] = {}
-        self._unpaid: deque[tuple[str, str]] = deque()  # (hotkey, why) of lapses not yet charged as strikes
+        self.lapses = Lapses(policy.lease_s, policy.lease_halvings)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -194,15 +189,9 @@ class Scheduler:
     def leases_held(self, hotkey: str) -> int:
         return sum(hop.status == "leased" for hop in self.state.open_hops_of_miner(hotkey))
 
-    def lease_term(self, hotkey: str) -> float:
-        """``lease_s``, halved per lapse the miner has not repaid with completed hops."""
-        halvings = min(self._lapses.get(hotkey, 0), self.policy.lease_halvings)
-        return self.policy.lease_s / 2**halvings
-
     def _offered_to_others(self, hop: Hop, miner: MinerRecord, now: float) -> bool:
         """The item lapsed in this miner's lease lately and the stage has another live miner to give it to."""
-        holder, until = self._lapsed.get(hop.id, ("", 0.0))
-        if holder != miner.hotkey or until <= now:
+        if not self.lapses.lapsed_with(hop.id, miner.hotkey, now):
             return False
         live, _ = self.state.stage_load().get(miner.stage, (0, 0))
         return live > 1
@@ -252,7 +241,7 @@ class Scheduler:
             status="leased",
             miner=hotkey,
             lease_no=lease_no,
-            lease_expires=now + self.lease_term(hotkey),
+            lease_expires=now + self.lapses.term(hotkey),
             output_key=output_key,
         )
         leased = self.state.hop(hop.id)
@@ -281,7 +270,7 @@ class Scheduler:
         if hop.miner != hotkey or hop.status != "leased":
             # Another miner's item is a fault; one's own item that is done or requeued is an honest retry, and so
             # is a late report of an item whose lease lapsed with this miner (the lapse was its strike).
-            lapsed = self._lapsed.get(hop.id, ("", 0.0))[0] == hotkey
+            lapsed = self.lapses.lapsed_with(hop.id, hotkey)
             raise SchedulingError(
                 409,
                 f"work item {hop_id} is not leased to you (it is {hop.status})",
@@ -313,8 +302,7 @@ class Scheduler:
         inner_step: int | None = None,
     ) -> None:
         """Record a verified report and route the sample on; a completed hop repays one of its miner's lapses."""
-        if self._lapses.get(hop.miner or ""):
-            self._lapses[hop.miner or ""] -= 1
+        self.lapses.repaid(hop.miner or "")
         self.state.set_hop(
             hop.id,
             status="done",
@@ -385,33 +373,17 @@ class Scheduler:
         with self.state.transaction():
             for hop in self.state.expired_leases(now):
                 self._requeue(hop, now, LAPSED)
-            self._lapsed = {h: lapsed for h, lapsed in self._lapsed.items() if lapsed[1] > now}
+            self.lapses.expire(now)
             if now - self._refused_for_load_at < timeout:
                 return
             for hotkey in self.state.stale_miners(now - timeout):
                 self.miner_gone(hotkey, now, f"silent for {timeout:.0f} s")
 
-    def unpaid_lapses(self) -> Iterator[tuple[str, str]]:
-        """(hotkey, why) of each lapsed lease not yet charged as a strike, each once. The service charges
-        them after the transaction that requeued them, since a strike may ban, and a ban requeues work itself."""
-        while self._unpaid:
-            try:
-                yield self._unpaid.popleft()
-            except IndexError:  # another thread took the last one
-                return
-
-    def _lapse(self, hop: Hop, now: float) -> None:
-        hotkey = hop.miner or ""
-        self.state.counters.bump("leases_expired")
-        self._lapses[hotkey] = self._lapses.get(hotkey, 0) + 1
-        if hop.direction == FORWARD:
-            self._lapsed[hop.id] = (hotkey, now + self.policy.lease_s)
-        self._unpaid.append((hotkey, f"the lease of work item {hop.id} lapsed unreported"))
-
     def _requeue(self, hop: Hop, now: float, why: str) -> None:
         lapsed = why == LAPSED
         if lapsed:
-            self._lapse(hop, now)
+            self.state.counters.bump("leases_expired")
+            self.lapses.record(hop.id, hop.miner or "", hop.direction == FORWARD, now)
         if hop.lease_no >= self.policy.max_leases:
             self.restart_sample(hop.sample_id, now, f"item {hop.id} leased {hop.lease_no} times, last {why}")
             return

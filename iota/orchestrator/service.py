@@ -433,7 +433,7 @@ class Orchestrator:
         try:
             yield
         finally:
-            for hotkey, why in self.scheduler.unpaid_lapses():
+            for hotkey, why in self.scheduler.lapses.unpaid():
                 if self.abuse is not None:
                     self.abuse.strike(hotkey, why, now)
 

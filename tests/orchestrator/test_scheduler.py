@@ -505,7 +505,7 @@ def test_lease_terms_halve_per_lapse_and_come_back_with_completed_hops(db: Datab
         net.sched.sweep(net.now)
     lease = POLICY.lease_s
     assert terms == [lease, lease / 2, lease / 4, lease / 8, lease / 8]
-    assert len(list(net.sched.unpaid_lapses())) == 5 and list(net.sched.unpaid_lapses()) == []
+    assert len(list(net.sched.lapses.unpaid())) == 5 and list(net.sched.lapses.unpaid()) == []
     # Each completed hop repays one lapse: those past the floor first (the term stays there), then the rest.
     recovered = []
     for _ in range(6):
@@ -528,9 +528,9 @@ def test_a_late_report_of_a_lapsed_lease_is_one_lapse_whichever_path_sees_it(db:
     with pytest.raises(SchedulingError) as refused:
         net.report(h1, second)  # after the sweep: no second charge for it
     assert not refused.value.fault
-    assert [who for who, _ in net.sched.unpaid_lapses()] == [h1, h1]
+    assert [who for who, _ in net.sched.lapses.unpaid()] == [h1, h1]
     assert net.counter("leases_expired") == 2
-    assert net.sched.lease_term(h2) == POLICY.lease_s and net.sched.lease_term(h1) == POLICY.lease_s / 4
+    assert net.sched.lapses.term(h2) == POLICY.lease_s and net.sched.lapses.term(h1) == POLICY.lease_s / 4
 
 
 # -- flow control and phases --------------------------------------------------------------------------------

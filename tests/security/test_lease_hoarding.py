@@ -132,7 +132,7 @@ def test_a_hoarder_is_capped_struck_shortened_and_banned_while_the_honest_miner_
     # The honest miner did every hop it asked for, was never struck, and kept full leases.
     head = net.keys["head"].ss58_address
     assert honest_done == HONEST_PER_ROUND * len(terms)
-    assert abuse.strikes(head, net.clock()) == 0 and net.orch.scheduler.lease_term(head) == LEASE_S
+    assert abuse.strikes(head, net.clock()) == 0 and net.orch.scheduler.lapses.term(head) == LEASE_S
     assert honest_hop(net).kind == "forward"
 
 
