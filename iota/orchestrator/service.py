@@ -5,7 +5,7 @@ store whose keys it chooses and presigns, and the checks on every report (lease,
 
 An accepted output stays what was accepted: a hop's output key is written once (its PUT URL is write-once), and
 the report is checked against, and records, the digest the store itself computed (ObjectStore.confirm), never
-the miner's word. A consumer that finds its input bad says so when it releases the item; `_bad_input` checks that
+the miner's word. A consumer that finds its input bad says so when it releases the item; iota.orchestrator.disputes checks that
 claim before anyone is struck.
 """
 
@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loguru import logger
 
-from iota.model import codecs, wire
+from iota.orchestrator import disputes
 from iota.orchestrator.challenges import Challenges
 from iota.orchestrator.doorbell import Ticket
 from iota.orchestrator.epochs import EpochDriver
@@ -42,10 +42,8 @@ from iota.protocol import (
     Status,
     Work,
 )
-from iota.storage.base import ObjectStore, StoreError
+from iota.storage.base import ObjectStore
 from iota.train.snapshot import snapshot_size
-
-T = TypeVar("T")
 
 if TYPE_CHECKING:
     from iota.orchestrator.abuse import AbusePolicy
@@ -248,7 +246,7 @@ class Orchestrator:
         if not report.output_sha256:
             raise SchedulingError(400, "report is missing output_sha256", fault=True)
         key = hop.output_key
-        info = self._asking_store(lambda: self.store.confirm(key))
+        info = disputes.asking_store(lambda: self.store.confirm(key))
         if info is None:
             raise SchedulingError(
                 400, f"output of item {hop.id} was not uploaded (nothing at its URL)", fault=True
@@ -283,85 +281,18 @@ class Orchestrator:
 
     def release(self, hotkey: str, hop_id: int, epoch: int, reason: ReleaseReason = "stopping") -> Ack:
         """Take back an item the caller leased. A bad input (`input_mismatch`, `input_undecodable`) is a claim
-        against the miner that produced it, which `_bad_input` checks."""
+        against the miner that produced it, which iota.orchestrator.disputes checks."""
         now = self.clock()
         with self._charging_lapses(now), self.scheduler.transaction():
             hop = self.scheduler.leased_hop(hotkey, hop_id, epoch, now)
             if reason in ("input_mismatch", "input_undecodable"):
-                detail = self._bad_input(hop, reason, now)
+                detail = disputes.bad_input(self, hop, reason, now)
             else:
                 why = "released by its miner" if reason == "stopping" else f"released by its miner ({reason})"
                 self.scheduler.release(hop, now, why)
                 detail = f"item {hop_id} released"
         self.scheduler.doorbell.answer_now(hotkey)
         return Ack(detail=detail)
-
-    def _bad_input(self, hop: Hop, reason: ReleaseReason, now: float) -> str:
-        """A consumer says the input of the item it leased is bad. Releases must not become a way to hurt honest
-        producers, so:
-
-        - it can accuse only the producer of that item's input: the miner whose accepted report made the input
-          key, in the same attempt of the same sample (the consumer's live lease, checked before, is its standing);
-        - nobody is struck on its word: the store is asked whether the object at that key is still exactly what
-          was accepted (there, of the exact size, with the sha256 the store confirmed at the report). If it is
-          not, or it is but does not decode here either (`input_undecodable`), the producer is at fault: it is
-          struck and the sample restarts at the head (within the scheduler's restart limit);
-        - otherwise the claim is false: the item is requeued (its input is sound) and the refusal is a strike
-          against the consumer.
-        """
-        producer = self._producer(hop)
-        if producer is None or producer.miner is None or hop.input_key is None:
-            raise SchedulingError(
-                400, f"item {hop.id} has no input from another miner to dispute", fault=True
-            )
-        input_key = hop.input_key
-        info = self._asking_store(lambda: self.store.head(input_key))
-        size = self.limits.activation_bytes
-        intact = info is not None and info.size == size and info.sha256 == hop.input_sha
-        if intact and (reason == "input_mismatch" or self._decodes(hop.input_key)):
-            self.scheduler.release(hop, now, f"released by its miner ({reason}, not confirmed)")
-            raise SchedulingError(
-                409,
-                f"the input of item {hop.id} is exactly what was accepted"
-                f"{' and decodes' if reason == 'input_undecodable' else ''}: the item was requeued",
-                keep=True,
-                fault=True,
-            )
-        why = f"the output of item {producer.id} is bad ({reason}, confirmed against the store)"
-        self.scheduler.restart_sample(hop.sample_id, now, why)  # first: a ban would restart its samples too
-        self.state.log(
-            now, "bad_output", producer.miner, hop=producer.id, sample=hop.sample_id, reason=reason
-        )
-        if self.abuse is not None:
-            self.abuse.strike(producer.miner, why, now)
-        return f"item {hop.id} released: its input was bad, and its sample restarted"
-
-    @staticmethod
-    def _asking_store(call: Callable[[], T]) -> T:
-        """A store call on a miner's request: a store that does not answer is a 503 the miner retries (its
-        client backs off), not a 500, and not the miner's fault."""
-        try:
-            return call()
-        except StoreError as error:
-            raise SchedulingError(503, f"the object store did not answer ({error}); retry") from error
-
-    def _producer(self, hop: Hop) -> Hop | None:
-        """The done hop of the same sample attempt whose output is this hop's input."""
-        for candidate in self.state.hops_of_sample(hop.sample_id, hop.attempt):
-            if candidate.status == "done" and candidate.output_key == hop.input_key:
-                return candidate
-        return None
-
-    def _decodes(self, key: str) -> bool:
-        """Whether the object decodes as the activation (or gradient) a consumer expects, as a consumer reads it."""
-        shape = (self.run.micro_batch, self.run.model.seq_len, self.run.model.wire_width)
-        dtype = wire.wire_dtype(self.run.wire_dtype)
-        try:
-            data = self._asking_store(lambda: self.store.get(key))
-            codecs.build(self.run.codec, shape, dtype, self.run.seed).decode(data)
-        except ValueError:  # every decoder's refusal is one (iota.decoding.DecodeError)
-            return False
-        return True
 
     def phase_report(self, hotkey: str, report: PhaseReport) -> Ack:
         now = self.clock()
