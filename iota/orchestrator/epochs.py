@@ -52,7 +52,7 @@ from iota.protocol import ApplyDone, EpochPlan, MergeDone, MergeOrder, PhaseRepo
 from iota.storage import keys
 from iota.storage.base import ObjectStore
 
-IDLE_APPLY_GRACE_S = 5.0  # beyond its size-time, for an apply taken by a miner that did no work in the epoch
+IDLE_APPLY_GRACE_S = 30.0  # beyond its size-time, for an apply taken by a miner that did no work in the epoch (5 s left an honest idle replica behind on a loaded box)
 
 
 @dataclass(frozen=True)
