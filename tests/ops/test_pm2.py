@@ -84,13 +84,19 @@ def test_pm2_restarts_a_killed_miner_and_stop_releases_its_work(tmp_path: Path, 
         net.start_miner("m2")
         wait_for("every stage to have its miner", lambda: all(st.miners for st in net.status().stages), 120)
 
-        # kill -9 while the head holds open work: PM2 restarts it, it registers with a new session.
+        # kill -9 while the head holds open work: PM2 restarts it, it registers with a new session. Work past the
+        # head's forward means the head holds that sample's graph (it is stage 0's only miner), so the sample can
+        # only restart; a sample that is only queued at the head has nothing to restart. The pid is read first so
+        # that the kill follows the status that saw such work at once.
+        first = miner_app()
+
         def training() -> Status | None:
             status = net.status()
-            return status if status.samples_completed >= 2 and status.samples_in_flight > 0 else None
+            s0, *rest = status.stages
+            past_head = s0.queued_backward + sum(st.queued_forward + st.queued_backward + st.leased for st in rest)
+            return status if status.samples_completed >= 2 and past_head > 0 else None
 
-        busy = wait_for("training with samples in flight", training, timeout_s=120, every_s=0.1)
-        first = miner_app()
+        busy = wait_for("training with work past the head", training, timeout_s=120, every_s=0.05)
         os.kill(first["pid"], signal.SIGKILL)
         restarted = wait_for(
             "PM2 to restart the killed miner",
