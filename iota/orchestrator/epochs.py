@@ -5,15 +5,16 @@ a partition whose owners disagree or vanished recomputed, the merge is cheap and
 next checkpoint from the accepted slices (iota.orchestrator.checkpoints).
 
 The phases wait only for those who owe something: UPLOAD for the miners that completed a hop this epoch (only
-they have a pseudo-gradient), MERGE for the owners of its partitions, APPLY for those miners and any other that
-took the new weights. A registered miner that did no work and asks for nothing holds up nothing.
+they have a pseudo-gradient), MERGE for the owners of its partitions, APPLY for those miners. A miner that did no
+work holds up nothing: whenever it asks, it is handed the latest checkpoint first if it holds older weights (it
+missed an APPLY, or took it after the phase ended), and no hop until it reports them loaded, so every hop of an
+epoch is computed from that epoch's checkpoint.
 
 Each wait is as long as an honest miner needs, not as long as the phase may last: a miner owing an upload or an
 apply must take it within `answer_grace_s` of the phase's start (honest miners hold a request open for their next
 item, so they take it at once), and holds it for `answer_grace_s` plus the stage's size over
 `min_upload_bytes_per_s` (within the phase's deadline plus that size-time). A lease that lapses with its work
-unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for no longer (an apply
-taken by a miner that did no work this epoch gets only IDLE_APPLY_GRACE_S beyond its size-time); one that
+unreported is a strike against the miner (iota.orchestrator.abuse), which is then waited for no longer; one that
 never took its work is waited for no longer either. A miner with a few strikes in the abuse policy's window (it
 broke the protocol, as by sending outputs the store confirmed bad or malformed reports: AbuseConfig.waited_until)
 is not waited for at all: one hostile worker costs a phase at most one grace, and only before its first strikes.
@@ -51,8 +52,6 @@ from iota.orchestrator.state import MinerRecord, StateStore
 from iota.protocol import ApplyDone, EpochPlan, MergeDone, MergeOrder, PhaseReport, UploadDone, Work
 from iota.storage import keys
 from iota.storage.base import ObjectStore
-
-IDLE_APPLY_GRACE_S = 30.0  # beyond its size-time, for an apply taken by a miner that did no work in the epoch (5 s left an honest idle replica behind on a loaded box)
 
 
 @dataclass(frozen=True)
@@ -158,16 +157,33 @@ class EpochDriver:
             done = self.state.merges.report(epoch, miner.stage, miner.hotkey) is not None
             if plan is not None and mine and not done:
                 return Work(kind="merge", merge=self._merge_order(plan, miner.hotkey, mine), **base)
-        if phase == APPLY and self.state.merges.applied(epoch, miner.hotkey) is None:
-            key = keys.checkpoint_stage(self.run_id, epoch + 1, miner.stage)
-            return Work(
-                kind="apply",
-                input_url=self.store.presign_get(key, ttl),
-                input_sha256=self.checkpoints.weights_sha(miner.stage),
-                lease_expires=self._lease(epoch, APPLY, miner, now),
-                **base,
-            )
+        if phase == APPLY and self.behind(miner):
+            return self.apply_work(miner, self._lease(epoch, APPLY, miner, now))
+        if phase != APPLY and self.behind(miner):
+            return self.apply_work(miner, None)
         return Work(kind="wait", wait_s=0.2, reason=f"waiting for other miners to finish {phase}", **base)
+
+    def behind(self, miner: MinerRecord) -> bool:
+        """Whether the miner holds weights older than the latest checkpoint's (None: it never said which)."""
+        info = self.state.run.checkpoint
+        loaded = self.state.merges.loaded(miner.hotkey)
+        return info is not None and (loaded is None or loaded < info.epoch)
+
+    def apply_work(self, miner: MinerRecord, lease: float | None) -> Work:
+        """Load the latest checkpoint: the merge of the epoch before it, in APPLY or, for a miner that missed that,
+        before any other work afterwards."""
+        info = self.state.run.checkpoint
+        assert info is not None
+        return Work(
+            kind="apply",
+            run_id=self.run_id,
+            epoch=info.epoch - 1,
+            stage=miner.stage,
+            plan=self.plan(miner.stage),
+            input_url=self.checkpoints.weights_url(miner.stage),
+            input_sha256=info.shas[miner.stage],
+            lease_expires=lease,
+        )
 
     def workers(self, epoch: int) -> frozenset[str]:
         """The miners that completed a hop in `epoch`: those its end waits for. Asked only once training is over
@@ -191,12 +207,7 @@ class EpochDriver:
             if now > deadline:
                 return None
             size_s = 4 * self.n_params[miner.stage] / self.settings.min_upload_bytes_per_s
-            # A miner that did no work this epoch loads the new weights and nothing else: the size-time and a
-            # short grace are all it needs, and all an idle hostile one can hold the phase for.
-            grace = self.settings.answer_grace_s
-            if miner.hotkey not in self.workers(epoch):
-                grace = min(grace, IDLE_APPLY_GRACE_S)
-            lease = min(now + grace, deadline) + size_s
+            lease = min(now + self.settings.answer_grace_s, deadline) + size_s
             leases.grant(epoch, miner.stage, miner.hotkey, lease)
         return lease
 
@@ -231,9 +242,11 @@ class EpochDriver:
         phase, epoch = self.scheduler.phase, self.scheduler.epoch
         result = report.result
         kind = result.kind
-        if report.epoch != epoch:
+        if isinstance(result, ApplyDone):
+            self._record_apply(miner, report)
+        elif report.epoch != epoch:
             raise SchedulingError(409, f"epoch {report.epoch} is closed (current {epoch})")
-        if isinstance(result, UploadDone) and phase == UPLOAD:
+        elif isinstance(result, UploadDone) and phase == UPLOAD:
             lease = self.state.uploads.leases.until(epoch, miner.stage, miner.hotkey)
             if lease is None or now > lease:
                 why = "no upload was granted" if lease is None else f"its lease ended {now - lease:.1f} s ago"
@@ -244,16 +257,25 @@ class EpochDriver:
         elif isinstance(result, MergeDone) and phase == MERGE:
             self._check_merge_report(epoch, miner, result)
             self.state.merges.record_report(epoch, miner.stage, miner.hotkey, result)
-        elif isinstance(result, ApplyDone) and phase == APPLY:
-            expected = self.checkpoints.weights_sha(miner.stage)
-            if report.output_sha256 != expected:
-                raise SchedulingError(
-                    400, f"applied weights digest {report.output_sha256} != checkpoint {expected}"
-                )
-            self.state.merges.record_applied(epoch, miner.hotkey, report.output_sha256)
         else:
             raise SchedulingError(409, f"a {kind!r} report does not fit phase {phase} of epoch {epoch}")
         self.advance(now)
+
+    def _record_apply(self, miner: MinerRecord, report: PhaseReport) -> None:
+        """An apply is of the latest checkpoint (the merge of the epoch before it), in whichever phase it ends."""
+        info = self.state.run.checkpoint
+        if info is None or report.epoch != info.epoch - 1:
+            latest = "none" if info is None else info.epoch
+            raise SchedulingError(
+                409, f"an apply of epoch {report.epoch}'s merge is stale: the latest checkpoint is {latest}"
+            )
+        expected = info.shas[miner.stage]
+        if report.output_sha256 != expected:
+            raise SchedulingError(
+                400, f"applied weights digest {report.output_sha256} != checkpoint {expected}"
+            )
+        self.state.merges.record_applied(report.epoch, miner.hotkey, report.output_sha256)
+        self.state.merges.set_loaded(miner.hotkey, info.epoch)
 
     def _check_merge_report(self, epoch: int, miner: MinerRecord, done: MergeDone) -> None:
         """A merge report names only partitions its sender owns, and norms of the plan's submitters only: what is
@@ -314,14 +336,7 @@ class EpochDriver:
             if not pending or timed_out:
                 self._finish_merge(epoch, now)
         elif phase == APPLY:
-            # And whoever took the new weights: an idle replica that loads them is not left behind.
-            leases = self.state.merges.apply_leases
-            owing = [
-                m
-                for m in alive
-                if (m.hotkey in workers or leases.until(epoch, m.stage, m.hotkey) is not None)
-                and self.state.merges.applied(epoch, m.hotkey) is None
-            ]
+            owing = [m for m in alive if m.hotkey in workers and self.behind(m)]
             if not self._waiting(epoch, APPLY, owing, timed_out, now):
                 self.scheduler.next_epoch(now)
 

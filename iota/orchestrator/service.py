@@ -100,17 +100,24 @@ class Orchestrator:
         stage = self.scheduler.register(
             hotkey, self.uid_of(hotkey), request.device, request.memory_bytes, request.session, now
         )
+        with self.state.transaction():
+            checkpoint = self.state.run.checkpoint
+            if checkpoint is not None:
+                self.state.merges.set_loaded(
+                    hotkey, checkpoint.epoch
+                )  # what it loads before it asks for work
+            registration = Registration(
+                hotkey=hotkey,
+                stage=stage,
+                epoch=self.scheduler.epoch,
+                checkpoint_url=self.epochs.checkpoints.weights_url(stage),
+                checkpoint_sha256=self.epochs.checkpoints.weights_sha(stage),
+                data_urls=self.epochs.data_urls(),
+                heartbeat_s=self.scheduler.policy.miner_timeout_s / 4,
+                state_id=self.state.run.state_id or "",
+            )
         logger.info("miner {} registered on stage {} ({})", hotkey[:10], stage, request.device)
-        return Registration(
-            hotkey=hotkey,
-            stage=stage,
-            epoch=self.scheduler.epoch,
-            checkpoint_url=self.epochs.checkpoints.weights_url(stage),
-            checkpoint_sha256=self.epochs.checkpoints.weights_sha(stage),
-            data_urls=self.epochs.data_urls(),
-            heartbeat_s=self.scheduler.policy.miner_timeout_s / 4,
-            state_id=self.state.run.state_id or "",
-        )
+        return registration
 
     def heartbeat(self, hotkey: str) -> Ack:
         """Liveness apart from work: a miner loading gigabytes of weights is busy, not gone. Its leases are not
@@ -146,6 +153,10 @@ class Orchestrator:
         if phase != TRAIN:
             with self.state.transaction():
                 return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now), None
+        with self.state.transaction():
+            miner = self.scheduler.live_miner(hotkey, now)
+            if self.epochs.behind(miner):  # it missed an APPLY: no hop from older weights than the epoch's
+                return self.epochs.apply_work(miner, None), None
         if self.challenges.pending(hotkey) and (challenged := self.state.miner(hotkey)) is not None:
             plan = self.epochs.plan(challenged.stage)
             order = self.challenges.work(challenged, self.scheduler.epoch, plan, self.run.run_id)

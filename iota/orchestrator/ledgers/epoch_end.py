@@ -93,3 +93,10 @@ class Merges:
 
     def applied(self, epoch: int, hotkey: str) -> str | None:
         return self.kv.get(keys.applied(epoch, hotkey))
+
+    def set_loaded(self, hotkey: str, epoch: int) -> None:
+        """The checkpoint whose weights the miner holds: the one it registered with, or the last it applied."""
+        self.kv.put(keys.loaded(hotkey), epoch)
+
+    def loaded(self, hotkey: str) -> int | None:
+        return self.kv.get(keys.loaded(hotkey))

@@ -109,6 +109,10 @@ def applied(epoch: int, hotkey: str) -> str:
     return f"applied/{epoch}/{hotkey}"
 
 
+def loaded(hotkey: str) -> str:
+    return f"loaded/{hotkey}"
+
+
 # -- inner steps and snapshot challenges -----------------------------------------------------------------
 
 
