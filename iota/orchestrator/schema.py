@@ -85,4 +85,15 @@ MIGRATIONS = [
             " hotkey TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, why TEXT NOT NULL)",
         ],
     ),
+    (
+        5,
+        "the loss curve of expired epochs, folded",
+        [
+            # Retention folds an expired epoch's per-sample losses into a few means (iota.orchestrator.state's
+            # forget): `samples` consecutive completed samples, the mean of their losses, the last one's time.
+            """CREATE TABLE loss_summary (
+                epoch BIGINT NOT NULL, part BIGINT NOT NULL, samples BIGINT NOT NULL,
+                loss DOUBLE PRECISION NOT NULL, done_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (epoch, part))""",
+        ],
+    ),
 ]

@@ -45,8 +45,22 @@ from iota.protocol import (
 from iota.storage.base import ObjectStore
 from iota.train.snapshot import snapshot_size
 
+CURVE_POINTS = 2048  # the most points /status's loss curve carries
+
 if TYPE_CHECKING:
     from iota.orchestrator.abuse import AbusePolicy
+
+
+def thin_curve(points: list[tuple[int, float]], tokens: int, most: int) -> list[tuple[int, float]]:
+    """(samples, mean loss) points as (tokens trained by the point's end, mean loss), at most `most` of them: runs
+    of consecutive points are averaged, each weighted by its samples."""
+    curve, samples = [], 0
+    for n, loss in points:
+        samples += n
+        curve.append((tokens * samples, loss, n))
+    size = max(1, -(-len(curve) // most))
+    runs = [curve[i : i + size] for i in range(0, len(curve), size)]
+    return [(run[-1][0], sum(loss * n for _, loss, n in run) / sum(n for *_, n in run)) for run in runs]
 
 
 @dataclass(frozen=True)
@@ -432,9 +446,9 @@ class Orchestrator:
         )
 
     def loss_curve(self) -> list[tuple[int, float]]:
-        """(tokens trained when the sample completed, its loss), in completion order."""
-        tokens = self.run.micro_batch_tokens
-        return [(tokens * (i + 1), loss) for i, (_, loss) in enumerate(self.state.loss_curve())]
+        """(tokens trained when the sample completed, its loss), in completion order; past CURVE_POINTS points,
+        runs of consecutive points are averaged so that /status stays small however long the run."""
+        return thin_curve(self.state.loss_curve(), self.run.micro_batch_tokens, CURVE_POINTS)
 
     def samples_lost(self) -> int:
         """Allocated samples that are neither completed, dropped (restarted too often: counted, with an event)

@@ -28,6 +28,7 @@ from iota.state.migrations import migrate
 OPEN = ("queued", "leased")
 EVENTS_KEPT = 10_000  # the operator's log keeps its newest events (GET /events serves the last 100)
 EVENTS_TRIMMED_EVERY = 500
+LOSS_PARTS = 8  # points an expired epoch keeps on the loss curve
 
 
 @dataclass(frozen=True)
@@ -278,9 +279,14 @@ class StateStore:
         ]
 
     def loss_curve(self) -> list[tuple[int, float]]:
+        """(samples, mean loss) in completion order: one point a completed sample, and for an epoch retention has
+        folded, one point for each of its LOSS_PARTS runs of consecutive samples."""
         rows = self.db.execute(
-            "SELECT l.sample_id, l.loss FROM losses l JOIN samples s ON s.id = l.sample_id "
-            "WHERE s.status = 'done' ORDER BY s.done_at, l.sample_id"
+            "SELECT n, loss FROM ("
+            " SELECT s.epoch AS epoch, s.done_at AS done_at, l.sample_id AS k, 1 AS n, l.loss AS loss"
+            " FROM losses l JOIN samples s ON s.id = l.sample_id WHERE s.status = 'done'"
+            " UNION ALL SELECT epoch, done_at, part, samples, loss FROM loss_summary"
+            ") AS curve ORDER BY epoch, done_at, k"
         )
         return [(int(r[0]), float(r[1])) for r in rows]
 
@@ -459,4 +465,37 @@ class StateStore:
             if expired(int(epoch)) and settles_nothing(True, json.loads(detail))
         ]
         self.db.executemany("DELETE FROM verdicts WHERE id = ?", routine)
-        return {"hops": hops, "kv": len(doomed_kv), "verdicts": len(routine)}
+        finished = [
+            int(row[0])
+            for row in self.db.execute("SELECT DISTINCT epoch FROM samples WHERE status != 'active'")
+        ]
+        samples = sum(self._fold_samples(epoch) for epoch in finished if expired(epoch))
+        return {"hops": hops, "kv": len(doomed_kv), "verdicts": len(routine), "samples": samples}
+
+    def _fold_samples(self, epoch: int) -> int:
+        """An expired epoch's finished samples go, their losses folded into LOSS_PARTS means: the loss curve keeps
+        its shape and the tables stop growing with the run. Returns the samples deleted."""
+        losses = [
+            (float(loss), float(done_at))
+            for loss, done_at in self.db.execute(
+                "SELECT l.loss, s.done_at FROM losses l JOIN samples s ON s.id = l.sample_id "
+                "WHERE s.epoch = ? AND s.status = 'done' ORDER BY s.done_at, l.sample_id",
+                (epoch,),
+            )
+        ]
+        size = -(-len(losses) // LOSS_PARTS)
+        parts = [losses[i : i + size] for i in range(0, len(losses), size)] if losses else []
+        self.db.executemany(
+            "INSERT INTO loss_summary (epoch, part, samples, loss, done_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (epoch, part) DO NOTHING",
+            [(epoch, i, len(p), sum(v for v, _ in p) / len(p), p[-1][1]) for i, p in enumerate(parts)],
+        )
+        self.db.execute(
+            "DELETE FROM losses WHERE sample_id IN (SELECT id FROM samples WHERE epoch = ? AND status != 'active')",
+            (epoch,),
+        )
+        return len(
+            self.db.execute(
+                "DELETE FROM samples WHERE epoch = ? AND status != 'active' RETURNING id", (epoch,)
+            )
+        )

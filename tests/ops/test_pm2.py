@@ -93,7 +93,9 @@ def test_pm2_restarts_a_killed_miner_and_stop_releases_its_work(tmp_path: Path, 
         def training() -> Status | None:
             status = net.status()
             s0, *rest = status.stages
-            past_head = s0.queued_backward + sum(st.queued_forward + st.queued_backward + st.leased for st in rest)
+            past_head = s0.queued_backward + sum(
+                st.queued_forward + st.queued_backward + st.leased for st in rest
+            )
             return status if status.samples_completed >= 2 and past_head > 0 else None
 
         busy = wait_for("training with work past the head", training, timeout_s=120, every_s=0.05)

@@ -177,7 +177,7 @@ def footprint(run: Run) -> dict[str, int]:
     """Objects in the bucket and rows of each growing table."""
     rows = {
         table: int(run.state.db.scalar(f"SELECT COUNT(*) FROM {table}"))
-        for table in ("hops", "kv", "verdicts")
+        for table in ("hops", "samples", "losses", "kv", "verdicts")
     }
     return {"objects": len(run.store.list(keys.run_prefix(RUN_ID))), **rows}
 
@@ -267,6 +267,10 @@ def test_footprint_stays_flat_and_audits_keep_what_they_read(run: Run) -> None:
     # hops, per-epoch values and routine verdicts.
     assert sizes[-1] == sizes[-2], sizes
     assert sizes[ANSWERED_AFTER] == sizes[-1], sizes
+    # The loss curve keeps every completed sample: an expired epoch's as a few means.
+    curve = run.state.loss_curve()
+    assert sum(n for n, _ in curve) == run.state.counters.get("samples_completed") > 0
+    assert int(run.state.db.scalar("SELECT COUNT(*) FROM loss_summary")) > 0  # expired epochs were folded
     assert run.state.audits.get("open") is None  # the answered audit's record went with its epoch
     assert "claim" in run.state.audits.claims()
     assert not [k for k, _ in run.state.items("") if (e := ledger_keys.epoch_of(k)) is not None and e == 3]

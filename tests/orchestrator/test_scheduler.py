@@ -235,7 +235,7 @@ def test_sample_flows_forward_then_backward_to_the_miners_that_did_its_forwards(
 
     assert net.state.sample(f0.sample_id) == (0, 0, "done")
     assert net.counter("samples_completed") == 1
-    assert net.state.loss_curve() == [(f0.sample_id, 2.0 + f0.sample_id)]
+    assert net.state.loss_curve() == [(1, 2.0 + f0.sample_id)]
     assert {m.hotkey: m.hops_done for m in net.state.miners()} == {h1: 2, h2: 0, b1: 2, b2: 0, t1: 0, t2: 1}
     assert net.samples_lost() == 0
 
