@@ -35,6 +35,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -273,6 +274,17 @@ def footprint(net: LocalNetwork) -> tuple[int, int]:
     return store, db
 
 
+def state_rows(net: LocalNetwork) -> int:
+    """Rows in all the state database's tables: what its file size (which keeps the WAL's high-water mark and free
+    pages) hides."""
+    db = sqlite3.connect(f"file:{net.run_dir / 'orchestrator' / 'state.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return sum(db.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0] for table in tables)
+    finally:
+        db.close()
+
+
 def tracebacks(net: LocalNetwork) -> int:
     log = net.run_dir / "logs" / "orchestrator.log"
     return log.read_text(errors="replace").count("Traceback") if log.exists() else 0
@@ -317,7 +329,7 @@ def run(args: argparse.Namespace, hostile: bool) -> dict[str, Any]:
             store, db = footprint(net)
             per_epoch.append(
                 dict(epoch=epoch, samples=status.samples_completed, seconds=round(time.monotonic() - start, 1),
-                     store_bytes=store, db_bytes=db)
+                     store_bytes=store, db_bytes=db, db_rows=state_rows(net))
             )  # fmt: skip
             print(
                 f"  {'hostile' if hostile else 'quiet  '} epoch {epoch:>2}: samples {status.samples_completed:>4}"
@@ -380,7 +392,8 @@ def main() -> None:
         print(
             f"{name:>7}: {r['samples_per_s']:.3f} samples/s, lost {r['samples_lost']}, died {r['died'] or 0}, "
             f"5xx {r['fivexx']}, tracebacks {r['tracebacks']}; store MB by epoch "
-            f"{[round(s / 1e6, 1) for s, _ in sizes]}; db MB {[round(d / 1e6, 2) for _, d in sizes]}"
+            f"{[round(s / 1e6, 1) for s, _ in sizes]}; db MB {[round(d / 1e6, 2) for _, d in sizes]}; "
+            f"db rows {[e['db_rows'] for e in r['per_epoch']]}"
         )
         if name == "hostile":
             print("   answers to hostile clients: " + ", ".join(f"{k}: {n}" for k, n in r["answers"].items()))
