@@ -64,7 +64,7 @@ def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(make_net: 
     net = make_net(**EXACT, samples_per_epoch=samples, total_tokens=samples * 2 * SEQ_LEN, max_in_flight=8)
     run_to_the_end(net)
 
-    losses = [loss for _, loss in sorted(net.orch.state.loss_curve())]
+    losses = [loss for (loss,) in net.query("SELECT loss FROM losses ORDER BY sample_id")]
     baseline = train_baseline(build_run(net.settings), samples * 2 * SEQ_LEN, progress=False)
     single = [loss for _, loss in baseline["loss_curve"]]
     assert len(losses) == len(single) == samples
@@ -199,7 +199,7 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
     status = net.orch.status()
     assert status.phase == "done" and status.samples_lost == 0 and status.samples_requeued == 0
 
-    losses = [loss for _, loss in sorted(net.orch.state.loss_curve())]
+    losses = [loss for (loss,) in net.query("SELECT loss FROM losses ORDER BY sample_id")]
     single = [
         loss
         for _, loss in train_baseline(build_run(net.settings), samples * 2 * SEQ_LEN, progress=False)[

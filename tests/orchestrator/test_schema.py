@@ -1,4 +1,5 @@
-"""Migration 4 makes the abuse policy's tables, and keeps those a database already has from the policy itself."""
+"""A fresh database migrates to the latest version; migration 4 makes the abuse policy's tables, and keeps those a
+database already has from the policy itself."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ POLICY_TABLES = (
 
 def test_a_fresh_database_has_the_abuse_tables(db: Database) -> None:
     state = StateStore(db)
-    assert schema_version(db) == MIGRATIONS[-1][0] == 4
+    assert schema_version(db) == MIGRATIONS[-1][0] == len(MIGRATIONS)
     assert state.abuse.bans() == {} and state.abuse.strike_times("hk") == []
+    assert state.loss_curve() == []  # migration 5's loss_summary is there
 
 
 def test_migration_4_keeps_the_strikes_and_bans_the_policy_made(db: Database) -> None:
@@ -27,5 +29,5 @@ def test_migration_4_keeps_the_strikes_and_bans_the_policy_made(db: Database) ->
     db.execute("INSERT INTO abuse_strikes (hotkey, at, why) VALUES ('hk', 5.0, 'claim')")
     db.execute("INSERT INTO abuse_bans (hotkey, at, why) VALUES ('hk', 6.0, 'banned')")
     state = StateStore(db)  # migrates to the latest
-    assert schema_version(db) == 4
+    assert schema_version(db) == MIGRATIONS[-1][0]
     assert state.abuse.strike_times("hk") == [5.0] and state.abuse.bans() == {"hk": "banned"}
