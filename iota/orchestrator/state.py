@@ -29,6 +29,9 @@ OPEN = ("queued", "leased")
 EVENTS_KEPT = 10_000  # the operator's log keeps its newest events (GET /events serves the last 100)
 EVENTS_TRIMMED_EVERY = 500
 LOSS_PARTS = 8  # points an expired epoch keeps on the loss curve
+SUMMARY_ROWS = (
+    1024  # past this, the folded points are halved: the loss curve's rows stay bounded however long the run
+)
 
 
 @dataclass(frozen=True)
@@ -470,7 +473,33 @@ class StateStore:
             for row in self.db.execute("SELECT DISTINCT epoch FROM samples WHERE status != 'active'")
         ]
         samples = sum(self._fold_samples(epoch) for epoch in finished if expired(epoch))
+        self.compact_loss_summary()
         return {"hops": hops, "kv": len(doomed_kv), "verdicts": len(routine), "samples": samples}
+
+    def compact_loss_summary(self, most: int = SUMMARY_ROWS) -> None:
+        """Past `most` folded points, each run of 2 (or 4, 8, ... until they fit) consecutive points becomes one: its
+        samples' weighted mean, keyed and timed as the run's last, so the curve's order and sample count are kept."""
+        rows = list(
+            self.db.execute(
+                "SELECT epoch, part, samples, loss, done_at FROM loss_summary ORDER BY epoch, done_at, part"
+            )
+        )
+        if len(rows) <= most:
+            return
+        size = 2
+        while -(-len(rows) // size) > most:
+            size *= 2
+        merged = []
+        for points in (rows[i : i + size] for i in range(0, len(rows), size)):
+            epoch, part, _, _, done_at = points[-1]
+            samples = sum(int(r[2]) for r in points)
+            merged.append(
+                (epoch, part, samples, sum(int(r[2]) * float(r[3]) for r in points) / samples, done_at)
+            )
+        self.db.execute("DELETE FROM loss_summary")
+        self.db.executemany(
+            "INSERT INTO loss_summary (epoch, part, samples, loss, done_at) VALUES (?, ?, ?, ?, ?)", merged
+        )
 
     def _fold_samples(self, epoch: int) -> int:
         """An expired epoch's finished samples go, their losses folded into LOSS_PARTS means: the loss curve keeps

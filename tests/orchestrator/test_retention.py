@@ -405,3 +405,29 @@ def test_a_checkpoint_published_during_a_pass_gets_a_pass_of_its_own(
     release.set()
     retention.wait(timeout_s=60)
     assert seen == [1, 2]
+
+
+def test_the_folded_loss_points_stay_bounded_and_keep_the_curve(db: Database) -> None:
+    """However many epochs are folded, their points stay at most SUMMARY_ROWS: runs of points become weighted
+    means, in order, and every sample is still counted."""
+    state = StateStore(db)
+    rows = [
+        (epoch, part, 1 + part % 3, float(epoch % 5) + part / 8, epoch * 10.0 + part)
+        for epoch in range(300)
+        for part in range(8)
+    ]
+    db.executemany(
+        "INSERT INTO loss_summary (epoch, part, samples, loss, done_at) VALUES (?, ?, ?, ?, ?)", rows
+    )
+    before = state.loss_curve()
+    state.compact_loss_summary(most=1024)
+    after = state.loss_curve()
+    assert 512 <= len(after) <= 1024 and len(before) == 2400
+    assert sum(n for n, _ in after) == sum(n for n, _ in before)
+    assert sum(n * loss for n, loss in after) == pytest.approx(sum(n * loss for n, loss in before))
+    # 2,400 points in runs of 4: the first point is the first four's mean, and the order is kept.
+    first = before[:4]
+    samples = sum(n for n, _ in first)
+    assert after[0] == (samples, pytest.approx(sum(n * loss for n, loss in first) / samples))
+    state.compact_loss_summary(most=1024)
+    assert state.loss_curve() == after  # under the limit, nothing changes
