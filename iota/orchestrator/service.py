@@ -229,6 +229,26 @@ class Orchestrator:
 
     def report(self, hotkey: str, hop_id: int, report: Report) -> Ack:
         now = self.clock()
+        try:
+            self._record_report(hotkey, hop_id, report, now)
+        except SchedulingError as refusal:
+            if refusal.fault:
+                self.forfeit(hotkey, hop_id, refusal.detail)
+            raise
+        # What the miner asks for next may differ now (its window may be closed): a request it has held answers.
+        self.scheduler.doorbell.answer_now(hotkey)
+        return Ack(detail=f"item {hop_id} recorded")
+
+    def forfeit(self, hotkey: str, hop_id: int, why: str) -> None:
+        """A report refused as its sender's fault (malformed, or contradicted by the store) gives the item back at
+        once if the sender still holds it: left leased, its sample would wait out the lease for nothing."""
+        now = self.clock()
+        with self.scheduler.transaction():
+            hop = self.state.hop(hop_id)
+            if hop is not None and hop.miner == hotkey and hop.status == "leased":
+                self.scheduler.release(hop, now, f"its report was refused: {why[:200]}")
+
+    def _record_report(self, hotkey: str, hop_id: int, report: Report, now: float) -> None:
         if report.run_id != self.run.run_id:
             raise SchedulingError(
                 409, f"report for run {report.run_id!r}, this orchestrator runs {self.run.run_id!r}"
@@ -259,9 +279,6 @@ class Orchestrator:
             self.challenges.on_report(hotkey, hop.stage, hop.epoch, report.inner_step, report.sketch, now)
             if hop.direction == BACKWARD and hop.stage == 0:
                 self.state.counters.bump("tokens_trained", tokens)
-        # What the miner asks for next may differ now (its window may be closed): a request it has held answers.
-        self.scheduler.doorbell.answer_now(hotkey)
-        return Ack(detail=f"item {hop_id} recorded")
 
     def _check_output(self, hop: Hop, report: Report, now: float) -> tuple[int | None, str | None]:
         """The output object's size and sha256 as the store confirms them: it must exist with the exact size and

@@ -86,6 +86,22 @@ def test_a_reported_output_cannot_be_replaced_through_its_url(net: Net) -> None:
     assert download(mid.input_url, mid.input_sha256, 1 << 24) == out  # what was accepted is what is read
 
 
+def test_a_report_refused_as_its_senders_fault_gives_the_item_back_at_once(net: Net) -> None:
+    """Left leased, a refused item's sample would wait out the lease: a tail that omits the loss gives the item back
+    at once (and takes a strike), and the next tail request is handed it again."""
+    work, data = net.lease_at(2)
+    out = net.activation(0.5)
+    assert work.output_url
+    upload(work.output_url, out)
+    refused(lambda: net.clients["tail"].report(report_for(work, data, out)), 400, "loss")
+    hop = net.orch.state.hop(work.hop_id or 0)
+    assert hop is not None and hop.status != "leased" and strikes(net, "tail") == 1
+    again = net.work("tail")
+    assert (
+        again.sample_id == work.sample_id and again.stage == 2
+    )  # handed out again at once, not after lease_s
+
+
 # -- a consumer's claim, checked ---------------------------------------------------------------------------
 
 
