@@ -159,7 +159,7 @@ def test_local_help_shows_the_defaults_iota_local_uses() -> None:
     result = iota("local", "--help")
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())  # argparse wraps lines
-    # iota local's own defaults, not the run settings': 2 epochs (the setting's default is 1), 48 samples.
+    # iota local's own defaults, not the run settings': 5 epochs (the setting's default is 1), 48 samples.
     assert (
         f"--epochs EPOCHS Epochs the run trains; 0 trains until stopped (default: {LOCAL_DEFAULTS['epochs']})"
         in text
