@@ -126,7 +126,8 @@ class RunSettings(_Base):
     outer_lr: float = Field(
         0.7,
         description="Outer (merge) learning rate; 1 with momentum 0 is plain averaging, which does better when an "
-        "epoch is a few dozen inner steps or fewer (iota local's default); 0.7 with 0.9 momentum is DiLoCo's, for hundreds",
+        "epoch is a few dozen inner steps or fewer (iota local's default); 0.7 with 0.9 momentum is DiLoCo's, "
+        "for hundreds",
     )
     outer_momentum: float = Field(0.9, description="Outer Nesterov momentum")
     partitions: int = Field(16, description="Partitions of each stage in the butterfly merge")

@@ -29,9 +29,8 @@ OPEN = ("queued", "leased")
 EVENTS_KEPT = 10_000  # the operator's log keeps its newest events (GET /events serves the last 100)
 EVENTS_TRIMMED_EVERY = 500
 LOSS_PARTS = 8  # points an expired epoch keeps on the loss curve
-SUMMARY_ROWS = (
-    1024  # past this, the folded points are halved: the loss curve's rows stay bounded however long the run
-)
+# Past this many folded points, runs of consecutive ones are merged: the loss curve's rows stay bounded.
+SUMMARY_ROWS = 1024
 
 
 @dataclass(frozen=True)
