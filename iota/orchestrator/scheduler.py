@@ -38,10 +38,15 @@ TRAIN, UPLOAD, MERGE, APPLY, DONE = "train", "upload", "merge", "apply", "done"
 class SchedulingError(Exception):
     """A request the scheduler refuses; `status` is the HTTP status the route answers with."""
 
-    def __init__(self, status: int, detail: str, keep: bool = False, fault: bool = False):
+    def __init__(
+        self, status: int, detail: str, keep: bool = False, fault: bool = False, lease_stands: bool = False
+    ):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        # A fault that proves nothing against the item (a report sent before its upload, or for an earlier lease of
+        # it): the lease is left to run, so an honest miner's next report of the item is taken.
+        self.lease_stands = lease_stands
         # What was done before refusing (a requeue) stands: Scheduler.transaction commits it, then refuses.
         self.keep = keep
         # The caller broke the protocol (not a race an honest miner can lose): a strike (iota.orchestrator.abuse).

@@ -232,7 +232,7 @@ class Orchestrator:
         try:
             self._record_report(hotkey, hop_id, report, now)
         except SchedulingError as refusal:
-            if refusal.fault:
+            if refusal.fault and not refusal.lease_stands:
                 self.forfeit(hotkey, hop_id, refusal.detail)
             raise
         # What the miner asks for next may differ now (its window may be closed): a request it has held answers.
@@ -291,7 +291,10 @@ class Orchestrator:
         info = disputes.asking_store(lambda: self.store.confirm(key))
         if info is None:
             raise SchedulingError(
-                400, f"output of item {hop.id} was not uploaded (nothing at its URL)", fault=True
+                400,
+                f"output of item {hop.id} was not uploaded (nothing at its URL)",
+                fault=True,
+                lease_stands=True,
             )
         if info.size != self.limits.activation_bytes:
             self._contradicted(

@@ -80,17 +80,21 @@ def test_reports_for_items_never_leased_get_a_miner_throttled_then_banned(net: N
 
 
 def test_outputs_that_are_not_what_was_uploaded_are_strikes(net: Net) -> None:
-    """Each such report is a strike and ends the lease at once: the item is not left with a miner that broke the
-    protocol until the lease runs out (a forged digest, or a tail's missing loss, stalled the run a whole lease)."""
+    """Each such report is a strike, and one that proves something against the item ends the lease at once: the
+    item is not left with a miner that broke the protocol until the lease runs out (a forged digest, or a tail's
+    missing loss, stalled the run a whole lease)."""
     work, data = net.lease_at(1)
     out = net.activation(1.0)
+    # Reported without uploading (or for an earlier lease): nothing is at the key it was issued, which proves nothing
+    # against the item; the lease stands.
+    refused(lambda: net.clients["mid"].report(report_for(work, data, out)), 400, "was not uploaded")
+    hop = net.orch.state.hop(work.hop_id or 0)
+    assert strikes(net, "mid") == 1 and hop is not None and hop.status == "leased"
     bad_reports = [
-        # Reported without uploading (or after uploading elsewhere): nothing is at the key it was issued.
-        (lambda w: report_for(w, data, out), False, "was not uploaded"),
         (lambda w: report_for(w, data, out, input_sha256="0" * 64), True, "input digest"),
         (lambda w: report_for(w, data, net.activation(2.0)), True, "does not match the reported sha256"),
     ]
-    for struck, (report, uploaded, reason) in enumerate(bad_reports, start=1):
+    for struck, (report, uploaded, reason) in enumerate(bad_reports, start=2):
         assert work.output_url and work.hop_id
         if uploaded:
             upload(work.output_url, out)
@@ -98,7 +102,7 @@ def test_outputs_that_are_not_what_was_uploaded_are_strikes(net: Net) -> None:
         assert strikes(net, "mid") == struck
         hop = net.orch.state.hop(work.hop_id)
         assert hop is not None and hop.status == "queued" and hop.miner is None
-        if struck < len(bad_reports):
+        if struck < 1 + len(bad_reports):
             again = net.work("mid")
             assert again.hop_id == work.hop_id
             work = again
