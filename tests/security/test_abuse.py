@@ -91,13 +91,12 @@ def test_outputs_that_are_not_what_was_uploaded_are_strikes(net: Net) -> None:
     hop = net.orch.state.hop(work.hop_id or 0)
     assert strikes(net, "mid") == 1 and hop is not None and hop.status == "leased"
     bad_reports = [
-        (lambda w: report_for(w, data, out, input_sha256="0" * 64), True, "input digest"),
-        (lambda w: report_for(w, data, net.activation(2.0)), True, "does not match the reported sha256"),
+        (lambda w: report_for(w, data, out, input_sha256="0" * 64), "input digest"),
+        (lambda w: report_for(w, data, net.activation(2.0)), "does not match the reported sha256"),
     ]
-    for struck, (report, uploaded, reason) in enumerate(bad_reports, start=2):
+    for struck, (report, reason) in enumerate(bad_reports, start=2):
         assert work.output_url and work.hop_id
-        if uploaded:
-            upload(work.output_url, out)
+        upload(work.output_url, out)
         refused(lambda r=report, w=work: net.clients["mid"].report(r(w)), 400, reason)
         assert strikes(net, "mid") == struck
         hop = net.orch.state.hop(work.hop_id)
