@@ -7,9 +7,12 @@ window. Registration alone earns nothing (no hops, no score).
 
 A failing verdict counts only once an independent replay confirms it: another validator's failing verdict on the
 same miner and epoch, or a recomputation of the same audit by another validator or by the orchestrator (verdicts
-whose detail names the audit they confirm). A failing verdict that such a recomputation passes is refuted; a
-validator with STRIKES refuted verdicts loses its standing and all its verdicts are ignored. So one permit holder
-cannot zero an honest miner, whether it audits alone or beside others.
+whose detail names the audit they confirm). Where validators disagree, evidence decides, not votes: a validator's
+contrary verdict settles nothing alone, the orchestrator recomputes the audit, and whichever side its recomputation
+contradicts takes a strike: a failing verdict it passes is refuted, a confirmation that passed what it fails is
+contradicted. A validator with STRIKES strikes loses its standing and all its verdicts are ignored. So one permit
+holder can neither zero an honest miner nor shield a cheater, nor cost an honest validator its standing by
+contradicting it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 WINDOW_EPOCHS = 4
 DECAY = 0.5  # an epoch's work counts DECAY**age
 ORCHESTRATOR = "orchestrator"  # the source named by the orchestrator's own recomputations
-STRIKES = 2  # refuted failing verdicts after which a validator's verdicts stop counting
+STRIKES = 2  # verdicts the orchestrator's recomputation proved wrong, after which a validator's stop counting
 
 Verdict = Mapping[str, Any]
 
@@ -31,31 +34,36 @@ def _detail(v: Verdict, key: str) -> Any:
 
 
 def _judge(verdicts: Sequence[Verdict]) -> tuple[set[tuple[str, int]], dict[str, int]]:
-    """(confirmed failures as (miner, epoch), refuted failing verdicts per validator) over these verdicts."""
+    """(confirmed failures as (miner, epoch), strikes per validator) over these verdicts. A strike is a verdict the
+    orchestrator's recomputation of the same audit proved wrong: a failing verdict it passed (unless the miner's
+    failure in that epoch is confirmed otherwise), or a confirmation that passed an audit it failed."""
     failing_sources: dict[tuple[str, int], set[str]] = defaultdict(set)
     for v in verdicts:
         if not v["passed"]:
             failing_sources[(v["miner"], int(v["epoch"]))].add(v["validator"])
     confirmed = {key for key, sources in failing_sources.items() if len(sources) >= 2}
-    passed_by: dict[str, set[str]] = defaultdict(set)  # audit id -> sources whose recomputation passed it
+    recomputed = {  # audit id -> the orchestrator's verdict on it
+        audit: bool(v["passed"])
+        for v in verdicts
+        if v["validator"] == ORCHESTRATOR and (audit := _detail(v, "confirms"))
+    }
+    strikes: dict[str, int] = defaultdict(int)
     for v in verdicts:
-        if v["passed"] and (audit := _detail(v, "confirms")):
-            passed_by[audit].add(v["validator"])
-    refuted: dict[str, int] = defaultdict(int)
-    for v in verdicts:
-        key = (v["miner"], int(v["epoch"]))
-        audit = _detail(v, "audit_id")
-        if v["passed"] or key in confirmed or audit is None:
+        if v["validator"] == ORCHESTRATOR:
             continue
-        if passed_by[audit] - {v["validator"]}:
-            refuted[v["validator"]] += 1
-    return confirmed, dict(refuted)
+        if v["passed"]:
+            wrong = recomputed.get(_detail(v, "confirms")) is False  # it passed what the orchestrator failed
+        else:
+            unconfirmed = (v["miner"], int(v["epoch"])) not in confirmed
+            wrong = unconfirmed and recomputed.get(_detail(v, "audit_id")) is True
+        strikes[v["validator"]] += wrong
+    return confirmed, {validator: n for validator, n in strikes.items() if n}
 
 
 def standing(verdicts: Sequence[Verdict]) -> dict[str, int]:
-    """Validators that lost their standing -> how many of their failing verdicts were refuted."""
-    _, refuted = _judge(verdicts)
-    return {v: n for v, n in sorted(refuted.items()) if n >= STRIKES and v != ORCHESTRATOR}
+    """Validators that lost their standing -> how many of their verdicts the orchestrator proved wrong."""
+    _, strikes = _judge(verdicts)
+    return {v: n for v, n in sorted(strikes.items()) if n >= STRIKES}
 
 
 def counted(verdicts: Sequence[Verdict]) -> Sequence[Verdict]:

@@ -180,6 +180,8 @@ def cmd_validator(args: argparse.Namespace) -> int:
     validator_dir.mkdir(parents=True, exist_ok=True)
     if args.action == "status":
         return _validator_status(settings, keypair.ss58_address, validator_dir)
+    from loguru import logger
+
     from iota.client.orchestrator import OrchestratorClient
     from iota.validator.main import ValidatorDaemon
 
@@ -193,7 +195,12 @@ def cmd_validator(args: argparse.Namespace) -> int:
         validator_dir,
         burn_uid=settings.burn_uid if settings.burn_uid >= 0 else None,
         burn_fraction=settings.burn_fraction,
+        adversary=settings.adversary,
     )
+    if settings.adversary:
+        logger.warning(
+            "this validator cheats on purpose ({}): recomputation proves it wrong", settings.adversary
+        )
     if settings.health_port:
         from iota.miner.health import serve_health
 

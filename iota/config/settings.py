@@ -239,7 +239,8 @@ class MinerSettings(ChainSettings, WalletSettings):
     health_port: Port = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
     adversary: str = Field(
         "",
-        description="Tests and demos only: cheat like this class of iota.audit.adversaries (validators catch it)",
+        description="Tests and demos only: cheat like this class of iota.audit.adversaries (validators catch it); "
+        "a validator's own: pass_everything",
     )
     miner_dir: Path = Field(Path("runs/miner"), description="Where the miner keeps its cache and status")
 
@@ -259,6 +260,11 @@ class ValidatorSettings(ChainSettings, WalletSettings):
     burn_uid: int = Field(-1, description="uid that receives burn_fraction of the weights; -1: no burn")
     burn_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the weights burnt to burn_uid")
     health_port: Port = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")
+    adversary: Literal["", "pass_everything"] = Field(
+        "",
+        description="Tests and demos only: pass_everything passes every audit without replaying it (the "
+        "orchestrator's recomputation proves it wrong)",
+    )
     validator_dir: Path = Field(Path("runs/validator"), description="Where the validator keeps its cache")
 
     def problems(self) -> list[str]:

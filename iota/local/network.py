@@ -185,7 +185,9 @@ class LocalNetwork:
             self.miner_names.append(name)
         return name
 
-    def add_validator(self, name: str | None = None, weights_interval_s: float = 5.0) -> str:
+    def add_validator(
+        self, name: str | None = None, weights_interval_s: float = 5.0, adversary: str = ""
+    ) -> str:
         """Create a validator with a permit and stake on the local chain, and start it."""
         name = name or f"validator{sum(1 for n in self.procs if n.startswith('validator'))}"
         wallet = create_wallet(self.run_dir / "wallets", name, "default", exist_ok=True)
@@ -200,6 +202,7 @@ class LocalNetwork:
             "IOTA_DEVICE": "cpu",
             "IOTA_WEIGHTS_INTERVAL_S": str(weights_interval_s),
             "IOTA_VALIDATOR_DIR": str(self.run_dir / name),
+            "IOTA_ADVERSARY": adversary,
         }
         self._spawn(name, "validator", env)
         return name

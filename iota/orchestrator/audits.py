@@ -10,7 +10,8 @@ Any audit of an epoch whose uploads or merge reports are in carries them.
 
 A failing verdict is not believed on one validator's word (iota.audit.scoring): it waits for confirmation.
 The next validator other than the accuser to ask for work replays the same miner's same epoch; when no other
-validator asks within `confirm_wait_s`, the orchestrator recomputes the audit itself (iota.orchestrator.recheck).
+validator asks within `confirm_wait_s`, or the one that did passes what the accuser failed, the orchestrator
+recomputes the audit itself (iota.orchestrator.recheck), and its verdict decides which side was wrong.
 The score log is mirrored to the bucket with every checkpoint, so a run resumed from its bucket keeps every
 miner's credit and every verdict.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from loguru import logger
 
 from iota.audit.compare import thresholds
-from iota.audit.scoring import ORCHESTRATOR, standing
+from iota.audit.scoring import ORCHESTRATOR, confirmed_failures, standing
 from iota.orchestrator.challenges import Challenges, audit_window, last_session
 from iota.orchestrator.commitments import epoch_end
 from iota.orchestrator.ledgers import AuditRecord, Claim, EndAuditQueue, ScoreArchive
@@ -88,7 +89,9 @@ class Auditor:
         lost = standing(self.state.verdicts())
         if validator in lost:
             raise SchedulingError(
-                403, f"you lost your standing: {lost[validator]} of your failing verdicts were refuted"
+                403,
+                f"you lost your standing: the orchestrator's recomputation proved {lost[validator]} of your "
+                "verdicts wrong",
             )
         now = self.clock()
         self._check_open(validator, now)
@@ -98,7 +101,7 @@ class Auditor:
                 if self.challenges is not None and self.challenges.lapsed(claim):
                     self.state.audits.drop_claim(audit_id)  # its window cannot be rebuilt
                     continue
-                if claim.accuser != validator and not taken:
+                if claim.accuser != validator and claim.disputed_by is None and not taken:
                     self.state.audits.put_claim(audit_id, claim.model_copy(update={"assigned_at": now}))
                     return self._issue(
                         validator,
@@ -297,7 +300,8 @@ class Auditor:
         return Ack(detail="verdict recorded")
 
     def _record(self, now: float, source: str, verdict: AuditVerdict, issued: AuditRecord) -> None:
-        """Append a verdict to the log; a failing one waits for confirmation, a confirmation settles its claim."""
+        """Append a verdict to the log; a failing one waits for confirmation, a confirmation settles its claim, and a
+        contrary one (a pass) leaves it to the orchestrator's recomputation."""
         confirms = issued.confirms
         self.state.add_verdict(
             now,
@@ -316,8 +320,13 @@ class Auditor:
             },
         )
         if confirms is not None:
-            self.state.audits.drop_claim(confirms)
-        elif not verdict.passed:
+            claim = self.state.audits.claims().get(confirms)
+            if claim is not None and verdict.passed and source != ORCHESTRATOR:
+                # One replay against another settles nothing: the orchestrator's recomputation decides (recheck).
+                self.state.audits.put_claim(confirms, claim.model_copy(update={"disputed_by": source}))
+            else:
+                self.state.audits.drop_claim(confirms)
+        elif not verdict.passed and (verdict.miner, verdict.epoch) not in self._confirmed():
             claim = Claim(
                 miner=verdict.miner,
                 epoch=verdict.epoch,
@@ -345,17 +354,40 @@ class Auditor:
             logger.warning(
                 "audit of {} {} by {}: {}", verdict.miner[:10], outcome, source[:12], verdict.reason
             )
+        elif confirms and source == ORCHESTRATOR:
+            logger.warning("{} refuted by the orchestrator's recomputation", confirms)
         elif confirms:
-            logger.warning("{} refuted by {}'s recomputation", confirms, source[:12])
+            logger.warning("{} disputed by {}: the orchestrator recomputes it", confirms, source[:12])
 
     def unconfirmed(self, now: float) -> list[tuple[str, Claim]]:
-        """Failing verdicts no other validator took up within `confirm_wait_s`: the orchestrator's to recompute."""
+        """The orchestrator's to recompute: failing verdicts another validator disputed (first), and those no other
+        validator took up within `confirm_wait_s`. An undisputed claim on a miner's epoch whose failure is confirmed
+        meanwhile is dropped: it can neither confirm more nor be refuted (iota.audit.scoring). A disputed one is
+        still decided, for the strike it owes the side that was wrong."""
         due = now - self.confirm_wait_s
-        return [
-            (audit_id, claim)
-            for audit_id, claim in sorted(self.state.audits.claims().items(), key=lambda item: item[1].at)
-            if claim.at <= due and claim.assigned_at <= due
+        claims = self.state.audits.claims()
+        confirmed = self._confirmed()
+        moot = [
+            audit_id
+            for audit_id, claim in claims.items()
+            if claim.disputed_by is None and (claim.miner, claim.epoch) in confirmed
         ]
+        if moot:
+            with self.state.transaction():
+                for audit_id in moot:
+                    self.state.audits.drop_claim(audit_id)
+        return sorted(
+            (
+                (audit_id, claim)
+                for audit_id, claim in claims.items()
+                if audit_id not in moot
+                and (claim.disputed_by is not None or (claim.at <= due and claim.assigned_at <= due))
+            ),
+            key=lambda item: (item[1].disputed_by is None, item[1].at),
+        )
+
+    def _confirmed(self) -> set[tuple[str, int]]:
+        return confirmed_failures(self.state.verdicts())
 
     def record_recomputation(self, audit_id: str, claim: Claim, verdict: AuditVerdict) -> None:
         """The orchestrator's own verdict on a claim it recomputed."""

@@ -58,11 +58,13 @@ class ValidatorDaemon:
         cache_dir: Path,
         burn_uid: int | None = None,
         burn_fraction: float = 0.0,
+        adversary: str = "",
     ):
         self.client, self.chain, self.keypair, self.device = client, chain, keypair, device
         self.weights_interval_s = weights_interval_s
         self.burn_uid, self.burn_fraction = burn_uid, burn_fraction
         self.cache_dir = cache_dir
+        self.adversary = adversary  # tests and demos only (ValidatorSettings.adversary)
         self.http = httpx.Client(timeout=120.0)
         self.stopping = False
         self.last_weights_at = 0.0
@@ -108,6 +110,16 @@ class ValidatorDaemon:
 
     def audit(self, task: AuditTask) -> AuditVerdict:
         """Fetch the task's evidence by its URLs, replay it, and judge it (iota.audit.judge)."""
+        if self.adversary == "pass_everything":  # a bought validator: vouches for whatever it is shown
+            return AuditVerdict(
+                audit_id=task.audit_id,
+                miner=task.miner,
+                epoch=task.epoch,
+                stage=task.stage,
+                passed=True,
+                hops_replayed=len(task.hops),
+                depth=0,
+            )
 
         def load() -> Evidence:
             setup = self._setup(task)

@@ -121,6 +121,45 @@ def test_a_validator_whose_verdicts_are_refuted_loses_standing() -> None:
     assert confirmed_failures(later) == {("b", 1)}
 
 
+def test_a_contrary_verdict_alone_settles_nothing_and_the_recomputation_decides() -> None:
+    """A bought validator passes what an honest one failed: that alone neither clears the miner nor costs the
+    accuser anything; the orchestrator's recomputation decides, and the side it contradicts takes the strike."""
+    disputes = [
+        v
+        for i in range(STRIKES)
+        for v in (
+            _verdict("honest", "b", False, audit=f"x{i}"),
+            _verdict("bought", "b", True, audit=f"y{i}", confirms=f"x{i}"),
+        )
+    ]
+    assert standing(disputes) == {} and confirmed_failures(disputes) == set()
+    assert "b" in compute_scores({**LOG, "verdicts": disputes})  # pending: nobody has decided yet
+    decided = [*disputes, *(_verdict(ORCHESTRATOR, "b", False, confirms=f"x{i}") for i in range(STRIKES))]
+    assert standing(decided) == {"bought": STRIKES}
+    assert confirmed_failures(decided) == {("b", 1)}
+    assert "b" not in compute_scores({**LOG, "verdicts": decided})
+    # the other way round: the accuser lied, the validator that passed the miner was right
+    cleared = [*disputes, *(_verdict(ORCHESTRATOR, "b", True, confirms=f"x{i}") for i in range(STRIKES))]
+    assert standing(cleared) == {"honest": STRIKES}
+    assert "b" in compute_scores({**LOG, "verdicts": cleared})
+
+
+def test_a_pass_the_recomputation_agrees_with_is_no_strike() -> None:
+    verdicts = [
+        v
+        for i in range(STRIKES)
+        for v in (
+            _verdict("liar", "a", False, audit=f"x{i}"),
+            _verdict("honest", "a", True, audit=f"y{i}", confirms=f"x{i}"),
+            _verdict(ORCHESTRATOR, "a", True, confirms=f"x{i}"),
+            _verdict(
+                "honest", "c", True, audit=f"z{i}"
+            ),  # an ordinary pass, never recomputed: no strike either
+        )
+    ]
+    assert standing(verdicts) == {"liar": STRIKES}
+
+
 def test_the_orchestrator_never_loses_standing() -> None:
     verdicts = [
         v

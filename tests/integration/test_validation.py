@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from iota.audit.scoring import ORCHESTRATOR
+from iota.audit.scoring import ORCHESTRATOR, confirmed_failures
 from iota.local import LocalNetwork, LocalOptions, run_local
 
 pytestmark = pytest.mark.slow
@@ -90,3 +90,58 @@ def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path) -> 
     for key, value in units.items():
         assert weights[key] == pytest.approx(value / total)
     assert passed  # the validator also audited honest work
+
+
+@pytest.mark.extended
+def test_a_bought_validator_neither_shields_a_cheater_nor_costs_an_honest_validator(
+    tmp_path: Path, net_data_dir: Path
+) -> None:
+    """A cheater, an honest validator and one that passes everything (IOTA_ADVERSARY=pass_everything): every
+    failing verdict the bought validator is given to confirm and passes goes to the orchestrator's recomputation,
+    which fails the cheater; the cheater ends at weight 0, the strikes are the bought validator's, and neither an
+    honest miner nor the honest validator is penalised."""
+    overrides = {**SMALL, "epochs": 2, "samples_per_epoch": 120, "data_dir": str(net_data_dir)}
+    net = LocalNetwork(LocalOptions(run_dir=tmp_path / "run", overrides=overrides, progress=False))
+    try:
+        net.start_orchestrator()
+        net.add_validator("honest")
+        net.add_validator("bought", adversary="pass_everything")
+        honest = [net.add_miner() for _ in range(3)]
+        net.wait_until(lambda s: all(stage.miners for stage in s.stages), timeout_s=120)
+        # beside an honest miner of its stage: alone there, it would stall the run at APPLY
+        cheater = net.add_miner(adversary="Int8Weights")
+        net.wait_until(lambda s: s.phase == "done", timeout_s=400)
+        bought, upright, cheat = net.hotkey("bought"), net.hotkey("honest"), net.hotkey(cheater)
+
+        def settled(log: dict) -> bool:
+            """The cheater's failure confirmed, the bought validator given a claim, and every dispute decided."""
+            decided = {v["detail"]["confirms"] for v in log["verdicts"] if v["validator"] == ORCHESTRATOR}
+            disputes = {v["detail"]["confirms"] for v in log["verdicts"] if v["validator"] == bought} - {None}
+            caught = cheat in {miner for miner, _ in confirmed_failures(log["verdicts"])}
+            return caught and bool(disputes) and disputes <= decided
+
+        deadline = time.monotonic() + 300  # the validators go on auditing the last epoch once the run is done
+        log = net.scores_log()
+        while not settled(log):
+            assert time.monotonic() < deadline, "the cheater was not caught, or a dispute stayed undecided"
+            time.sleep(2)
+            log = net.scores_log()
+    finally:
+        net.stop()
+    from iota.audit.scoring import STRIKES, compute_scores, standing
+
+    hotkey = {name: net.hotkey(name) for name in [*honest, cheater]}
+    verdicts = log["verdicts"]
+    disputes = [v for v in verdicts if v["validator"] == bought and v["detail"]["confirms"]]
+    recomputed = {v["detail"]["confirms"]: v for v in verdicts if v["validator"] == ORCHESTRATOR}
+    assert disputes, "the bought validator was never given a failing verdict to confirm"
+    for dispute in disputes:  # each pass it gave a claim was decided against it
+        assert dispute["passed"] and not recomputed[dispute["detail"]["confirms"]]["passed"]
+    lost = standing(verdicts)
+    assert upright not in lost
+    assert (bought in lost) == (len(disputes) >= STRIKES)
+    weights = compute_scores(log)
+    assert weights.get(hotkey[cheater], 0.0) == 0.0
+    assert all(weights[hotkey[h]] > 0 for h in honest)
+    failed = {v["miner"] for v in verdicts if not v["passed"]}
+    assert failed == {hotkey[cheater]}, "an honest miner was failed"

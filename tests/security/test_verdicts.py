@@ -15,7 +15,7 @@ import torch
 from bittensor.keyfiles import Keypair
 
 from iota.audit.judge import replay_setup
-from iota.audit.scoring import ORCHESTRATOR, STRIKES, compute_scores
+from iota.audit.scoring import ORCHESTRATOR, STRIKES, compute_scores, standing
 from iota.chain.local import LocalChain
 from iota.model.flat import decode_f32
 from iota.orchestrator.assembly import assemble
@@ -110,7 +110,12 @@ def test_a_true_failure_is_confirmed_by_the_orchestrators_recomputation(net: Net
     assert recheck(net) == 0  # settled: nothing left to recompute
 
 
-def test_another_validator_confirms_or_refutes_the_same_audit(net: Net) -> None:
+def disputed(net: Net) -> int:
+    """The orchestrator's recomputations of claims a second validator disputed: due at once, no wait."""
+    return Rechecker(net.orch.auditor, net.orch.run, net.orch.state, net.orch.store, net.run.batch).run_once()
+
+
+def test_another_validator_is_given_the_same_audit_and_its_pass_alone_settles_nothing(net: Net) -> None:
     net.join("head", "mid", "tail")
     head = net.keys["head"].ss58_address
     honest_head_forward(net)
@@ -123,10 +128,52 @@ def test_another_validator_confirms_or_refutes_the_same_audit(net: Net) -> None:
     assert (check.miner, check.epoch) == (head, accused.epoch)
     assert net.orch.state.get(f"audit/{check.audit_id}")["confirms"] == accused.audit_id
     verdict(net, check, passed=True, validator="validator2")
-    assert recheck(net) == 0  # settled by the second validator: nothing for the orchestrator to do
+    assert standing(net.orch.auditor.score_log()["verdicts"]) == {}  # one word against another: no strike yet
+    assert disputed(net) == 1  # the orchestrator decides, without waiting for confirm_wait_s
+    assert disputed(net) == 0
     log = net.orch.auditor.score_log()
+    (mine,) = [v for v in log["verdicts"] if v["validator"] == ORCHESTRATOR]
+    assert mine["passed"] and mine["detail"]["confirms"] == accused.audit_id
     assert compute_scores(log)[head] == 1.0
-    assert [v["validator"] for v in log["verdicts"]].count(ORCHESTRATOR) == 0
+    # the liar's second lie meets the same end and costs it its standing; validator2 keeps its own
+    verdict(net, audit(net), passed=False)
+    verdict(net, audit(net, "validator2"), passed=True, validator="validator2")
+    assert disputed(net) == 1
+    assert standing(net.orch.auditor.score_log()["verdicts"]) == {net.keys["validator"].ss58_address: STRIKES}
+    assert net.signed("validator", "/validators/audit").status_code == 403
+    assert net.signed("validator2", "/validators/audit").status_code in (200, 204)
+
+
+def test_a_bought_validator_neither_shields_a_cheater_nor_costs_its_accuser_anything(net: Net) -> None:
+    """validator2 passes whatever it is given to confirm; the honest validator fails a head and a body that cheat.
+    The orchestrator's recomputation fails each: their failures are confirmed, and the strikes are the bought one's.
+    A further failing verdict on a confirmed miner's epoch asks nobody to confirm it: it is moot."""
+    net.join("head", "mid", "tail")
+    cheaters = {net.keys[name].ss58_address for name in ("head", "mid")}
+    bought, honest = net.keys["validator2"].ss58_address, net.keys["validator"].ss58_address
+    net.forward("head", 0.5)  # not what the stage computes
+    net.forward("mid", 0.5)  # its input, passed on unchanged
+    accused: set[str] = set()
+    for _ in range(40):
+        task = audit(net)
+        verdict(net, task, passed=False)  # true
+        if task.miner in accused:
+            assert net.orch.auditor.unconfirmed(net.clock() + 1e6) == []  # moot: nothing to confirm
+            continue
+        accused.add(task.miner)
+        check = audit(net, "validator2")
+        assert check.miner == task.miner
+        verdict(net, check, passed=True, validator="validator2")  # bought
+        assert disputed(net) == 1
+        log = net.orch.auditor.score_log()
+        assert task.miner not in compute_scores(log)
+        assert honest not in standing(log["verdicts"])
+        if accused == cheaters:
+            break
+    assert accused == cheaters
+    assert standing(net.orch.auditor.score_log()["verdicts"]) == {bought: STRIKES}
+    response = net.signed("validator2", "/validators/audit")
+    assert response.status_code == 403 and "proved" in response.text
 
 
 def test_a_verdict_out_of_bounds_is_refused_and_never_stored(net: Net) -> None:
