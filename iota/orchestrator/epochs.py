@@ -10,6 +10,10 @@ work holds up nothing: whenever it asks, it is handed the latest checkpoint firs
 missed an APPLY, or took it after the phase ended), and no hop until it reports them loaded, so every hop of an
 epoch is computed from that epoch's checkpoint.
 
+The merge also waits for every failing verdict on a submitter's epoch that is not yet confirmed or refuted
+(iota.orchestrator.audits: another validator's replay, or the orchestrator's recomputation within
+`confirm_wait_s`), so that a failure found during the epoch keeps the cheater's pseudo-gradient out of the merge.
+
 Each wait is as long as an honest miner needs, not as long as the phase may last: a miner owing an upload or an
 apply must take it within `answer_grace_s` of the phase's start (honest miners hold a request open for their next
 item, so they take it at once), and holds it for `answer_grace_s` plus the stage's size over
@@ -89,6 +93,7 @@ class EpochDriver:
         # Whether a miner is on the abuse policy's slow lane (distrusted: not waited for): set by the assembly.
         self.distrusted: Callable[[str, float], bool] = lambda hotkey, now: False
         self._workers: tuple[int, frozenset[str]] | None = None  # (epoch, who completed a hop in it)
+        self._merge_held = -1  # the last epoch whose merge was held for unsettled verdicts (logged once)
         self.tensors = stage_tensor_lists(model, stages)
         self.n_params = [n_params(t) for t in self.tensors]
         self.checkpoints = Checkpoints(
@@ -317,7 +322,9 @@ class EpochDriver:
                 for m in alive
                 if m.hotkey in workers and self.state.uploads.get(epoch, m.stage, m.hotkey) is None
             ]
-            if not self._waiting(epoch, UPLOAD, owing, timed_out, now):
+            if not self._waiting(epoch, UPLOAD, owing, timed_out, now) and not self._accused(
+                epoch, timed_out, now
+            ):
                 self._start_merge(epoch, now)
         elif phase == MERGE:
             pending = []
@@ -358,6 +365,25 @@ class EpochDriver:
             elif lease is not None or (asking and not timed_out):
                 waiting.append(miner)
         return waiting
+
+    def _accused(self, epoch: int, timed_out: bool, now: float) -> list[str]:
+        """Submitters of this epoch with a failing verdict on it still unsettled: the merge waits for it (at most
+        until the phase times out), so that a failure confirmed meanwhile keeps their pseudo-gradient out."""
+        if timed_out:
+            return []
+        accused = sorted(
+            {
+                claim.miner
+                for claim in self.state.audits.claims().values()
+                if claim.epoch == epoch
+                and self.state.uploads.get(epoch, claim.stage, claim.miner) is not None
+            }
+        )
+        if accused and self._merge_held != epoch:
+            self._merge_held = epoch
+            self.state.log(now, "merge_held", None, epoch=epoch, accused=accused)
+            logger.info("epoch {}: the merge waits for the verdicts on {} to be settled", epoch, accused)
+        return accused
 
     def _lapsed(self, epoch: int, phase: str, hotkey: str, now: float) -> None:
         if not self._leases(phase).lapse(epoch, hotkey):

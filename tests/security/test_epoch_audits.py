@@ -144,11 +144,12 @@ def net(data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path) -> Iterato
 Cheat = Callable[[Net, str, Work], bool]  # does a work item its own way instead of the daemon; True if it did
 
 
-def run_epoch(net: Net, cheat: Cheat) -> None:
-    """Round-robin over the replicas, each asking for work and doing it, until all are told the run is done."""
+def run_epoch(net: Net, cheat: Cheat, until: Callable[[], bool] = lambda: False) -> None:
+    """Round-robin over the replicas, each asking for work and doing it, until all are told the run is done (or
+    `until` holds)."""
     for _ in range(300):
         live = [name for name in REPLICAS if name not in net.stopped]
-        if not live:
+        if not live or until():
             return
         for name in live:
             miner = net.miners[name]
@@ -298,3 +299,59 @@ def test_a_poisoned_merged_partition_fails_its_owner_and_the_orchestrator_confir
     assert {v["miner"] for v in mine} == {net.hotkey(name) for name in poisoners}
     assert all(not v["passed"] and "merge: partition" in v["detail"]["reason"] for v in mine)
     assert confirmed_failures(log["verdicts"]) == {(net.hotkey(name), 0) for name in poisoners}
+
+
+def test_the_merge_waits_for_failing_verdicts_on_its_submitters_until_they_are_settled(net: Net) -> None:
+    """While the epoch uploads, a validator fails s0b and s1b. Every pseudo-gradient is in, yet the merge waits
+    while either verdict is unsettled: s0b's is confirmed by a second validator, s1b's is disputed by it and
+    refuted by the orchestrator's recomputation (s1b was honest). The merge then leaves out s0b alone."""
+    accused = {net.hotkey("s0b"), net.hotkey("s1b")}
+    first, second = net.validators["validator"], net.validators["validator2"]
+
+    def answer(daemon: ValidatorDaemon, task: AuditTask, passed: bool) -> None:
+        verdict = daemon.audit(task).model_copy(
+            update={"passed": passed, "reason": "" if passed else "claimed"}
+        )
+        daemon.client.call("POST", "/validators/verdict", Ack, verdict)
+
+    def accuse(net: Net, name: str, work: Work) -> bool:
+        if work.kind == "upload" and not net.orch.state.audits.claims():
+            drawn: set[str] = set()
+            for _ in range(100):  # draws are weighted by work: pass the others until both come up
+                task = first.next_task()
+                assert task is not None
+                failing = task.miner in accused - drawn
+                answer(first, task, passed=not failing)
+                drawn |= {task.miner} if failing else set()
+                if drawn == accused:
+                    break
+            assert drawn == accused, "not both were drawn"
+        return False  # then it uploads honestly
+
+    def uploaded() -> bool:
+        return all(
+            net.orch.state.uploads.get(0, int(name[1]), net.hotkey(name)) is not None for name in REPLICAS
+        )
+
+    def held() -> None:
+        for name in REPLICAS:  # every replica asks again: nothing moves while a verdict is unsettled
+            assert net.miners[name].client.work().kind == "wait"
+        assert net.orch.scheduler.phase == "upload"
+
+    run_epoch(net, accuse, until=uploaded)
+    held()
+    assert net.orch.state.events(kinds=["merge_held"]), "the hold was not logged"
+    for _ in accused:  # the second validator is given both claims first
+        task = second.next_task()
+        assert task is not None and task.miner in accused
+        answer(second, task, passed=task.miner == net.hotkey("s1b"))  # its own replay passes the honest s1b
+    held()  # s1b's dispute is the orchestrator's to decide
+    assert (
+        Rechecker(net.orch.auditor, net.orch.run, net.orch.state, net.orch.store, net.batch).run_once() == 1
+    )
+    run_epoch(net, lambda *_: False)
+    plans = [net.orch.state.merges.plan(0, stage) for stage in (0, 1)]
+    assert plans[0] is not None and net.hotkey("s0b") not in plans[0].hotkeys
+    assert plans[1] is not None and net.hotkey("s1b") in plans[1].hotkeys
+    failed = confirmed_failures(net.orch.auditor.score_log()["verdicts"])
+    assert failed == {(net.hotkey("s0b"), 0)}
