@@ -42,6 +42,7 @@ import torch
 
 from iota.audit import ReplaySetup, Thresholds, replay
 from iota.audit.adversaries import Honest, Int8Weights, WorkerPipeline, synthetic_batch
+from iota.audit.compare import DRIFT_FRACTION, DRIFT_MIN_HOPS
 from iota.audit.records import HopRecord, decode_records, encode_records
 from iota.model.config import ModelConfig, preset
 from iota.model.stages import StageSpec, build_stage, plan_stages
@@ -172,12 +173,17 @@ def validate(directory: Path, job: Job, label: str, from_checkpoint_only: bool) 
             if result.stopped:
                 raise RuntimeError(f"{label} stage {stage}: replay stopped: {result.stopped}")
             for check in result.checks:
+                drift = (
+                    check.verdict.kind == "drift"
+                )  # kept as a fraction of its bar: one row per kind and window
                 rows.append(
                     {
                         "stage": stage,
                         "kind": check.verdict.kind,
                         "depth": check.depth,
-                        "error": check.verdict.error,
+                        "error": check.verdict.error / check.verdict.threshold
+                        if drift
+                        else check.verdict.error,
                     }
                 )
     return rows
@@ -323,6 +329,16 @@ def calibrate(
                 f"  {kind:10s} honest max+5std {chosen[kind]['honest_bound']:.2e}   "
                 f"int8 min {chosen[kind]['int8_min']:.2e}   threshold {getattr(limits, kind):.2e}"
             )
+    for bf16 in (False, True):
+        honest = stats([r["error"] for r in pooled[bf16]["honest"] if r["kind"] == "drift"])
+        int8 = stats([r["error"] for r in pooled[bf16]["int8"] if r["kind"] == "drift"])
+        results["chosen"]["bf16" if bf16 else "fp32"]["drift"] = {"honest": honest, "int8": int8}
+        emit(
+            f"\n{'bf16' if bf16 else 'fp32'} drift, as a fraction of its bar ({DRIFT_FRACTION:g} x the threshold, "
+            f"windows of >= {DRIFT_MIN_HOPS} hops at depths < D): honest {honest['n']} windows mean "
+            f"{honest['mean']:.2e} std {honest['std']:.2e} max {honest['max']:.2e} (max + 5 std "
+            f"{honest['max'] + SIGMAS * honest['std']:.2e}); int8 {int8['n']} windows min {int8['min']:.2e}"
+        )
     emit("\nfor iota/audit/compare.py:")
     for precision in ("fp32", "bf16"):
         values = ", ".join(f"{k}={v:.2g}" for k, v in results["chosen"][precision]["thresholds"].items())

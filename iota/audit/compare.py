@@ -70,7 +70,7 @@ class Verdict:
     """One comparison: passed or not, the metric, the bar it was held to, and why it failed."""
 
     passed: bool
-    kind: str  # activation, gradient, loss, weights, sketch, protocol
+    kind: str  # activation, gradient, loss, weights, sketch, drift, protocol
     error: float  # relative error; inf when the claim could not be compared at all
     threshold: float
     reason: str = ""
@@ -100,8 +100,10 @@ def compare_change(
     replayed: torch.Tensor,
     carried: torch.Tensor | None,
     threshold: float,
+    drift: Drift | None = None,
 ) -> Verdict:
-    """Relative error of the claimed tensor's change over `carried` (what passes through the stage untouched).
+    """Relative error of the claimed tensor's change over `carried` (what passes through the stage untouched),
+    added to `drift` where the two could be compared.
 
     `carried` is None where nothing passes through (the tail's input gradient): the tensors themselves are
     compared. The carried part cancels in the difference, so only the scale, ||replayed - carried||, depends on it.
@@ -113,7 +115,50 @@ def compare_change(
     base = torch.zeros((), dtype=torch.float64) if carried is None else carried.to(torch.float64)
     claimed64, replayed64 = claimed.to(torch.float64), replayed.to(torch.float64)
     error = relative_error(claimed64 - base, replayed64 - base)
+    if drift is not None:
+        drift.add((claimed64 - replayed64).cpu(), (replayed64 - base).cpu())
     return _judge(kind, error, threshold)
+
+
+# A window's drift: a bias in one direction, added to every output or gradient just under its threshold, passes
+# every hop, yet adds up where honest rounding does not (it points elsewhere on every hop). Measured on honest
+# windows of 12 hops replayed on AVX2 kernels (docs/validation.md, "Drift"): at most 1.6% of the per-hop threshold
+# (activations) and 1.4% (gradients), so DRIFT_FRACTION = 1/4 leaves 16x of room. Fewer hops than DRIFT_MIN_HOPS
+# average too little (bf16 windows of one step): the check is then not made.
+DRIFT_FRACTION = 0.25
+DRIFT_MIN_HOPS = 6
+
+
+class Drift:
+    """Sums over one kind of a window's compared hops: the errors (claimed - replayed, in fp64), the changes' norms,
+    and the errors' components along their own change. A fixed direction adds up in the first, a fixed scale
+    (claimed = (1 + e) x change) in the second; honest rounding in neither."""
+
+    def __init__(self, kind: str):
+        self.kind, self.hops = kind, 0
+        self.error: torch.Tensor | None = None
+        self.scale = self.along = self.square = 0.0
+
+    def add(self, error: torch.Tensor, change: torch.Tensor) -> None:
+        if self.error is not None and self.error.shape != error.shape:
+            return  # another shape cannot be summed; its hop is judged on its own
+        self.error = error.clone() if self.error is None else self.error + error
+        norm = float(torch.linalg.vector_norm(change))
+        self.scale += norm
+        self.square += norm * norm
+        self.along += float((error * change).sum())
+        self.hops += 1
+
+    def verdict(self, threshold: float) -> Verdict | None:
+        """The window's drift against DRIFT_FRACTION of the per-hop threshold; None when too few hops to judge."""
+        if self.error is None or self.hops < DRIFT_MIN_HOPS or self.square == 0.0:
+            return None
+        drift = max(float(torch.linalg.vector_norm(self.error)) / self.scale, abs(self.along) / self.square)
+        verdict = _judge("drift", drift, DRIFT_FRACTION * threshold)
+        if verdict.passed:
+            return verdict
+        why = f"{self.kind}s of {self.hops} hops err in one direction: drift {drift:.3g} > {verdict.threshold:.3g}"
+        return Verdict(False, "drift", drift, verdict.threshold, why)
 
 
 def compare_loss(claimed: float | None, replayed: float, threshold: float) -> Verdict:

@@ -198,7 +198,8 @@ def judge(load: Callable[[], Evidence], who: str, miner: str, epoch: int) -> Out
             errors[name] = max(errors.get(name, 0.0), float(verdict.error))
     failed = [f"{name}: {verdict.reason}" for name, verdict in end if not verdict.passed]
     replayed = result.stopped or "; ".join(
-        f"{c.direction} of sample {c.sample_id}: {c.verdict.reason}" for c in result.failures[:3]
+        f"{c.direction} of sample {c.sample_id}: {c.verdict.reason}" if c.sample_id >= 0 else c.verdict.reason
+        for c in result.failures[:3]
     )
     passed = result.passed and not failed
     # A passing verdict still says what could not be judged, so an operator can see why.

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iota.audit.compare import Thresholds, Verdict, compare_change, compare_loss, compare_sketch, thresholds
+from iota.audit.compare import (
+    Drift,
+    Thresholds,
+    Verdict,
+    compare_change,
+    compare_loss,
+    compare_sketch,
+    thresholds,
+)
 from iota.audit.records import HopRecord
 from iota.model import codecs, wire
 from iota.model.config import ModelConfig
@@ -149,7 +157,8 @@ def replay(
     as a miner's cache holds it, with the graph marked stale, so their backward recomputes the forward with the
     window's weights exactly as the miner's did. `claimed_weights` maps an inner step to the flat weights the
     miner committed at that step boundary in the snapshot's session (from later snapshots); each one reached in the
-    window is compared with the replay.
+    window is compared with the replay. Across the window's hops, the errors of each kind must not add up in one
+    direction (`Drift`): a bias every hop keeps under its threshold fails the window.
     """
     limits = limits or setup.thresholds
     max_steps = limits.depth if max_steps is None else max_steps
@@ -169,6 +178,7 @@ def replay(
     session = session_of[first] if first < len(records) else (session_of[-1] if records else 0)
     result = ReplayResult(checks, epoch_start, start, start, start_step, start_step, 0, True, session=session)
     pending_weights = dict(claimed_weights or {})
+    drifts = {kind: Drift(kind) for kind in ("activation", "gradient")}
     for index in range(first, len(records)):
         record = records[index]
         if session_of[index] != session:  # a restart: the next session begins at the checkpoint
@@ -182,7 +192,10 @@ def replay(
         problem = _protocol_problem(setup, worker, record, records[0].epoch)
         if not problem:
             try:
-                checks.extend(_replay_hop(setup, worker, record, index, depth, limits))
+                # drift adds up over the hops the thresholds were calibrated for (all of them unless a caller
+                # replays past D, as the calibration does)
+                within = drifts if depth < limits.depth else {}
+                checks.extend(_replay_hop(setup, worker, record, index, depth, limits, within))
             except wire.WireError as error:
                 problem = f"input does not decode: {error}"
         if not problem and worker.step_due():
@@ -199,6 +212,11 @@ def replay(
             result.stopped, result.complete = problem, False
             break
         result.hops += 1
+    deepest = max((check.depth for check in checks), default=0)
+    for kind, drift in drifts.items():
+        judged = drift.verdict(limits.for_kind(kind))
+        if judged is not None:
+            checks.append(HopCheck(-1, -1, "window", deepest, judged))
     return _ended(result, worker, start, start_step, session)
 
 
@@ -260,7 +278,13 @@ def _protocol_problem(setup: ReplaySetup, worker: StageWorker, record: HopRecord
 
 
 def _replay_hop(
-    setup: ReplaySetup, worker: StageWorker, record: HopRecord, index: int, depth: int, limits: Thresholds
+    setup: ReplaySetup,
+    worker: StageWorker,
+    record: HopRecord,
+    index: int,
+    depth: int,
+    limits: Thresholds,
+    drifts: Mapping[str, Drift],
 ) -> list[HopCheck]:
     def check(verdict: Verdict) -> HopCheck:
         return HopCheck(index, record.sample_id, record.direction, depth, verdict)
@@ -271,16 +295,21 @@ def _replay_hop(
         if setup.spec.is_tail:
             assert loss is not None
             return [
-                check(_compare_bytes(setup, "gradient", record.output, out, None, limits.gradient)),
+                check(_compare_bytes(setup, "gradient", record.output, out, None, limits.gradient, drifts)),
                 check(compare_loss(record.loss, loss, limits.loss)),
             ]
-        return [check(_compare_bytes(setup, "activation", record.output, out, carried, limits.activation))]
+        activation = _compare_bytes(
+            setup, "activation", record.output, out, carried, limits.activation, drifts
+        )
+        return [check(activation)]
     assert record.input is not None
     grad_out = _decode(setup, record.input)
     grad_in = worker.backward(record.sample_id, record.input)
     if grad_in is None:  # the head: its backward only changes its weights, checked by the hops after the step
         return []
-    return [check(_compare_bytes(setup, "gradient", record.output, grad_in, grad_out, limits.gradient))]
+    return [
+        check(_compare_bytes(setup, "gradient", record.output, grad_in, grad_out, limits.gradient, drifts))
+    ]
 
 
 @torch.no_grad()
@@ -311,6 +340,7 @@ def _compare_bytes(
     replayed: bytes | None,
     carried: torch.Tensor | None,
     threshold: float,
+    drifts: Mapping[str, Drift] | None = None,
 ) -> Verdict:
     assert replayed is not None
     if claimed is None:
@@ -319,7 +349,8 @@ def _compare_bytes(
         claimed_t = _decode(setup, claimed)
     except wire.WireError as error:
         return Verdict.refuse(kind, f"output does not decode: {error}")
-    return compare_change(kind, claimed_t, _decode(setup, replayed), carried, threshold)
+    drift = drifts.get(kind) if drifts is not None else None
+    return compare_change(kind, claimed_t, _decode(setup, replayed), carried, threshold, drift)
 
 
 # -- single checks -----------------------------------------------------------------------------------------

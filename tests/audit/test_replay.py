@@ -29,7 +29,9 @@ def test_honest_epoch_replays_exactly_at_every_stage(epoch):
         assert torch.equal(result.end, run.workers[stage].flat_weights())
         assert all(check.verdict.error == 0.0 for check in result.checks)
         kinds = {check.verdict.kind for check in result.checks}
-        expected = {0: {"activation"}, 1: {"activation", "gradient"}, 2: {"gradient", "loss"}}[stage]
+        expected = {0: {"activation"}, 1: {"activation", "gradient"}, 2: {"gradient", "loss"}}[stage] | {
+            "drift"
+        }
         assert kinds == expected
         assert check_pseudo_gradient(result, run.workers[stage].pseudo_gradient(), setup.thresholds).passed
 
