@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from iota.audit.compare import FP32
 from iota.audit.records import Direction, HopRecord
 from iota.model import wire
 from iota.model.llama import autocast, loss_fn
@@ -260,12 +261,12 @@ class NoisyOutput(Honest):
     def _noisy(self, sample_id: int, out: bytes, carried: torch.Tensor | None, scale: float) -> bytes:
         honest = self._decode(out).float()
         change = honest if carried is None else honest - carried
-        noise = torch.randn(honest.shape, generator=torch.Generator().manual_seed(self._seed(sample_id)))
+        noise = self._noise(sample_id, honest.shape)
         noise *= scale * change.norm() / noise.norm()
         return self._encode(honest + noise)
 
-    def _seed(self, sample_id: int) -> int:
-        return sample_id  # new noise on every sample
+    def _noise(self, sample_id: int, shape: torch.Size) -> torch.Tensor:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(sample_id))  # new on every sample
 
     def forward(self, sample_id: int, data: bytes | None) -> tuple[bytes, float | None]:
         carried = self._carried(sample_id, data)
@@ -281,11 +282,23 @@ class NoisyOutput(Honest):
 
 
 class ConsistentBias(NoisyOutput):
-    """NoisyOutput with one fixed direction for every sample: the same tensor, scaled to each hop's change just
-    under the threshold, so no hop fails on its own while the bias accumulates in what the next stage learns."""
+    """NoisyOutput with one fixed direction for every sample: the same tensor, scaled to each hop's change under
+    the threshold (by default half of fp32's), so no hop fails on its own while the bias accumulates in what the
+    next stage learns."""
 
-    def _seed(self, sample_id: int) -> int:
-        return 0
+    def __init__(
+        self,
+        *args: Any,
+        scale: float = 0.5 * FP32.activation,
+        grad_scale: float = 0.5 * FP32.gradient,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, scale=scale, grad_scale=grad_scale, **kwargs)
+
+    def _noise(self, sample_id: int, shape: torch.Size) -> torch.Tensor:
+        # On 1 value in 64, so that each moves by several of the wire's rounding steps instead of vanishing in them.
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < 1 / 64)
 
 
 class CopiedOutput(Honest):
