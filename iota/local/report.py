@@ -25,12 +25,17 @@ def scores(net: LocalNetwork) -> dict[str, Any]:
         log = httpx.get(f"{net.url}/scores", timeout=30).json()
     except (httpx.HTTPError, ValueError):
         return {}
-    from iota.audit.scoring import compute_scores
+    from iota.audit.scoring import ORCHESTRATOR, compute_scores
 
     verdicts = log["verdicts"]
+    replayed = [int(v.get("hops", 0)) for v in verdicts if v["validator"] != ORCHESTRATOR]
     return {
         "audits": len(verdicts),
         "audits_failed": sum(1 for v in verdicts if not v["passed"]),
+        # what auditing cost, in hops (a replayed hop costs about what computing it did)
+        "hops_done": sum(int(row["hops"]) for rows in log["work"].values() for row in rows),
+        "hops_replayed": sum(replayed),
+        "hops_recomputed": sum(int(v.get("hops", 0)) for v in verdicts if v["validator"] == ORCHESTRATOR),
         "weights": compute_scores(log),
         "uids": log["uids"],
         "chain_weights": {hk: dict(entry.weights) for hk, entry in net.chain.weights().items()},
@@ -165,6 +170,14 @@ def print_summary(report: dict[str, Any], run_dir: Path) -> None:
         lines.append(
             f"  baseline (one process, same tokens): held-out {b['eval_loss']:.3f}; "
             f"unigram entropy of the corpus {b['unigram_entropy']:.3f}"
+        )
+    audits = report.get("scores") or {}
+    if audits.get("audits"):
+        share = audits["hops_replayed"] / max(audits["hops_done"], 1)
+        lines.append(
+            f"  audits: {audits['audits']} ({audits['audits_failed']} failed), replaying {audits['hops_replayed']} "
+            f"hops against {audits['hops_done']} done ({share:.0%} of the miners' hop compute; the "
+            f"orchestrator recomputed {audits['hops_recomputed']})"
         )
     lines += [
         f"  samples: {report['samples_completed']} completed, {report['samples_requeued']} requeued, "

@@ -9,6 +9,7 @@ import pytest
 
 from iota.audit.scoring import ORCHESTRATOR, confirmed_failures
 from iota.local import LocalNetwork, LocalOptions, run_local
+from iota.local.report import print_summary
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ SMALL = {
 
 
 def test_local_run_with_a_validator_sets_weights_for_every_honest_miner(
-    tmp_path: Path, net_data_dir: Path
+    tmp_path: Path, net_data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`iota local --stages 3 --miners-per-stage 2 --validators 1 --epochs 2`, on the small preset."""
     report = run_local(
@@ -39,6 +40,13 @@ def test_local_run_with_a_validator_sets_weights_for_every_honest_miner(
     )
     scores = report["scores"]
     assert scores["audits"] > 0 and scores["audits_failed"] == 0  # no honest miner flagged
+    # what the audits cost, in hops replayed against hops done; nothing failed, so nothing was recomputed
+    assert scores["hops_replayed"] > 0 and scores["hops_done"] > 0 and scores["hops_recomputed"] == 0
+    print_summary(report, tmp_path)
+    assert (
+        f"replaying {scores['hops_replayed']} hops against {scores['hops_done']} done"
+        in capsys.readouterr().out
+    )
     uids = {hk: uid for hk, uid in scores["uids"].items()}
     assert len(uids) == 6
     (chain_weights,) = scores["chain_weights"].values()
