@@ -2,8 +2,9 @@
 
 The log holds, per epoch, each miner's completed sample-hops and stage, and every audit verdict. A miner's score is
 its validated useful work: hops weighted by its stage's compute (parameters relative to the mean stage), summed
-over a window of recent epochs with a decay; a confirmed failed audit in the window forfeits the miner's whole
-window. Registration alone earns nothing (no hops, no score).
+over a window of recent epochs with a decay; a confirmed failed audit forfeits the miner's whole score for
+PENALTY_EPOCHS from the failed epoch, longer than the window, so a cheater caught once cannot earn again by not
+being caught in the next few epochs. Registration alone earns nothing (no hops, no score).
 
 A failing verdict counts only once an independent replay confirms it: another validator's failing verdict on the
 same miner and epoch, or a recomputation of the same audit by another validator or by the orchestrator (verdicts
@@ -24,6 +25,7 @@ from typing import Any
 WINDOW_EPOCHS = 4
 DECAY = 0.5  # an epoch's work counts DECAY**age
 ORCHESTRATOR = "orchestrator"  # the source named by the orchestrator's own recomputations
+PENALTY_EPOCHS = 4 * WINDOW_EPOCHS  # a confirmed failure zeroes its miner from its epoch for this many epochs
 STRIKES = 2  # verdicts the orchestrator's recomputation proved wrong, after which a validator's stop counting
 
 Verdict = Mapping[str, Any]
@@ -83,21 +85,19 @@ def compute_scores(log: Mapping[str, Any]) -> dict[str, float]:
     work: dict[str, list[dict[str, Any]]] = log["work"]  # epoch (str) -> list of {miner, stage, hops}
     stage_params: list[int] = log["stage_params"]
     current = int(log["epoch"])
-    failed = confirmed_failures(log["verdicts"])
+    forfeited = {
+        miner for miner, epoch in confirmed_failures(log["verdicts"]) if 0 <= current - epoch < PENALTY_EPOCHS
+    }
     mean_params = sum(stage_params) / len(stage_params)
     scores: dict[str, float] = defaultdict(float)
-    forfeited = set()
     for epoch_key in sorted(work, key=int):
         epoch = int(epoch_key)
         age = current - epoch
         if age < 0 or age >= WINDOW_EPOCHS:
             continue
         for row in sorted(work[epoch_key], key=lambda r: r["miner"]):
-            if (row["miner"], epoch) in failed:
-                forfeited.add(row["miner"])
-            scores[row["miner"]] += row["hops"] * (stage_params[row["stage"]] / mean_params) * DECAY**age
-    for miner in forfeited:
-        scores[miner] = 0.0
+            if row["miner"] not in forfeited:
+                scores[row["miner"]] += row["hops"] * (stage_params[row["stage"]] / mean_params) * DECAY**age
     total = sum(scores.values())
     if total <= 0:
         return {}

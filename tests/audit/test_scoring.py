@@ -8,7 +8,9 @@ import sys
 
 from iota.audit.scoring import (
     ORCHESTRATOR,
+    PENALTY_EPOCHS,
     STRIKES,
+    WINDOW_EPOCHS,
     compute_scores,
     confirmed_failures,
     standing,
@@ -182,6 +184,21 @@ def test_a_confirmed_failure_forfeits_the_window() -> None:
     assert "c" not in weights and weights["a"] > 0
     independent = [_verdict("v1", "b", False, audit="x2"), _verdict("v2", "b", False, audit="x3")]
     assert "b" not in compute_scores({**LOG, "verdicts": independent})
+
+
+def test_a_confirmed_failure_outlasts_the_window() -> None:
+    """Caught at epoch 0 and never again: its later work earns nothing until PENALTY_EPOCHS have passed."""
+    caught = [
+        _verdict("v1", "c", False, epoch=0, audit="x1"),
+        _verdict(ORCHESTRATOR, "c", False, epoch=0, confirms="x1"),
+    ]
+    later = {str(e): [{"miner": m, "stage": s, "hops": 5} for m, s in (("a", 0), ("c", 2))] for e in range(6)}
+    log = {**LOG, "work": later, "verdicts": caught}
+    assert WINDOW_EPOCHS < 5 < PENALTY_EPOCHS
+    assert "c" not in compute_scores(
+        {**log, "epoch": 5}
+    )  # epoch 0 is out of the window, not out of the penalty
+    assert "c" in compute_scores({**log, "epoch": PENALTY_EPOCHS, "work": {str(PENALTY_EPOCHS): later["0"]}})
 
 
 def test_burn_moves_its_fraction_to_the_burn_uid() -> None:
