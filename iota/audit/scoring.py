@@ -11,9 +11,11 @@ same miner and epoch, or a recomputation of the same audit by another validator 
 whose detail names the audit they confirm). Where validators disagree, evidence decides, not votes: a validator's
 contrary verdict settles nothing alone, the orchestrator recomputes the audit, and whichever side its recomputation
 contradicts takes a strike: a failing verdict it passes is refuted, a confirmation that passed what it fails is
-contradicted. A validator with STRIKES strikes loses its standing and all its verdicts are ignored. So one permit
-holder can neither zero an honest miner nor shield a cheater, nor cost an honest validator its standing by
-contradicting it.
+contradicted. The orchestrator also recomputes a share of the confirmations two validators agree on; a failing
+verdict its recomputation passes, the accuser's or the confirmer's, stops counting and is a strike. A validator
+with STRIKES strikes loses its standing and all its verdicts are ignored. So one permit holder can neither zero an
+honest miner nor shield a cheater, nor cost an honest validator its standing by contradicting it, and two that
+confirm each other's false failures are found out.
 """
 
 from __future__ import annotations
@@ -37,18 +39,25 @@ def _detail(v: Verdict, key: str) -> Any:
 
 def _judge(verdicts: Sequence[Verdict]) -> tuple[set[tuple[str, int]], dict[str, int]]:
     """(confirmed failures as (miner, epoch), strikes per validator) over these verdicts. A strike is a verdict the
-    orchestrator's recomputation of the same audit proved wrong: a failing verdict it passed (unless the miner's
-    failure in that epoch is confirmed otherwise), or a confirmation that passed an audit it failed."""
-    failing_sources: dict[tuple[str, int], set[str]] = defaultdict(set)
-    for v in verdicts:
-        if not v["passed"]:
-            failing_sources[(v["miner"], int(v["epoch"]))].add(v["validator"])
-    confirmed = {key for key, sources in failing_sources.items() if len(sources) >= 2}
+    orchestrator's recomputation of the same audit proved wrong: a failing verdict it passed, the accuser's or a
+    confirmer's (which then does not count toward a confirmation), or a confirmation that passed an audit it
+    failed."""
     recomputed = {  # audit id -> the orchestrator's verdict on it
         audit: bool(v["passed"])
         for v in verdicts
         if v["validator"] == ORCHESTRATOR and (audit := _detail(v, "confirms"))
     }
+
+    def disproved(v: Verdict) -> bool:
+        """A validator's failing verdict on an audit (its own, or the one it confirmed) the orchestrator passed."""
+        audit = _detail(v, "confirms") or _detail(v, "audit_id")
+        return not v["passed"] and v["validator"] != ORCHESTRATOR and recomputed.get(audit) is True
+
+    failing_sources: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for v in verdicts:
+        if not v["passed"] and not disproved(v):
+            failing_sources[(v["miner"], int(v["epoch"]))].add(v["validator"])
+    confirmed = {key for key, sources in failing_sources.items() if len(sources) >= 2}
     strikes: dict[str, int] = defaultdict(int)
     for v in verdicts:
         if v["validator"] == ORCHESTRATOR:
@@ -56,8 +65,7 @@ def _judge(verdicts: Sequence[Verdict]) -> tuple[set[tuple[str, int]], dict[str,
         if v["passed"]:
             wrong = recomputed.get(_detail(v, "confirms")) is False  # it passed what the orchestrator failed
         else:
-            unconfirmed = (v["miner"], int(v["epoch"])) not in confirmed
-            wrong = unconfirmed and recomputed.get(_detail(v, "audit_id")) is True
+            wrong = disproved(v)
         strikes[v["validator"]] += wrong
     return confirmed, {validator: n for validator, n in strikes.items() if n}
 

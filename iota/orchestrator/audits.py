@@ -59,6 +59,9 @@ SCREEN_EVERY_S = 30.0  # how often pathway attribution is refit to aim audits (a
 # Unanswered audits a validator may have open at once: an honest one works on one at a time, and the rest cover
 # its restarts. Each draw writes a record and may take a claim to confirm, so drawing without answering is bounded.
 MAX_OPEN_AUDITS = 4
+# Share of the confirmations (a second validator failing what a first failed) the orchestrator recomputes anyway:
+# a pair of validators that confirm false failures loses its standing after about STRIKES / SPOT_CHECK of them.
+SPOT_CHECK = 0.25
 
 
 class Auditor:
@@ -75,12 +78,13 @@ class Auditor:
         confirm_wait_s: float = 30.0,
         challenges: Challenges | None = None,
         max_open: int = MAX_OPEN_AUDITS,
+        spot_check: float = SPOT_CHECK,
     ):
         self.run, self.state, self.scheduler, self.store = run, state, scheduler, store
         self.plan, self.data_urls, self.url_ttl_s, self.clock = plan, data_urls, url_ttl_s, clock
         self.confirm_wait_s, self.challenges = confirm_wait_s, challenges
         self.random = secrets.SystemRandom()
-        self.max_open = max_open
+        self.max_open, self.spot_check = max_open, spot_check
         # validator -> {audit id: issued} of its unanswered audits whose URLs live. Kept in memory, as a rate
         # limit's buckets are: a restart forgets them, so a validator may then open that many more.
         self._open: dict[str, dict[str, float]] = {}
@@ -110,7 +114,7 @@ class Auditor:
                 if self.challenges is not None and self.challenges.lapsed(claim):
                     self.state.audits.drop_claim(audit_id)  # its window cannot be rebuilt
                     continue
-                if claim.accuser != validator and claim.disputed_by is None and not taken:
+                if claim.accuser != validator and claim.recompute_for is None and not taken:
                     self.state.audits.put_claim(audit_id, claim.model_copy(update={"assigned_at": now}))
                     return self._issue(
                         validator,
@@ -350,9 +354,12 @@ class Auditor:
         )
         if confirms is not None:
             claim = self.state.audits.claims().get(confirms)
-            if claim is not None and verdict.passed and source != ORCHESTRATOR:
-                # One replay against another settles nothing: the orchestrator's recomputation decides (recheck).
-                self.state.audits.put_claim(confirms, claim.model_copy(update={"disputed_by": source}))
+            # One replay against another settles nothing: the orchestrator's recomputation decides (recheck). And a
+            # share of confirmations is recomputed too, so that two validators agreeing on a false failure are
+            # found out in time (iota.audit.scoring: what the recomputation passes stops counting).
+            checked = verdict.passed or self.random.random() < self.spot_check
+            if claim is not None and source != ORCHESTRATOR and checked:
+                self.state.audits.put_claim(confirms, claim.model_copy(update={"recompute_for": source}))
             else:
                 self.state.audits.drop_claim(confirms)
         elif not verdict.passed and (verdict.miner, verdict.epoch) not in self._confirmed():
@@ -389,17 +396,17 @@ class Auditor:
             logger.warning("{} disputed by {}: the orchestrator recomputes it", confirms, source[:12])
 
     def unconfirmed(self, now: float) -> list[tuple[str, Claim]]:
-        """The orchestrator's to recompute: failing verdicts another validator disputed (first), and those no other
-        validator took up within `confirm_wait_s`. An undisputed claim on a miner's epoch whose failure is confirmed
-        meanwhile is dropped: it can neither confirm more nor be refuted (iota.audit.scoring). A disputed one is
-        still decided, for the strike it owes the side that was wrong."""
+        """The orchestrator's to recompute: failing verdicts another validator disputed or a spot check picked
+        (first), and those no other validator took up within `confirm_wait_s`. Any other claim on a miner's epoch
+        whose failure is confirmed meanwhile is dropped: it can neither confirm more nor be refuted
+        (iota.audit.scoring). A disputed or spot-checked one is still decided, for the strike it owes."""
         due = now - self.confirm_wait_s
         claims = self.state.audits.claims()
         confirmed = self._confirmed()
         moot = [
             audit_id
             for audit_id, claim in claims.items()
-            if claim.disputed_by is None and (claim.miner, claim.epoch) in confirmed
+            if claim.recompute_for is None and (claim.miner, claim.epoch) in confirmed
         ]
         if moot:
             with self.state.transaction():
@@ -410,9 +417,9 @@ class Auditor:
                 (audit_id, claim)
                 for audit_id, claim in claims.items()
                 if audit_id not in moot
-                and (claim.disputed_by is not None or (claim.at <= due and claim.assigned_at <= due))
+                and (claim.recompute_for is not None or (claim.at <= due and claim.assigned_at <= due))
             ),
-            key=lambda item: (item[1].disputed_by is None, item[1].at),
+            key=lambda item: (item[1].recompute_for is None, item[1].at),
         )
 
     def _confirmed(self) -> set[tuple[str, int]]:

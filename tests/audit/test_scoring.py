@@ -162,6 +162,22 @@ def test_a_pass_the_recomputation_agrees_with_is_no_strike() -> None:
     assert standing(verdicts) == {"liar": STRIKES}
 
 
+def test_a_confirmation_the_recomputation_passes_stops_counting() -> None:
+    """Two validators agree on a failure; the orchestrator's spot check passes it: no failure, a strike each."""
+    pairs = [
+        v
+        for i in range(STRIKES)
+        for v in (
+            _verdict("v1", "a", False, audit=f"x{i}"),
+            _verdict("v2", "a", False, audit=f"y{i}", confirms=f"x{i}"),
+        )
+    ]
+    assert confirmed_failures(pairs) == {("a", 1)}  # two voices, unchecked
+    checked = [*pairs, *(_verdict(ORCHESTRATOR, "a", True, confirms=f"x{i}") for i in range(STRIKES))]
+    assert confirmed_failures(checked) == set() and "a" in compute_scores({**LOG, "verdicts": checked})
+    assert standing(checked) == {"v1": STRIKES, "v2": STRIKES}
+
+
 def test_the_orchestrator_never_loses_standing() -> None:
     verdicts = [
         v

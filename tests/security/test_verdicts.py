@@ -176,6 +176,31 @@ def test_a_bought_validator_neither_shields_a_cheater_nor_costs_its_accuser_anyt
     assert response.status_code == 403 and "proved" in response.text
 
 
+def test_two_validators_confirming_a_false_failure_are_found_out_by_a_spot_check(net: Net) -> None:
+    """validator fails an honest head and validator2 confirms it: two voices, which alone would zero the head. A
+    spot check (every confirmation here) has the orchestrator recompute it: the failure stops counting, and each
+    of the two takes a strike; a second such pair of lies costs both their standing."""
+    net.orch.auditor.spot_check = 1.0
+    net.join("head", "mid", "tail")
+    head = net.keys["head"].ss58_address
+    honest_head_forward(net)
+    liars = {net.keys[name].ss58_address for name in ("validator", "validator2")}
+    for strike in range(1, STRIKES + 1):
+        verdict(net, audit(net), passed=False)  # a lie
+        check = audit(net, "validator2")
+        assert check.miner == head
+        verdict(net, check, passed=False, validator="validator2")  # the same lie, "confirmed"
+        assert disputed(net) == 1  # recomputed at once, without waiting for confirm_wait_s
+        log = net.orch.auditor.score_log()
+        assert (
+            compute_scores(log)[head] == 1.0
+        )  # the recomputation passed the head: the pair's word counts for nothing
+        lost = standing(log["verdicts"])
+        assert set(lost) == (liars if strike == STRIKES else set())
+    for name in ("validator", "validator2"):
+        assert net.signed(name, "/validators/audit").status_code == 403
+
+
 def test_a_verdict_out_of_bounds_is_refused_and_never_stored(net: Net) -> None:
     """A validator's verdict is kept for good and served to anyone: an oversized reason, a dict of thousands of
     error kinds, a NaN, a number past 64 bits or a miner that is no hotkey is a 422, and the audit stays open."""

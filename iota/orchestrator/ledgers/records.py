@@ -81,9 +81,9 @@ class Claim(Record):
     bf16: bool
     start_step: int = 0
     assigned_at: float = 0.0  # when another validator was last given it to confirm
-    disputed_by: str | None = (
-        None  # a validator whose replay passed it: the orchestrator's recomputation decides
-    )
+    # A validator whose verdict on it the orchestrator's recomputation must check: one whose replay passed it (a
+    # dispute), or, by a spot check, one whose replay confirmed it.
+    recompute_for: str | None = None
 
 
 class EndAuditQueue(Record):
