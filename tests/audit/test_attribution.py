@@ -13,8 +13,9 @@ import pytest
 from iota.audit.attribution import Attribution, attribute
 from iota.orchestrator.attribution import read_paths
 from iota.orchestrator.scheduler import BACKWARD, FORWARD, TRAIN, Policy, Scheduler
-from iota.orchestrator.state import StateStore
+from iota.orchestrator.state import Hop, StateStore
 from iota.state.db import SqliteDatabase
+from tests.support.hops import complete_next
 
 MINERS = [["h0", "h1", "h2"], ["b0", "b1", "b2"], ["t0", "t1", "t2"]]
 SIGMA = 0.2  # nats: the spread of a micro-batch's loss the bench measures (bench/attribution.py)
@@ -165,26 +166,24 @@ def test_paths_and_losses_read_from_a_scheduler_state(tmp_path) -> None:
     reported: dict[int, float] = {}
     completed: dict[int, float] = {}
     rng = random.Random(0)
+
+    def tail_loss(hop: Hop) -> float:
+        reported[hop.sample_id] = 2.0 + rng.random()
+        return reported[hop.sample_id]
+
     while int(store.get("samples_completed", 0)) < 30 and sched.phase == TRAIN:
         now += 0.01
         midway = int(store.get("samples_completed", 0)) >= 10 and store.miner("m1").session == "s0"  # type: ignore[union-attr]
         if midway and store.samples_waiting_on("m1", 2):
             sched.register("m1", None, "cpu", 1 << 40, "s1", now)  # a new session voids m1's graphs
         hotkey = rng.choice(miners)
-        hop = sched.next_work(hotkey, now).hop
-        if hop is None:
+        leased = complete_next(sched, hotkey, now, tail_loss)
+        if leased is None:
             continue
-        with sched.transaction():
-            leased = sched.leased_hop(hotkey, hop.id, hop.epoch, now)
-            loss = None
-            if leased.direction == BACKWARD and leased.stage == 0:
-                completed[leased.sample_id] = now
-            if leased.direction == FORWARD:
-                did.setdefault(leased.sample_id, {})[leased.stage] = hotkey
-                if leased.stage == 2:
-                    loss = reported[leased.sample_id] = 2.0 + rng.random()
-            output = None if leased.output_key is None else f"sha-{leased.id}"
-            sched.complete(leased, output, None if output is None else 8, loss, 64, now)
+        if leased.direction == BACKWARD and leased.stage == 0:
+            completed[leased.sample_id] = now
+        if leased.direction == FORWARD:
+            did.setdefault(leased.sample_id, {})[leased.stage] = hotkey
     read = read_paths(store, n_stages=3)
     done = {int(r[0]) for r in store.db.execute("SELECT id FROM samples WHERE status = 'done'")}
     assert len(done) == 30 and set(read.paths) == done  # in-flight samples are left out

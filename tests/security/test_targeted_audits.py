@@ -3,24 +3,19 @@ before any draw, once per epoch; the hops come from the real scheduler over the 
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
 from bittensor.keyfiles import Keypair
 
 from iota.orchestrator.scheduler import FORWARD
+from iota.orchestrator.state import Hop
 from iota.protocol import AuditTask
 from tests.security import serve_net
+from tests.support.hops import complete_next
 
-NAMES = (
-    "head",
-    "mid",
-    "tail",
-    "idle",
-    "stranger",
-    "cold",
-)  # registered in this order: stages 0, 1, 2, 0, 1, 2
+# Registered in this order, they take stages 0, 1, 2, 0, 1, 2.
+NAMES = ("head", "mid", "tail", "idle", "stranger", "cold")
 
 
 def test_a_miner_whose_samples_lose_more_is_audited_next(
@@ -29,27 +24,22 @@ def test_a_miner_whose_samples_lose_more_is_audited_next(
     with serve_net(data_dir, keypairs, tmp_path, samples_per_epoch=80) as net:
         sched, state = net.orch.scheduler, net.orch.state
         hotkeys = [keypairs[name].ss58_address for name in NAMES]
-        cheat = keypairs["idle"].ss58_address  # a head whose samples end 1 nat worse
+        cheat = keypairs["idle"].ss58_address
         now = net.clock()
         for hotkey in hotkeys:
             sched.register(hotkey, None, "cpu", 1 << 40, "s0", now)
         assert [state.miner(h).stage for h in hotkeys] == [0, 1, 2, 0, 1, 2]  # type: ignore[union-attr]
-        rng, heads = random.Random(0), {}
+        rng, heads = random.Random(0), dict[int, str]()
+
+        def tail_loss(hop: Hop) -> float:  # the cheat's samples end 1 nat worse
+            return 5.0 + 0.1 * rng.random() + (1.0 if heads[hop.sample_id] == cheat else 0.0)
+
         while int(state.get("samples_completed", 0)) < 48:
             now += 0.01
             hotkey = rng.choice(hotkeys)
-            hop = sched.next_work(hotkey, now).hop
-            if hop is None:
-                continue
-            with sched.transaction():
-                leased = sched.leased_hop(hotkey, hop.id, hop.epoch, now)
-                loss = None
-                if leased.direction == FORWARD and leased.stage == 0:
-                    heads[leased.sample_id] = hotkey
-                if leased.direction == FORWARD and leased.stage == 2:
-                    loss = 5.0 + 0.1 * rng.random() + (1.0 if heads[leased.sample_id] == cheat else 0.0)
-                output = None if leased.output_key is None else hashlib.sha256(b"%d" % leased.id).hexdigest()
-                sched.complete(leased, output, None if output is None else 8, loss, 64, now)
+            leased = complete_next(sched, hotkey, now, tail_loss)
+            if leased is not None and leased.direction == FORWARD and leased.stage == 0:
+                heads[leased.sample_id] = hotkey
         response = net.signed("validator", "/validators/audit")
         assert response.status_code == 200, response.text
         assert AuditTask.model_validate_json(response.content).miner == cheat

@@ -1,8 +1,9 @@
 """Work done on the test's thread by the miner daemon's own code, for tests that drive miners step by step: a
-training hop, and a merge whose uploaded slices are corrupted."""
+training hop, and a merge whose uploaded slices are corrupted; and a hop done at once over the scheduler itself."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +14,24 @@ import iota.miner.phases as miner_phases
 from iota.merge import MergePlan, run_owner, sha256_hex
 from iota.miner.main import MinerDaemon
 from iota.model.flat import decode_f32, encode_f32
+from iota.orchestrator.scheduler import FORWARD, Scheduler
+from iota.orchestrator.state import Hop
 from iota.protocol import Work
 from iota.storage.transfer import download, upload
+
+
+def complete_next(sched: Scheduler, hotkey: str, now: float, loss: Callable[[Hop], float]) -> Hop | None:
+    """`hotkey` leases its next hop from the real scheduler and completes it at once, with a placeholder sha256 for
+    its output and, on the tail's forward, `loss(hop)`; the hop as leased, or None when it had nothing to do."""
+    hop = sched.next_work(hotkey, now).hop
+    if hop is None:
+        return None
+    with sched.transaction():
+        leased = sched.leased_hop(hotkey, hop.id, hop.epoch, now)
+        tail = leased.direction == FORWARD and leased.stage == sched.policy.n_stages - 1
+        output = None if leased.output_key is None else hashlib.sha256(b"%d" % leased.id).hexdigest()
+        sched.complete(leased, output, None if output is None else 8, loss(leased) if tail else None, 64, now)
+    return leased
 
 
 def train_hop(miner: MinerDaemon, work: Work) -> None:
