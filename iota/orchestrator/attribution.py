@@ -1,9 +1,41 @@
-"""Where attribution's data lives in the orchestrator's state: completed samples' paths, losses and order."""
+"""Pathway attribution in the orchestrator: where its data lives in the state (completed samples' paths, losses
+and order), and the screen that aims audits at the miners it flags."""
 
 from __future__ import annotations
 
-from iota.audit.attribution import Paths
+from loguru import logger
+
+from iota.audit.attribution import Paths, attribute
 from iota.orchestrator.state import StateStore
+
+SCREEN_EVERY_S = 30.0  # how often the screen refits (a least-squares fit over the epoch's samples: cheap)
+
+
+class Screen:
+    """Which miner to audit next because its samples lose more than its stage-mates' (z > 4): each flagged miner
+    once per epoch. The fit and the miners already aimed at are kept in memory: a restart may aim one more audit
+    at a flagged miner."""
+
+    def __init__(self, state: StateStore, n_stages: int):
+        self.state, self.n_stages = state, n_stages
+        self._fit: tuple[int, float, list[str]] = (-1, 0.0, [])  # (epoch, when, flagged miners)
+        self._aimed: set[tuple[int, str]] = set()
+
+    def next(self, epoch: int, now: float) -> str | None:
+        """A miner flagged this epoch that no audit has been aimed at yet (logged as `audit_targeted`)."""
+        fitted, at, flagged = self._fit
+        if fitted != epoch or now - at >= SCREEN_EVERY_S:
+            paths = read_paths(self.state, self.n_stages, epoch)
+            flagged = attribute(paths.paths, paths.losses, paths.order).flagged()
+            self._fit = (epoch, now, flagged)
+        for hotkey in flagged:
+            if (epoch, hotkey) not in self._aimed and self.state.miner(hotkey) is not None:
+                self._aimed.add((epoch, hotkey))
+                with self.state.transaction():
+                    self.state.log(now, "audit_targeted", hotkey, epoch=epoch, screen="pathway attribution")
+                logger.info("epoch {}: pathway attribution flags {}: audited next", epoch, hotkey[:10])
+                return hotkey
+        return None
 
 
 def read_paths(store: StateStore, n_stages: int, epoch: int | None = None) -> Paths:

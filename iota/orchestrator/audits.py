@@ -1,9 +1,9 @@
 """Audits: which miner a validator replays next, the URLs it may read, its verdicts, and the score log.
 
 The draw uses the operating system's randomness (a miner cannot predict it) and is weighted by the work a miner
-claims this epoch, so claiming more means being watched more. Before it, pathway attribution (iota.audit.attribution,
-refit every SCREEN_EVERY_S over the epoch's completed samples) aims one audit at each miner whose samples lose
-more than its stage-mates', once per epoch. A validator reads only the objects its task names.
+claims this epoch, so claiming more means being watched more. Before it, pathway attribution
+(iota.orchestrator.attribution.Screen) aims one audit at each miner whose samples lose more than its stage-mates',
+once per epoch. A validator reads only the objects its task names.
 
 Once an epoch's merge is done, every miner whose pseudo-gradient went into it is audited once more, before any
 draw: that audit's window ends at the miner's last inner step where a snapshot (or a short epoch) allows, and it
@@ -29,10 +29,9 @@ from typing import Any
 
 from loguru import logger
 
-from iota.audit.attribution import attribute
 from iota.audit.compare import thresholds
 from iota.audit.scoring import ORCHESTRATOR, confirmed_failures, standing
-from iota.orchestrator.attribution import read_paths
+from iota.orchestrator.attribution import Screen
 from iota.orchestrator.challenges import Challenges, audit_window, last_session
 from iota.orchestrator.commitments import epoch_end
 from iota.orchestrator.ledgers import AuditRecord, Claim, EndAuditQueue, ScoreArchive
@@ -55,7 +54,6 @@ from iota.storage.base import ObjectStore, StoreError
 # Hops one audit names: its window, from where it starts (iota.audit.replay.window); the replay stops at its
 # calibrated depth long before this.
 MAX_AUDIT_HOPS = 512
-SCREEN_EVERY_S = 30.0  # how often pathway attribution is refit to aim audits (a least-squares fit, cheap)
 # Unanswered audits a validator may have open at once: an honest one works on one at a time, and the rest cover
 # its restarts. Each draw writes a record and may take a claim to confirm, so drawing without answering is bounded.
 MAX_OPEN_AUDITS = 4
@@ -88,10 +86,7 @@ class Auditor:
         # validator -> {audit id: issued} of its unanswered audits whose URLs live. Kept in memory, as a rate
         # limit's buckets are: a restart forgets them, so a validator may then open that many more.
         self._open: dict[str, dict[str, float]] = {}
-        # The screen's last fit (epoch, when, flagged miners) and the (epoch, miner) pairs it has aimed an audit at;
-        # in memory too: a restart may aim one more audit at a flagged miner.
-        self._screen: tuple[int, float, list[str]] = (-1, 0.0, [])
-        self._targeted: set[tuple[int, str]] = set()
+        self.screen = Screen(state, len(run.stages))
         self._restore()
 
     # -- tasks --------------------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ class Auditor:
         if not work or self.state.epochs.checkpoint_shas(epoch) is None:
             return None
         chosen = (
-            self._target(epoch, now)
+            self.screen.next(epoch, now)
             or self.random.choices([miner for miner, _ in work], weights=[hops for _, hops in work])[0]
         )
         miner = self.state.miner(chosen)
@@ -149,23 +144,6 @@ class Auditor:
         return self._issue(
             validator, chosen, epoch, miner.stage, self.plan(miner.stage), miner.device == "cuda", None, None
         )
-
-    def _target(self, epoch: int, now: float) -> str | None:
-        """A miner pathway attribution flags this epoch (its samples lose more than its stage-mates', z > 4) that
-        no audit has been aimed at yet: it is audited next. None when the screen flags nobody new."""
-        fitted, at, flagged = self._screen
-        if fitted != epoch or now - at >= SCREEN_EVERY_S:
-            paths = read_paths(self.state, len(self.run.stages), epoch)
-            flagged = attribute(paths.paths, paths.losses, paths.order).flagged()
-            self._screen = (epoch, now, flagged)
-        for hotkey in flagged:
-            if (epoch, hotkey) not in self._targeted and self.state.miner(hotkey) is not None:
-                self._targeted.add((epoch, hotkey))
-                with self.state.transaction():
-                    self.state.log(now, "audit_targeted", hotkey, epoch=epoch, screen="pathway attribution")
-                logger.info("epoch {}: pathway attribution flags {}: audited next", epoch, hotkey[:10])
-                return hotkey
-        return None
 
     def _check_open(self, validator: str, now: float) -> None:
         """Refuse a draw to a validator with ``max_open`` audits open; an audit closes when answered or when its URLs
