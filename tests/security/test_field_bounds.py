@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from bittensor.keyfiles import Keypair
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from iota.checkpoint.manifest import stage_tensor_lists
@@ -243,6 +243,7 @@ def test_no_body_gets_a_5xx(net: Net) -> None:
 
     @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=hostile_bodies(bodies))
+    @example(case=bodies[0])  # an honest body, always: the draws alone reached a handler in most runs, not all
     def fuzz(case: tuple[str, str, Any]) -> None:
         signer, target, body = case
         status = post(net, signer, target, body)
