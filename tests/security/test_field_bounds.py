@@ -243,7 +243,8 @@ def test_no_body_gets_a_5xx(net: Net) -> None:
 
     @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=hostile_bodies(bodies))
-    @example(case=bodies[0])  # an honest body, always: the draws alone reached a handler in most runs, not all
+    # An honest body, always: the spoilt draws alone reached a handler in most runs, not all.
+    @example(case=bodies[0])
     def fuzz(case: tuple[str, str, Any]) -> None:
         signer, target, body = case
         status = post(net, signer, target, body)
