@@ -37,6 +37,7 @@ Run:  python -m bench.convergence [--quick] [--configs main nesterov ...] [--see
                                   [--work-dir DIR] [--json FILE]
       python -m bench.convergence --adam-study [--seeds 0 1] [--json FILE]
       python -m bench.convergence --rewarm-study [--seeds 0 1] [--json FILE]
+      python -m bench.convergence --merge-study [--seeds 0 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -152,10 +153,10 @@ def baseline(settings: dict[str, Any], tokens: int) -> dict[str, Any]:
     return train_baseline(build_run(RunSettings(**settings)), tokens, replicas=REPLICAS, progress=False)
 
 
-ADAM_MODES = ("reset", "keep", "average")
+ADAM_MODES = ("reset", "keep", "average", "second")
 
 
-def local_sgd(settings: dict[str, Any], adam: str = "reset") -> float:
+def local_sgd(settings: dict[str, Any], adam: str = "reset", compress: str | None = None) -> float:
     """The network's algorithm in one process, without the network: held-out loss of the final weights.
 
     R replicas of the stages chained (`build_pipeline`, seeded as the miners are, bottleneck included), one
@@ -164,8 +165,10 @@ def local_sgd(settings: dict[str, Any], adam: str = "reset") -> float:
     end of each epoch the outer step on the mean pseudo-gradient (`iota.merge.outer.outer_step`). Then the AdamW
     state is, by `adam`: "reset", forgotten as the miners do at APPLY; "keep", kept by each replica (DiLoCo's
     workers); "average", replaced by the replicas' mean moments (a state that could be merged and published
-    beside the weights, so a replica's next epoch would still follow from public data). Activations stay fp32
-    (the network sends bf16).
+    beside the weights, so a replica's next epoch would still follow from public data); "second", the replicas'
+    mean second moment and step count kept, the first moment reset. `compress` names a pseudo-gradient codec
+    (`iota.merge.codec`), each replica keeping its own error feedback. Activations stay fp32 (the network sends
+    bf16).
     """
     if adam not in ADAM_MODES:
         raise ValueError(f"adam must be one of {ADAM_MODES}, got {adam!r}")
@@ -192,9 +195,10 @@ def local_sgd(settings: dict[str, Any], adam: str = "reset") -> float:
     ]
     theta = parameters_to_vector(replicas[0].parameters()).detach().clone()
     momentum: torch.Tensor | None = None
+    residuals = [torch.zeros_like(theta) for _ in replicas]
     for epoch in range(s.epochs):
         first = epoch * per_epoch
-        ends = []
+        deltas = []
         for r, (model, stage_optimizers) in enumerate(zip(replicas, optimizers, strict=True)):
             vector_to_parameters(
                 theta.clone(), model.parameters()
@@ -210,10 +214,18 @@ def local_sgd(settings: dict[str, Any], adam: str = "reset") -> float:
                 lr = inner_step_lr(run.schedule, first * mbt, step, k, mbt, REPLICAS)
                 for optimizer, clip in zip(stage_optimizers, clips, strict=True):
                     optim.step(optimizer, lr, clip)
-            ends.append(parameters_to_vector(model.parameters()).detach().clone())
-        if adam == "average":
-            _average_moments(optimizers)
-        grad = theta - torch.stack(ends).mean(0)
+            delta = theta - parameters_to_vector(model.parameters()).detach()
+            if compress is not None:
+                delta, residuals[r] = _compressed(compress, delta, residuals[r])
+            deltas.append(delta)
+        if adam in ("average", "second"):
+            _average_moments(optimizers, ("exp_avg", "exp_avg_sq") if adam == "average" else ("exp_avg_sq",))
+        if adam == "second":
+            for model_optimizers in optimizers:
+                for optimizer in model_optimizers:
+                    for state in optimizer.state.values():
+                        state["exp_avg"].zero_()
+        grad = torch.stack(deltas).mean(0)
         theta, momentum = outer_step(theta, momentum, grad, lr=s.outer_lr, mu=s.outer_momentum, nesterov=True)
     final = replicas[0]
     vector_to_parameters(theta, final.parameters())
@@ -221,15 +233,26 @@ def local_sgd(settings: dict[str, Any], adam: str = "reset") -> float:
     return heldout_loss(lambda t: final(t).float(), run.data, s.heldout_samples)
 
 
-def _average_moments(optimizers: list[list[Any]]) -> None:
-    """Set every replica's AdamW moments of each parameter to their mean over the replicas (per stage)."""
+def _compressed(codec: str, delta: Any, residual: Any) -> tuple[Any, Any]:
+    """What the merge receives of a replica's pseudo-gradient under `codec`, and the replica's new residual."""
+    from iota.merge.codec import decode, encode, parse_codec
+
+    spec = parse_codec(codec)
+    if spec is None:
+        return delta, residual
+    data, left = encode(delta + residual, spec)
+    return decode(data, delta.numel(), spec), left
+
+
+def _average_moments(optimizers: list[list[Any]], keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")) -> None:
+    """Set every replica's AdamW moments (`keys`) of each parameter to their mean over the replicas (per stage)."""
     import torch
 
     for per_stage in zip(*optimizers, strict=True):
         params = [list(o.param_groups[0]["params"]) for o in per_stage]
         for same_param in zip(*params, strict=True):
             states = [o.state[p] for o, p in zip(per_stage, same_param, strict=True)]
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in keys:
                 mean = torch.stack([st[key] for st in states]).mean(0)
                 for st in states:
                     st[key].copy_(mean)
@@ -408,6 +431,59 @@ def rewarm_study(
     return rows
 
 
+# (inner optimizer state at APPLY, pseudo-gradient codec) pairs of the merge study; "reset" is today's miners.
+MERGE_VARIANTS = (
+    ("reset", "none"),
+    ("keep", "none"),
+    ("average", "none"),
+    ("second", "none"),
+    ("average", "int:8"),
+    ("average", "int:4"),
+    ("keep", "int:4"),
+    ("average", "topk:0.05"),
+)
+
+
+def merge_study(
+    seeds: list[int], work: Path, per_epochs: tuple[int, ...] = (32, 128)
+) -> list[dict[str, Any]]:
+    """In one process only: each way of carrying the AdamW state across APPLY and each pseudo-gradient codec
+    (`iota.merge.codec`, error feedback per replica) at 8 and 32 inner steps per replica per epoch, against the
+    baseline on the same tokens. `bytes/value`: the codec's upload per fp32 value of the stage (4: dense fp32)."""
+    from iota.merge.codec import parse_codec
+
+    rows = []
+    print(
+        f"{'samples/ep':>10} {'adam':>8} {'codec':>10} {'bytes/value':>11}"
+        + "".join(f" {'seed ' + str(s):>15}" for s in seeds)
+    )
+    for per_epoch in per_epochs:
+        settings = {
+            seed: run_settings({**FULL, "samples_per_epoch": per_epoch}, CONFIGS[0], seed, work / "data")
+            for seed in seeds
+        }
+        bases = {
+            seed: baseline(settings[seed], settings[seed]["total_tokens"])["eval_loss"] for seed in seeds
+        }
+        print(
+            f"{per_epoch:>10} {'baseline':>8} {'':>10} {'':>11}"
+            + "".join(f" {bases[s]:>15.3f}" for s in seeds)
+        )
+        for adam, codec in MERGE_VARIANTS:
+            spec = parse_codec(codec)
+            per_value = 4.0 if spec is None else spec.encoded_size(1 << 20) / (1 << 20)
+            row: dict[str, Any] = {"samples_per_epoch": per_epoch, "adam": adam, "codec": codec}
+            row["bytes_per_value"] = per_value
+            cells = ""
+            for seed in seeds:
+                loss = local_sgd(settings[seed], adam, None if codec == "none" else codec)
+                row[f"seed_{seed}_eval"], row[f"seed_{seed}_baseline"] = loss, bases[seed]
+                cells += f" {loss:>7.3f} ({100 * (loss - bases[seed]) / bases[seed]:+5.1f}%)"
+            rows.append(row)
+            print(f"{per_epoch:>10} {adam:>8} {codec:>10} {per_value:>11.3f}{cells}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 short epochs, main config, seed 0")
@@ -423,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rewarm-study", action="store_true", help="only the one-process study of the lr re-warm after APPLY"
     )
+    parser.add_argument(
+        "--merge-study",
+        action="store_true",
+        help="only the one-process study of the AdamW state at APPLY and the pseudo-gradient codecs",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write rows and summary to this file")
     args = parser.parse_args(argv)
 
@@ -435,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         rewarm = rewarm_study(seeds, work)
         if args.json:
             args.json.write_text(json.dumps({"settings": FULL, "rewarm_study": rewarm}, indent=1))
+        return 0
+    if args.merge_study:
+        merge = merge_study(seeds, work)
+        if args.json:
+            args.json.write_text(json.dumps({"settings": FULL, "merge_study": merge}, indent=1))
         return 0
     if args.adam_study:
         study = adam_study(seeds, work)
