@@ -18,6 +18,7 @@ from iota.train.worker import StageWorker
 class MinerState:
     stopping: bool = False
     hops_done: int = 0
+    compute_s: float = 0.0  # seconds in forwards, backwards and inner steps (the rest: transfers and waiting)
     last_loss: float | None = None
 
 

@@ -6,6 +6,7 @@ it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,12 +111,14 @@ class Hops:
             return
         self._computing = work
         self.prefetch.start(self._forward_wanted(work))
+        started = time.perf_counter()
         try:
             finished = self.compute(work, fetched.data)
         except (KeyError, ValueError, OSError, StoreError) as error:
             logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
             self.miner.release(work, release_reason(error))
         else:
+            self.miner.state.compute_s += time.perf_counter() - started
             self.outbox.put(finished)  # counted as unreported from here on, so clear `_computing` after
         self._computing = None
 

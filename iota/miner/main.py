@@ -308,6 +308,7 @@ class MinerDaemon:
             "hotkey": self.client.hotkey,
             "stage": self.stage,
             "hops_done": self.state.hops_done,
+            "compute_s": round(self.state.compute_s, 3),
             "last_loss": self.state.last_loss,
             "inner_step": self.worker.inner_step if self.worker else 0,
             "clock_offset_s": self.client.auth.offset_s,

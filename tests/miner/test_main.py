@@ -62,6 +62,7 @@ def run_to_the_end(net: Net) -> None:
 def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(make_net: Callable[..., Net]) -> None:
     samples = 8
     net = make_net(**EXACT, samples_per_epoch=samples, total_tokens=samples * 2 * SEQ_LEN, max_in_flight=8)
+    started = time.monotonic()
     run_to_the_end(net)
 
     losses = [loss for (loss,) in net.query("SELECT loss FROM losses ORDER BY sample_id")]
@@ -84,6 +85,7 @@ def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(make_net: 
         per_miner[miner].append((lease_expires - net.settings.lease_s, done_at))
     for miner in net.miners:
         assert miner.state.hops_done == len(per_miner[miner.client.hotkey])
+        assert 0 < miner.state.compute_s < time.monotonic() - started  # what `iota miner status` shows as compute_s
 
     # The overlap happened: some miner was leased its next hop before it had reported the one before.
     overlapped = 0
