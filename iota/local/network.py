@@ -137,11 +137,15 @@ class LocalNetwork:
 
     # -- processes --------------------------------------------------------------------------------------
 
+    def command(self, name: str, role: str) -> list[str]:
+        """The command line of process `name` (bench/wan.py runs each role in a network namespace of its own)."""
+        return [sys.executable, "-m", "iota", role]
+
     def _spawn(self, name: str, role: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         with open(self.run_dir / "logs" / f"{name}.log", "ab") as log:
             # cwd is the run directory: a developer's ./.env must not reach the processes of a local run.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "iota", role],
+                self.command(name, role),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
