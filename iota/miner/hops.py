@@ -199,16 +199,14 @@ class Hops:
         """Whether a request may ask for forward work, decided at each request the prefetch makes.
 
         The window has room if it will once `current` is computed (and the inner step it completes taken): at most
-        k forwards per window. Above the tail, a miner also asks only once its own forwards are reported: the
-        orchestrator counts the graphs a miner holds from its reports, and asking sooner would exceed its limit.
+        k forwards per window. The next forward is asked for while this one computes and uploads: the orchestrator
+        counts a leased forward among the graphs a miner holds, so asking early cannot exceed its limit.
         """
         worker = self.miner.worker
         if worker is None:
             return lambda: True
         room = self._window_room_after(worker, current)
-        if worker.spec.is_tail:
-            return lambda: room
-        return lambda: room and not self._forward_unreported()
+        return lambda: room
 
     @staticmethod
     def _window_room_after(worker: StageWorker, current: Work | None) -> bool:

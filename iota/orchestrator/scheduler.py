@@ -211,7 +211,13 @@ class Scheduler:
             return f"waiting for miners on stage(s) {', '.join(map(str, empty))}"
         tail = self.policy.n_stages - 1
         if miner.stage < tail:
-            holding = len(self.state.samples_waiting_on(miner.hotkey, tail))
+            # Graphs reported and awaiting their backward, and forwards leased and not reported yet: each will hold
+            # a graph, so a miner may ask for its next forward as soon as it starts computing the last one.
+            leased = sum(
+                h.status == "leased" and h.direction == FORWARD
+                for h in self.state.open_hops_of_miner(miner.hotkey)
+            )
+            holding = len(self.state.samples_waiting_on(miner.hotkey, tail)) + leased
             if holding >= self.policy.max_in_flight:
                 return (
                     f"holding {holding} forward graphs awaiting backward (limit {self.policy.max_in_flight})"

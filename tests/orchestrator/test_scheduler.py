@@ -551,6 +551,18 @@ def test_max_in_flight_holds_back_a_head(db: Database) -> None:
     assert net.step(head).sample_id == 2  # one graph freed: inflow resumes
 
 
+def test_max_in_flight_counts_leased_forwards_so_a_miner_may_ask_before_it_reports(db: Database) -> None:
+    net = make_net(db, max_in_flight=2)
+    [head], _, _ = staffed(net)
+    net.step(head)  # reported: its graph awaits the backward
+    leased = net.work(head)  # asked for while the first was still computing, say: leased, not reported
+    assert leased is not None and leased.direction == FORWARD
+    reason = net.wait_reason(head)
+    assert "holding 2 forward graphs" in reason and "limit 2" in reason
+    net.release(head, leased)
+    assert net.work(head) is not None  # handed back: room for one again
+
+
 def test_a_stage_without_a_live_miner_pauses_inflow(db: Database) -> None:
     net = make_net(db)
     assert net.join("head") == 0 and net.join("mid") == 1
