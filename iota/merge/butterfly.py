@@ -18,7 +18,7 @@ import math
 import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -345,25 +345,61 @@ def run_owner(
     *,
     partitions: Sequence[int] | None = None,
     fetch_workers: int = 1,
+    workers: int = 1,
 ) -> OwnerRun:
     """Merge every partition `hotkey` owns (or the given ones, for a tie-breaker) and upload the outputs.
 
     Each merged slice goes to plan.output_key(index, hotkey, "weights"/"momentum"). A partition whose previous
-    weights or momentum cannot be read is recorded in `failed` and nothing is uploaded for it.
+    weights or momentum cannot be read is recorded in `failed` and nothing is uploaded for it. `workers` > 1 merges
+    that many partitions at once and uploads up to that many partitions' outputs while the next are read (over a
+    link with a long round trip, one request after another leaves it idle; reads and writes use its two
+    directions); each partition is merged exactly as alone. `fetch_workers` > 1 reads a partition's uploads
+    concurrently.
     """
-    run = OwnerRun(hotkey=hotkey)
-    for index in partitions if partitions is not None else plan.partitions_of(hotkey):
+    writes = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-put") if workers > 1 else None
+    room = threading.Semaphore(workers)  # outputs computed and not yet uploaded, at most
+    uploading: list[Future[None]] = []
+
+    def write(index: int, result: PartitionResult) -> None:
+        try:
+            store.put(plan.output_key(index, hotkey, "weights"), encode_f32(result.weights))
+            store.put(plan.output_key(index, hotkey, "momentum"), encode_f32(result.momentum))
+        finally:
+            room.release()
+
+    def one(index: int) -> PartitionResult | str:
         partition = plan.partitions[index]
         try:
             prev_weights, prev_momentum = read_previous(store, partition)
         except (*_READ_ERRORS, ValueError) as error:
-            run.failed[index] = f"previous state unreadable: {type(error).__name__}: {error}"
-            logger.warning(f"merge p{index}: {hotkey} cannot merge: {run.failed[index]}")
-            continue
+            return f"previous state unreadable: {type(error).__name__}: {error}"
         result = merge_partition(store, plan, index, prev_weights, prev_momentum, fetch_workers=fetch_workers)
-        store.put(plan.output_key(index, hotkey, "weights"), encode_f32(result.weights))
-        store.put(plan.output_key(index, hotkey, "momentum"), encode_f32(result.momentum))
-        run.results[index] = result
+        room.acquire()
+        if writes is None:
+            write(index, result)
+        else:
+            uploading.append(writes.submit(write, index, result))
+        return result
+
+    indices = list(partitions if partitions is not None else plan.partitions_of(hotkey))
+    try:
+        if writes is not None:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
+                outcomes = list(pool.map(one, indices))
+        else:
+            outcomes = [one(index) for index in indices]
+        for future in uploading:
+            future.result()  # raises what an upload raised
+    finally:
+        if writes is not None:
+            writes.shutdown(wait=True)
+    run = OwnerRun(hotkey=hotkey)
+    for index, outcome in zip(indices, outcomes, strict=True):
+        if isinstance(outcome, str):
+            run.failed[index] = outcome
+            logger.warning(f"merge p{index}: {hotkey} cannot merge: {outcome}")
+        else:
+            run.results[index] = outcome
     return run
 
 

@@ -30,6 +30,11 @@ from iota.protocol import (
 from iota.storage.base import StoreError
 from iota.train.snapshot import Snapshot, snapshot_to_f32, take_snapshot
 
+# An owner's merge over a link with a long round trip: partitions merged at once, and each one's uploads read at
+# once (up to 8 requests in flight; the bits do not depend on either).
+MERGE_PARTITIONS = 4
+MERGE_FETCHES = 4
+
 
 class Phases:
     """Upload, merge and apply, in turn, on the main thread (nothing of the epoch's training is in flight by
@@ -75,7 +80,9 @@ class Phases:
             raise ValueError("a merge item without its merge order")
         plan = MergePlan.model_validate(work.merge.plan)
         store = UrlStore(work.merge.get, work.merge.put, self.miner.http, 4 * plan.n_params)
-        result = run_owner(store, plan, self.miner.client.hotkey)
+        result = run_owner(
+            store, plan, self.miner.client.hotkey, fetch_workers=MERGE_FETCHES, workers=MERGE_PARTITIONS
+        )
         partitions = {
             i: PartitionDone(digest=r.digest, sq_norms=r.slice_sq_norms) for i, r in result.results.items()
         }

@@ -87,14 +87,19 @@ class Stage:
         )
 
     def run_all(self, threads: Callable[[int], int] = lambda i: 1) -> dict[str, OwnerRun]:
-        """Every submitter merges its partitions; owner i runs with threads(i) torch threads."""
+        """Every submitter merges its partitions; owner i runs with threads(i) torch threads, reading uploads
+        1-3 at a time and merging 1 or 2 partitions at once."""
         saved = torch.get_num_threads()
         runs = {}
         try:
             for i, hotkey in enumerate(self.plan.hotkeys):
                 torch.set_num_threads(threads(i))
                 runs[hotkey] = run_owner(
-                    self.store.for_caller(hotkey), self.plan, hotkey, fetch_workers=1 + i % 3
+                    self.store.for_caller(hotkey),
+                    self.plan,
+                    hotkey,
+                    fetch_workers=1 + i % 3,
+                    workers=1 + i % 2,
                 )
         finally:
             torch.set_num_threads(saved)
