@@ -104,6 +104,9 @@ class Relay:
             self._pipe(server_r, client_w, self.down, not_before=0.0, upstream=False),
             return_exceptions=True,
         )
+        for writer in (client_w, server_w):  # both ways are done (an end of stream only half-closes)
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.close()
 
     async def _pipe(
         self,
@@ -144,9 +147,8 @@ class Relay:
             await sender
         except (OSError, asyncio.IncompleteReadError):
             sender.cancel()
-        finally:
             with contextlib.suppress(OSError, RuntimeError):
-                writer.close()
+                writer.close()  # a reset one way ends the other: its far end sees the close
 
     def _count_requests(self, data: bytes, already: int) -> None:
         """Count the request lines in `data` that end past its first `already` bytes (those were counted)."""

@@ -348,12 +348,13 @@ def summarize(
     for start, end in merges:
         if link is None or not links:
             continue
-        moved = []
-        for lines in links:
-            before, after = _counters_at(lines, start), _counters_at(lines, end)
-            moved.append(max(after["up"] - before["up"], after["down"] - before["down"]))
-        merge_bound.append(max(moved) / link.bytes_per_s)
+        merge_bound.append(_line_rate_s(links, start, end, link))
         merge_requests.append(sum(_sent(links, start, end).values()) / len(links))
+    # UPLOAD, MERGE and APPLY follow one another, so each phase has its own bound: (phase, measured, line rate).
+    per_phase = [
+        (phase, end - start, _line_rate_s(links, start, end, link) if link and links else None)
+        for phase, start, end in _phase_spans(phases)
+    ]
     return {
         "profile": name,
         "link": None if link is None else {"rtt_ms": link.rtt_ms, "mbit": link.mbit},
@@ -372,19 +373,40 @@ def summarize(
         "merge_s": [end - start for start, end in merges],
         "merge_line_rate_s": merge_bound,
         "merge_requests_per_miner": merge_requests,
+        "merge_phases": per_phase,
     }
 
 
+def _phase_spans(phases: list[tuple[float, dict[str, Any]]]) -> list[tuple[str, float, float]]:
+    """(phase, start, end) of each UPLOAD, MERGE and APPLY, from the orchestrator's phase events."""
+    ordered = sorted(phases, key=lambda e: e[0])
+    return [
+        (detail["phase"], at, next_at)
+        for (at, detail), (next_at, _) in zip(ordered, ordered[1:], strict=False)
+        if detail.get("phase") in ("upload", "merge", "apply")
+    ]
+
+
 def _merge_windows(phases: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, float]]:
-    """Per epoch: from UPLOAD's start to the next TRAIN (or DONE), from the orchestrator's phase events."""
+    """Per epoch: from UPLOAD's start to the next TRAIN (or DONE)."""
     spans, upload_at = [], None
-    for at, detail in sorted(phases, key=lambda e: e[0]):
-        if detail.get("phase") == "upload":
-            upload_at = at
-        elif detail.get("phase") in ("train", "done") and upload_at is not None:
-            spans.append((upload_at, at))
+    for phase, start, end in _phase_spans(phases):
+        if phase == "upload":
+            upload_at = start
+        elif phase == "apply" and upload_at is not None:
+            spans.append((upload_at, end))
             upload_at = None
     return spans
+
+
+def _line_rate_s(links: list[list[dict[str, Any]]], start: float, end: float, link: Link) -> float:
+    """The least time the link allows for what crossed it between two times: the most bytes one miner moved in
+    one direction, at the link's rate (its two directions run at once)."""
+    moved = []
+    for lines in links:
+        before, after = _counters_at(lines, start), _counters_at(lines, end)
+        moved.append(max(after["up"] - before["up"], after["down"] - before["down"]))
+    return max(moved) / link.bytes_per_s
 
 
 def print_run(r: dict[str, Any]) -> None:
@@ -404,6 +426,12 @@ def print_run(r: dict[str, Any]) -> None:
     bound = ", ".join(f"{s:.1f}" for s in r["merge_line_rate_s"]) or "-"
     merge_requests = ", ".join(f"{n:.0f}" for n in r["merge_requests_per_miner"]) or "-"
     print(f"{'':>10}requests per hop while training: {per_hop}", flush=True)
+    phases = "; ".join(
+        f"{phase} {took:.1f} s"
+        + ("" if bound is None else f" (line rate {bound:.1f} s, {took / bound:.2f}x)")
+        for phase, took, bound in r["merge_phases"]
+    )
+    print(f"{'':>10}{phases}", flush=True)
     print(
         f"{'':>10}merge {merge} s; its line-rate bound {bound} s; requests per miner {merge_requests}",
         flush=True,
