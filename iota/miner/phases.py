@@ -30,8 +30,10 @@ from iota.protocol import (
 from iota.storage.base import StoreError
 from iota.train.snapshot import Snapshot, snapshot_to_f32, take_snapshot
 
-# An owner's merge over a link with a long round trip: partitions merged at once, and each one's uploads read at
-# once (up to 8 requests in flight; the bits do not depend on either).
+# An owner's merge over a link with a long round trip: partitions merged at once (and as many merged outputs
+# uploading meanwhile), each one's uploads read 4 at a time; the bits depend on neither. Memory: about 8 partitions'
+# slices at once instead of 1 (each partition being merged holds its slice of every upload and of the previous
+# state; one uploading, its two outputs).
 MERGE_PARTITIONS = 4
 MERGE_FETCHES = 4
 
