@@ -127,7 +127,8 @@ def _miner_status(settings: MinerSettings) -> int:
         return 1
     print(f"stage       {me.stage}")
     print(f"state       {idle_reason(status, me.stage)}")
-    print(f"work done   {me.hops_done} hops (this process: {mine.get('hops_done', '?')})")
+    compute = f", {mine['compute_s']:.0f} s computing" if "compute_s" in mine else ""
+    print(f"work done   {me.hops_done} hops (this process: {mine.get('hops_done', '?')}{compute})")
     print(f"clock       offset {client.auth.offset_s:+.2f} s from the orchestrator")
     return 0
 
