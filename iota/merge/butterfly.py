@@ -118,6 +118,28 @@ class CallerView:
         self.store.put(key, data, self.caller)
 
 
+@dataclass(frozen=True)
+class HeldCopies:
+    """A BlobStore that serves reads of objects the caller already holds (`held`: key -> the exact bytes it stored
+    there) from memory: an owner reads its own upload's slices without crossing its link again."""
+
+    store: BlobStore
+    held: Mapping[str, bytes]
+
+    def get(self, key: str) -> bytes:
+        return self.held[key] if key in self.held else self.store.get(key)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        if key not in self.held:
+            return self.store.get_range(key, start, end)
+        if start < 0 or end < start:
+            raise ValueError(f"byte range [{start}, {end}) is not valid")
+        return self.held[key][start:end]
+
+    def put(self, key: str, data: bytes) -> None:
+        self.store.put(key, data)
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

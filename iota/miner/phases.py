@@ -12,7 +12,7 @@ from loguru import logger
 
 from iota.client.orchestrator import Refused
 from iota.client.transfers import UrlStore, put
-from iota.merge import MergePlan, run_owner
+from iota.merge import BlobStore, HeldCopies, MergePlan, run_owner
 from iota.miner.daemon import Daemon
 from iota.miner.reports import phase_report
 from iota.model import wire
@@ -47,6 +47,8 @@ class Phases:
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         # The challenged snapshot being uploaded: (its inner step, the answer's future).
         self.answering: tuple[int, Future[None]] | None = None
+        # This epoch's pseudo-gradient as uploaded, (epoch, bytes), until APPLY: the merge reads its own slices here.
+        self._uploaded: tuple[int, bytes] | None = None
 
     def do(self, work: Work, handler: Callable[[Work], None] | None = None) -> None:
         """Do one item of phase work (or `handler(work)`); a refusal is logged, a failure logged and released."""
@@ -75,13 +77,20 @@ class Phases:
         assert work.output_url
         pseudo = worker.pseudo_gradient()
         done = UploadDone(norm=float(pseudo.double().norm()))
-        self._put_and_report(work, encode_f32(pseudo), worker.inner_step, done)
+        data = encode_f32(pseudo)
+        self._put_and_report(work, data, worker.inner_step, done)
+        self._uploaded = (work.epoch, data)
 
     def merge(self, work: Work) -> None:
         if work.merge is None:
             raise ValueError("a merge item without its merge order")
         plan = MergePlan.model_validate(work.merge.plan)
-        store = UrlStore(work.merge.get, work.merge.put, self.miner.http, 4 * plan.n_params)
+        store: BlobStore = UrlStore(work.merge.get, work.merge.put, self.miner.http, 4 * plan.n_params)
+        mine = [s.upload_key for s in plan.submitters if s.hotkey == self.miner.client.hotkey]
+        if mine and self._uploaded is not None and self._uploaded[0] == work.epoch:
+            store = HeldCopies(
+                store, {mine[0]: self._uploaded[1]}
+            )  # the bytes it sent are what the bucket holds
         result = run_owner(
             store, plan, self.miner.client.hotkey, fetch_workers=MERGE_FETCHES, workers=MERGE_PARTITIONS
         )
@@ -93,6 +102,7 @@ class Phases:
 
     def apply(self, work: Work) -> None:
         assert work.input_url
+        self._uploaded = None
         worker = self.miner.loaded_worker
         self.miner.load_flat(work.input_url, work.input_sha256)
         digest = wire.sha256(encode_f32(worker.flat_weights()))

@@ -13,6 +13,7 @@ import torch
 from iota.merge import (
     DictStore,
     FlatRef,
+    HeldCopies,
     MergePlan,
     OuterConfig,
     OwnerRun,
@@ -423,6 +424,21 @@ def test_momentum_carries_over_two_epochs_from_per_partition_objects():
     assert_close_rel(theta2, ref2)
     assert_close_rel(m2, ref_m2)
     assert not torch.equal(theta2, theta1)
+
+
+def test_an_owner_reading_its_own_upload_from_memory_merges_the_same_bits_and_downloads_less():
+    stage = Stage(2, n_partitions=4)
+    plain = stage.store.for_caller("plain")
+    held = HeldCopies(stage.store.for_caller("held"), {"up/hk0": stage.store.objects["up/hk0"]})
+    by_store = run_owner(plain, stage.plan, "hk0", workers=2)
+    by_memory = run_owner(held, stage.plan, "hk0", workers=2)
+    assert by_memory.results.keys() == by_store.results.keys() and by_store.results
+    assert all(by_memory.results[i].digest == by_store.results[i].digest for i in by_store.results)
+    # Its own slices (and their tail reads) came from memory: of the two uploads read, only hk1's crossed.
+    own = sum(stage.plan.partitions[i].size * 4 for i in by_store.results)
+    assert stage.store.served["plain"] - stage.store.served["held"] >= own
+    with pytest.raises(ValueError, match="not valid"):
+        held.get_range("up/hk0", 8, 4)
 
 
 def test_dict_store_counts_bytes_per_caller_and_ranges_are_end_exclusive():
