@@ -17,7 +17,9 @@ Per profile the bench trains `--epochs` epochs of `--samples` samples on S stage
   not overlap: the next window's forwards need the step that ends this one);
 - measured / bound, and where the rest went: the hand-off bytes a window's critical path must carry (2 (S - 1)
   hand-offs, each crossing two links at the link's rate), and what is left expressed in round trips per window;
-- requests per hop by route (the orchestrator's GET /metrics), merge time (its phase events).
+- requests per hop by route while training (each miner's relay counts what it sent; on loopback, the
+  orchestrator's GET /metrics), and each merge phase (UPLOAD, MERGE, APPLY: the orchestrator's phase events)
+  against its line-rate bound: the most bytes one miner moved in one direction during it, at the link's rate.
 
 Profiles: `loopback` (no namespaces, no relay: the reference), `lan` 10 ms 200 Mbit/s, `wan50` 50 ms 100 Mbit/s,
 `wan100` 100 ms 20 Mbit/s, `wan200` 200 ms 10 Mbit/s (the issue's 0.5 % loss is not emulated: bench/links.py).
@@ -179,7 +181,8 @@ class WanNetwork(LocalNetwork):
         self.relays: list[subprocess.Popen[bytes]] = []
         self.link_stats: dict[str, Path] = {}  # role name -> its relay's counters (JSON lines)
         if link is not None:
-            # Listen on the bridge too; miners reach 127.0.0.1:port in their namespace, which is their relay.
+            # Listen on the bridge too (on every address of the host, for the bench's length); miners reach
+            # 127.0.0.1:port in their namespace, which is their relay, and the bench polls 127.0.0.1:port here.
             self.orch_env["IOTA_HOST"] = "0.0.0.0"
             self.orch_env["IOTA_PUBLIC_URL"] = self.url
 

@@ -121,20 +121,25 @@ class CallerView:
 @dataclass(frozen=True)
 class HeldCopies:
     """A BlobStore that serves reads of objects the caller already holds (`held`: key -> the exact bytes it stored
-    there) from memory: an owner reads its own upload's slices without crossing its link again."""
+    there) from memory: an owner reads its own upload's slices without crossing its link again.
+
+    The bucket stays the record of what exists and its size: a range reaching past the bytes held (the merge's
+    probe of an upload's last value and one byte beyond) goes to the store, so an upload missing or resized in the
+    bucket is refused by this owner as by every other (`_read_upload_slice`)."""
 
     store: BlobStore
     held: Mapping[str, bytes]
 
     def get(self, key: str) -> bytes:
-        return self.held[key] if key in self.held else self.store.get(key)
+        return self.store.get(key)
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
-        if key not in self.held:
+        data = self.held.get(key)
+        if data is None or end > len(data):
             return self.store.get_range(key, start, end)
         if start < 0 or end < start:
             raise ValueError(f"byte range [{start}, {end}) is not valid")
-        return self.held[key][start:end]
+        return data[start:end]
 
     def put(self, key: str, data: bytes) -> None:
         self.store.put(key, data)
