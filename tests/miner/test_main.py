@@ -85,7 +85,8 @@ def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(make_net: 
         per_miner[miner].append((lease_expires - net.settings.lease_s, done_at))
     for miner in net.miners:
         assert miner.state.hops_done == len(per_miner[miner.client.hotkey])
-        assert 0 < miner.state.compute_s < time.monotonic() - started  # what `iota miner status` shows as compute_s
+        # compute_s: what `iota miner status` shows as its seconds computing.
+        assert 0 < miner.state.compute_s < time.monotonic() - started
 
     # The overlap happened: some miner was leased its next hop before it had reported the one before.
     overlapped = 0
