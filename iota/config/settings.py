@@ -174,7 +174,11 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     )
     lease_s: float = Field(60.0, description="Seconds a miner has to report a work item")
     miner_timeout_s: float = Field(30.0, description="A miner silent this long is gone; its work is requeued")
-    max_in_flight: int = Field(8, description="Samples in flight per head miner (backpressure)")
+    max_in_flight: int = Field(
+        8,
+        description="Forward graphs a miner above the tail may hold awaiting their backward, its leased "
+        "forwards included (backpressure)",
+    )
     max_leases_held: int = Field(
         4,
         ge=4,
