@@ -6,10 +6,6 @@ the miner or any HTTP code.
 
 from iota.merge.butterfly import (
     NORM_RTOL,
-    BlobStore,
-    CallerView,
-    DictStore,
-    HeldCopies,
     OwnerRun,
     PartitionResult,
     apply_merged,
@@ -35,6 +31,7 @@ from iota.merge.plan import (
     partition_bounds,
     plan_seed,
 )
+from iota.merge.stores import BlobStore, CallerView, DictStore, HeldCopies
 
 __all__ = [
     "DEFAULT_OUTPUT_TEMPLATE",
