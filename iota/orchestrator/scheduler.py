@@ -171,7 +171,8 @@ class Scheduler:
             miner = self.live_miner(hotkey, now)
             if self.phase != TRAIN:
                 return Assignment(None, f"phase is {self.phase}")
-            held = self.leases_held(hotkey)
+            leased = [h for h in self.state.open_hops_of_miner(hotkey) if h.status == "leased"]
+            held = len(leased)
             if held >= self.policy.max_leases_held:
                 limit = self.policy.max_leases_held
                 return Assignment(None, f"holding {held} leased items (limit {limit}): report them first")
@@ -179,7 +180,7 @@ class Scheduler:
             if hop is None and not forward:
                 return Assignment(None, "no backward work yet for this miner's window")
             if hop is None:
-                reason = self._inflow_blocked(miner)
+                reason = self._inflow_blocked(miner, sum(h.direction == FORWARD for h in leased))
                 if reason:
                     return Assignment(None, reason)
                 hop = self.state.next_queued(miner.stage, FORWARD, None)
@@ -201,7 +202,7 @@ class Scheduler:
         live, _ = self.state.stage_load().get(miner.stage, (0, 0))
         return live > 1
 
-    def _inflow_blocked(self, miner: MinerRecord) -> str:
+    def _inflow_blocked(self, miner: MinerRecord, leased_forwards: int) -> str:
         if self.paused:
             return "the run is paused by its operator"
         # Asked on most requests for work: indexed lookups, never a pass over every miner or every hop.
@@ -213,11 +214,7 @@ class Scheduler:
         if miner.stage < tail:
             # Graphs reported and awaiting their backward, and forwards leased and not reported yet: each will hold
             # a graph, so a miner may ask for its next forward as soon as it starts computing the last one.
-            leased = sum(
-                h.status == "leased" and h.direction == FORWARD
-                for h in self.state.open_hops_of_miner(miner.hotkey)
-            )
-            holding = len(self.state.samples_waiting_on(miner.hotkey, tail)) + leased
+            holding = len(self.state.samples_waiting_on(miner.hotkey, tail)) + leased_forwards
             if holding >= self.policy.max_in_flight:
                 return (
                     f"holding {holding} forward graphs awaiting backward (limit {self.policy.max_in_flight})"
