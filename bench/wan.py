@@ -21,12 +21,20 @@ Per profile the bench trains `--epochs` epochs of `--samples` samples on S stage
   orchestrator's GET /metrics), and each merge phase (UPLOAD, MERGE, APPLY: the orchestrator's phase events)
   against its line-rate bound: the most bytes one miner moved in one direction during it, at the link's rate.
 
+`--emulate 1b` runs GPU-speed stages on these CPUs (bench/emulate.py): each miner sleeps the time bench/stage_gpu.py
+measured for its stage of the preset on an H100 and sends that stage's wire size (micro-batch 1 at the preset's
+sequence length, hidden / 64 channels, bf16: 131 kB per hand-off for 1b). `--depth d` sets each miner's
+IOTA_PIPELINE_DEPTH (d requests for work and d uploads in flight at once) and lets the orchestrator admit them.
+The links' own bound is printed beside the compute bound: the bytes the busiest miner moved in one direction
+while training, at the link's rate.
+
 Profiles: `loopback` (no namespaces, no relay: the reference), `lan` 10 ms 200 Mbit/s, `wan50` 50 ms 100 Mbit/s,
 `wan100` 100 ms 20 Mbit/s, `wan200` 200 ms 10 Mbit/s (the issue's 0.5 % loss is not emulated: bench/links.py).
 
 Run:  python -m bench.wan selftest [--profiles lan wan50 ...]
       python -m bench.wan run [--profiles loopback wan50 wan100] [--preset tiny] [--samples 16] [--accumulate 8]
-                              [--epochs 1] [--bottleneck 0] [--work-dir DIR] [--json FILE]
+                              [--epochs 1] [--bottleneck 0] [--emulate 1b] [--depth 1] [--max-in-flight 0]
+                              [--work-dir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from typing import Any
 
 import httpx
 
+from bench import emulate
 from bench.links import Link, Namespaces, relay_command
 from iota.local.network import LocalNetwork, LocalOptions
 from iota.model.config import preset
@@ -175,9 +184,26 @@ def selftest(names: list[str], seconds: float) -> list[dict[str, Any]]:
 class WanNetwork(LocalNetwork):
     """`iota local`'s processes with every role but the orchestrator in a namespace behind `link`."""
 
-    def __init__(self, options: LocalOptions, link: Link | None, namespaces: Namespaces | None):
+    def __init__(
+        self,
+        options: LocalOptions,
+        link: Link | None,
+        namespaces: Namespaces | None,
+        emulate: str | None = None,
+        depth: int = 1,
+    ):
         super().__init__(options)
-        self.link, self.namespaces = link, namespaces
+        self.link, self.namespaces, self.emulate = link, namespaces, emulate
+        # Each miner keeps `depth` requests and transfers in flight; the orchestrator lets it hold their leases.
+        self.common["IOTA_PIPELINE_DEPTH"] = str(depth)
+        self.orch_env["IOTA_MAX_LEASES_HELD"] = str(max(4, 2 * depth + 2))
+        if depth > 1:
+            # And lets its requests in: a miner's share of the requests in progress is an eighth of the bound; a
+            # GPU-speed miner makes 3-4 orchestrator requests per hop, 50 hops a second at a 1b stage.
+            self.orch_env["IOTA_MAX_REQUESTS_IN_PROGRESS"] = str(8 * 2 * (depth + 1))
+            self.orch_env["IOTA_RATE_PER_HOTKEY"] = "400"
+        if emulate:
+            self.common["PYTHONPATH"] = str(REPO)  # the processes run in the run directory: bench.emulate
         self.relays: list[subprocess.Popen[bytes]] = []
         self.link_stats: dict[str, Path] = {}  # role name -> its relay's counters (JSON lines)
         if link is not None:
@@ -187,8 +213,12 @@ class WanNetwork(LocalNetwork):
             self.orch_env["IOTA_PUBLIC_URL"] = self.url
 
     def command(self, name: str, role: str) -> list[str]:
+        if role == "miner" and self.emulate:
+            own = [sys.executable, "-m", "bench.emulate", "--preset", self.emulate]
+        else:
+            own = super().command(name, role)
         if self.link is None or self.namespaces is None or role == "orchestrator":
-            return super().command(name, role)
+            return own
         namespace, _ = self.namespaces.add()
         stats = self.run_dir / "links" / f"{name}.jsonl"
         stats.parent.mkdir(exist_ok=True)
@@ -199,7 +229,7 @@ class WanNetwork(LocalNetwork):
         if not relay.stdout.readline():
             raise RuntimeError(f"the relay in {namespace} did not start")
         self.relays.append(relay)
-        return ["ip", "netns", "exec", namespace, *super().command(name, role)]
+        return ["ip", "netns", "exec", namespace, *own]
 
     def close_relays(self) -> None:
         for relay in self.relays:
@@ -211,6 +241,7 @@ class WanNetwork(LocalNetwork):
 def run_settings(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     tokens_per_sample = args.micro_batch * args.seq_len_tokens
     total = args.epochs * args.samples * tokens_per_sample
+    emulated = emulate.run_overrides(args.emulate) if args.emulate else {}
     return {
         "preset": args.preset,
         "stages": args.stages,
@@ -222,6 +253,7 @@ def run_settings(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         "warmup_tokens": total // 10,
         "total_tokens": total,
         "data_dir": str(data_dir),
+        **emulated,
     }
 
 
@@ -249,10 +281,11 @@ def network_run(args: argparse.Namespace, name: str, work: Path) -> dict[str, An
         run_dir=run_dir,
         overrides=run_settings(args, work / "data"),
         snapshot_rate=0.0,  # nobody audits this run
+        max_in_flight=args.max_in_flight or args.accumulate,
         progress=False,
     )
     namespaces = Namespaces() if link is not None else None
-    net = WanNetwork(options, link, namespaces)
+    net = WanNetwork(options, link, namespaces, args.emulate, args.depth)
     threads = max(1, len(os.sched_getaffinity(0)) // args.stages)
     try:
         net.start_orchestrator()
@@ -346,6 +379,8 @@ def summarize(
         requests = request_counts(metrics)
         for own in ("GET /status", "GET /metrics", "GET /events"):
             requests.pop(own, None)
+    # The links' own bound: the bytes the busiest miner moved in one direction while training, at the link's rate.
+    link_bound_s = _line_rate_s(links, first, done[-1], link) if link is not None and links else 0.0
     merges = _merge_windows(phases)
     merge_bound, merge_requests = [], []
     for start, end in merges:
@@ -368,6 +403,8 @@ def summarize(
         "compute_per_sample_s": per_sample,
         "bound_s": bound_s,
         "ratio": bound_s / measured_s,
+        "link_bound_s": link_bound_s,
+        "ratio_to_both": max(bound_s, link_bound_s) / measured_s,
         "handoff_bytes": handoff_bytes,
         "wire_s_per_window": wire_s,
         "lost_s_per_window": lost_s,
@@ -420,6 +457,7 @@ def print_run(r: dict[str, Any]) -> None:
     print(
         f"{r['profile']:>8} ({where}): {r['samples']} samples in {r['measured_s']:.1f} s = {r['samples_per_s']:.3f}/s;"
         f" compute per sample {compute} s; bound {r['bound_s']:.1f} s; measured/bound {r['ratio']:.2f};"
+        f" link bound {r['link_bound_s']:.1f} s; measured/max(bounds) {r['ratio_to_both']:.2f};"
         f" hand-off {r['handoff_bytes'] / 1e3:.1f} kB, wire {r['wire_s_per_window']:.2f} s/window;"
         f" lost {r['lost_s_per_window']:.2f} s/window = {rts} round trips",
         flush=True,
@@ -458,6 +496,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accumulate", type=int, default=8)
     parser.add_argument("--bottleneck", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=1, help="each miner's IOTA_PIPELINE_DEPTH")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=0,
+        help="graphs a miner may hold (0: --accumulate, a window's worth)",
+    )
+    parser.add_argument(
+        "--emulate",
+        default=None,
+        metavar="PRESET",
+        help="miners sleep this preset's measured GPU stage times and send its wire size (bench/emulate.py)",
+    )
     parser.add_argument("--timeout-s", type=float, default=1800)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-wan"))
     parser.add_argument("--json", type=Path, default=None)
@@ -471,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.wan run needs root (network namespaces)", file=sys.stderr)
         return 2
-    args.seq_len_tokens = preset(args.preset, vocab_size=512).seq_len  # for the token count
+    if args.emulate:
+        args.micro_batch = 1
+    args.seq_len_tokens = preset(args.emulate or args.preset, vocab_size=512).seq_len  # for the token count
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     results = []

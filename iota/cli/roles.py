@@ -24,6 +24,7 @@ from iota.config.settings import SettingsError, load
 
 if TYPE_CHECKING:
     from iota.protocol import Status
+    from iota.train.worker import StageWorker
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
@@ -47,7 +48,8 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_miner(args: argparse.Namespace) -> int:
+def cmd_miner(args: argparse.Namespace, worker_factory: type[StageWorker] | None = None) -> int:
+    """`iota miner`; `worker_factory` replaces the stage worker (bench/emulate.py: compute slept, not run)."""
     settings = load(MinerSettings)
     if args.action == "status":
         return _miner_status(settings)
@@ -66,7 +68,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
     memory = int(settings.memory_gb * 2**30) or device_memory(device)
     miner_dir = Path(settings.miner_dir)
     miner_dir.mkdir(parents=True, exist_ok=True)
-    factory = StageWorker
+    factory = worker_factory or StageWorker
     if settings.adversary:
         from iota.audit import adversaries
 
@@ -86,6 +88,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
         status_file=miner_dir / f"status-{keypair.ss58_address}.json",
         worker_factory=factory,
         hold_s=settings.hold_s,
+        depth=settings.pipeline_depth,
     )
     if settings.health_port:
         from iota.miner.health import serve_health

@@ -182,8 +182,9 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     max_leases_held: int = Field(
         4,
         ge=4,
-        description="Work items one miner may hold leased at once; an honest miner holds at most 4 (one "
-        "prefetched, one computing, two in its outbox), so fewer would refuse honest miners",
+        description="Work items one miner may hold leased at once; an honest miner holds at most "
+        "2 x its pipeline depth + 2 (4 at depth 1: one prefetched, one computing, two in its outbox), so fewer "
+        "would refuse honest miners",
     )
     operator_hotkey: Ss58 = Field("", description="ss58 of the operator key allowed to control the run")
     min_validator_stake: float = Field(0.0, description="Stake a validator needs")
@@ -238,6 +239,13 @@ class MinerSettings(ChainSettings, WalletSettings):
         le=30.0,
         description="How long the orchestrator may hold a request for work while it has none (it answers as soon "
         "as work comes); 0: ask again every wait instead",
+    )
+    pipeline_depth: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Requests for work, downloads and uploads a miner keeps in flight at once: raise it over "
+        "long links (the orchestrator must let a miner hold 2 x depth + 2 leases)",
     )
     memory_gb: float = Field(0.0, description="Memory to report; 0 measures the device")
     health_port: Port = Field(0, description="Port of GET /health and GET /metrics on 127.0.0.1; 0: off")

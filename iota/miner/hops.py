@@ -6,8 +6,8 @@ it."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from loguru import logger
@@ -21,7 +21,7 @@ from iota.protocol import ReleaseReason, Report, WeightSketch, Work
 from iota.storage.base import StoreError
 from iota.storage.transfer import DigestMismatch
 from iota.train.schedule import inner_step_lr
-from iota.train.worker import InputRefused, StageWorker, sketch_seed
+from iota.train.worker import InputRefused, sketch_seed
 
 
 def release_reason(error: BaseException | None) -> ReleaseReason:
@@ -70,14 +70,23 @@ class Hops:
     worker (`miner.worker`, replaced when the miner registers on another stage) is touched there only.
     """
 
-    def __init__(self, miner: Daemon, hold_s: float):
+    def __init__(self, miner: Daemon, hold_s: float, depth: int = 1):
         self.miner = miner
         self.hold_s = hold_s  # how long the orchestrator may hold a request for work while it has none
-        self.prefetch = Prefetcher(self._fetch)
-        # Depth 1: one output being sent and one waiting, so a miner holds at most three items unreported.
+        # Depth d: d requests for work (with their downloads) and d outputs sent at once, d more waiting; so a
+        # miner holds at most 3d items unreported (3 at depth 1: one prefetched, one computing, one sending).
+        self.prefetch = Prefetcher(self._fetch, depth)
         self.outbox: Outbox[Finished, tuple[int, int]] = Outbox(
-            self._send, depth=1, on_sent=self.prefetch.kick
+            self._send,
+            depth=depth,
+            on_sent=self.prefetch.kick,
+            workers=depth,
+            barrier=lambda item: item.sketch is not None,
         )
+        self._lock = threading.Lock()  # the counters below, read and written from several threads
+        self._forwards_pending = 0  # forwards asked for or leased and not begun: they take room in the window
+        self._begun = 0  # hops the main thread has begun (a stale `holding` list is not acted on)
+        self._phase_done: dict[tuple[str, int, int | None, int | None], float] = {}
         # The hop on the main thread, from when it starts computing until it is in the outbox.
         self._computing: Work | None = None
         self._graph_hops: dict[int, int] = {}  # sample -> the item whose forward made its cached graph
@@ -90,7 +99,18 @@ class Hops:
 
     def fetch_next(self, after_s: float = 0.0) -> None:
         """Start looking for the next item, after `after_s` (a `wait` to honour)."""
-        self.prefetch.start(self._forward_wanted(None), after_s=after_s)
+        self.prefetch.start(self._ask_forward, after_s=after_s)
+
+    def stale(self, fetched: Fetched) -> bool:
+        """A phase item or challenge asked for before the same one was done (several searches at once brought it
+        twice): not done again. One asked for afterwards is the orchestrator asking again, and is done."""
+        done_at = self._phase_done.get(_phase_key(fetched.work))
+        return done_at is not None and fetched.asked_at < done_at
+
+    def phase_done(self, work: Work) -> None:
+        if len(self._phase_done) > 64:
+            self._phase_done.clear()
+        self._phase_done[_phase_key(work)] = time.monotonic()
 
     def take(self) -> Fetched | None:
         """The next item (None: the miner is stopping), once the prefetch thread has it."""
@@ -101,16 +121,19 @@ class Hops:
         work = fetched.work
         worker = self.miner.loaded_worker
         assert work.sample_id is not None
+        self._begun += 1
         if fetched.error is not None or (work.kind == "forward" and not worker.wants_forward()):
             # A failed download; or a forward prefetched on a guess that this window would have room (a worker
             # that counts differently): hand it back as today's loop would have.
+            self._taken(work)
             why = fetched.error or "no room in this accumulation window"
             logger.error("{} item {} not done: {}", work.kind, work.hop_id, why)
             self.miner.release(work, release_reason(fetched.error))
-            self.fetch_next()
+            self._search_all()
             return
         self._computing = work
-        self.prefetch.start(self._forward_wanted(work))
+        self._taken(work)  # counted as computing from here
+        self._search_all()
         started = time.perf_counter()
         try:
             finished = self.compute(work, fetched.data)
@@ -169,10 +192,11 @@ class Hops:
                 del self._graph_hops[sample_id]
                 self.miner.worker.forget([sample_id])
 
-    def forget_abandoned(self, work: Work) -> None:
-        """A `wait` lists the samples whose backward is still coming: the other cached graphs never will be."""
-        worker = self.miner.worker
-        if worker is not None and work.holding is not None:
+    def forget_abandoned(self, fetched: Fetched) -> None:
+        """A `wait` lists the samples whose backward is still coming: the other cached graphs never will be (unless
+        a hop begun since the request made one)."""
+        worker, work = self.miner.worker, fetched.work
+        if worker is not None and work.holding is not None and fetched.begun == self._begun:
             holding = set(work.holding)
             worker.forget([s for s in list(worker.cache) if s not in holding])
 
@@ -180,43 +204,71 @@ class Hops:
 
     def _fetch(self, forward: bool) -> Fetched:
         """One request for work, and the input of a leased hop."""
+        asked_at, begun = time.monotonic(), self._begun
         quiet = self._computing is None and not self.outbox.unsent()
         # A held request answers when work for this miner appears, or when the miner reports, since a report may
         # change what it asks for. Not while it declines forward work only until a forward of its own is
         # reported: that report may reach the orchestrator first, and the request would be held with a stale ask.
         hold = self.hold_s if forward or not self._forward_unreported() else 0.0
-        work = self.miner.client.work(forward=forward, hold_s=hold)
+        try:
+            work = self.miner.client.work(forward=forward, hold_s=hold)
+        except BaseException:
+            if forward:
+                self._release_room()
+            raise
+        if forward and work.kind != "forward":
+            self._release_room()
         if work.kind not in ("forward", "backward") or not work.input_url:
-            return Fetched(work, quiet=quiet)
+            return Fetched(work, quiet=quiet, asked_at=asked_at, begun=begun)
         max_bytes = self.miner.loaded_worker.max_bytes
         try:
             data = get(work.input_url, work.input_sha256, max_bytes, self.miner.http)
         except (ValueError, OSError, StoreError) as error:
-            return Fetched(work, error=error)
-        return Fetched(work, data)
+            return Fetched(work, error=error, asked_at=asked_at, begun=begun)
+        return Fetched(work, data, asked_at=asked_at, begun=begun)
 
-    def _forward_wanted(self, current: Work | None) -> Callable[[], bool]:
-        """Whether a request may ask for forward work, decided at each request the prefetch makes.
+    def _ask_forward(self) -> bool:
+        """Whether a request may ask for forward work, decided at each request a search makes; a yes takes room in
+        the window until the answer (or, if it is a forward, until the main thread begins it)."""
+        with self._lock:
+            if not self._room():
+                return False
+            self._forwards_pending += 1
+            return True
 
-        The window has room if it will once `current` is computed (and the inner step it completes taken): at most
-        k forwards per window. The next forward is asked for while this one computes and uploads: the orchestrator
-        counts a leased forward among the graphs a miner holds, so asking early cannot exceed its limit.
-        """
+    def _release_room(self) -> None:
+        with self._lock:
+            self._forwards_pending -= 1
+
+    def _taken(self, work: Work) -> None:
+        """The main thread has taken a fetched item: a forward no longer waits for room."""
+        if work.kind == "forward":
+            self._release_room()
+
+    def _search_all(self) -> None:
+        """Keep the prefetch's searches going while hops compute."""
+        while self.prefetch.searching < self.prefetch.depth:
+            self.prefetch.start(self._ask_forward)
+
+    def _room(self) -> bool:
+        """At most k forwards per window, counting those asked for and leased: the window has room now, or will
+        once the hop computing is done (and the inner step it completes taken). The next forward is asked for while
+        this one computes and uploads: the orchestrator counts a leased forward among the graphs a miner holds,
+        so asking early cannot exceed its limit."""
         worker = self.miner.worker
         if worker is None:
-            return lambda: True
-        room = self._window_room_after(worker, current)
-        return lambda: room
-
-    @staticmethod
-    def _window_room_after(worker: StageWorker, current: Work | None) -> bool:
+            return True
+        k, current = worker.flags.accumulate, self._computing
+        pending = self._forwards_pending
         if current is None:
-            return worker.wants_forward()
+            return worker.window_forwards + pending < k
         forward = current.kind == "forward"
         # StageWorker.forward replaces a cached graph of the same sample; the tail's forward is also a backward.
-        forwards = worker.window_forwards + (forward and current.sample_id not in worker.cache)
+        forwards = worker.window_forwards + pending + (forward and current.sample_id not in worker.cache)
         micro_batches = worker.micro_batches + (not forward or worker.spec.is_tail)
-        return micro_batches >= worker.flags.accumulate or forwards < worker.flags.accumulate
+        if micro_batches >= k:  # the hop computing ends the window: what is asked for now is the next one's
+            return pending < k
+        return forwards < k
 
     def _forward_unreported(self) -> bool:
         computing = self._computing
@@ -251,7 +303,12 @@ class Hops:
             logger.error("{} item {} failed: {}: {}", work.kind, work.hop_id, type(error).__name__, error)
             miner.release(work, "failed")
             return None
-        miner.state.hops_done += 1
-        if item.loss is not None:
-            miner.state.last_loss = item.loss
+        with self._lock:
+            miner.state.hops_done += 1
+            if item.loss is not None:
+                miner.state.last_loss = item.loss
         return None
+
+
+def _phase_key(work: Work) -> tuple[str, int, int | None, int | None]:
+    return work.kind, work.epoch, work.hop_id, work.challenged_step

@@ -4,8 +4,8 @@ Work kinds: forward / backward (a hop of a sample: iota.miner.hops); snapshot (a
 copied between hops and sent beside the next ones), upload (the epoch's pseudo-gradient), merge (this miner's
 partitions of the butterfly merge) and apply (the next epoch's weights): iota.miner.phases; wait; stop. The
 stage worker is used on the main thread only; while a hop computes, the next item is fetched and the previous
-outputs uploaded and reported beside it (iota.miner.pipeline). Every PROGRESS_S a one-line progress is logged
-(epoch, what it does, hops, tokens/s, loss, what it waits for). Failures of one item are logged and the item
+outputs uploaded and reported beside it (iota.miner.pipeline), `depth` of each at once. Every PROGRESS_S a
+one-line progress is logged (epoch, what it does, hops, tokens/s, loss, what it waits for). Failures of one item are logged and the item
 released; SIGTERM/SIGINT finish the current step, release what is leased (a prefetched item included), send
 what is finished, and exit.
 """
@@ -96,6 +96,7 @@ class MinerDaemon:
         worker_factory: type[StageWorker] = StageWorker,
         hold_s: float = HOLD_S,
         progress_s: float = PROGRESS_S,
+        depth: int = 1,
     ):
         self.client, self.device, self.use_autocast = client, device, use_autocast
         self.cache_size, self.memory_bytes = cache_size, memory_bytes
@@ -111,7 +112,7 @@ class MinerDaemon:
         self._finished = threading.Event()  # the loop is over: no more heartbeats (the client is closing)
         self.stage = -1
         self.state_id = ""
-        self.hops = Hops(self, hold_s)
+        self.hops = Hops(self, hold_s, depth)
         self.phases = Phases(self)
         self.progress_s = progress_s
         self.progress = Progress()
@@ -264,17 +265,22 @@ class MinerDaemon:
                 logger.info("run complete: {}", work.reason)
                 return
             if work.kind == "wait":
-                hops.forget_abandoned(work)
+                hops.forget_abandoned(fetched)
                 hops.fetch_next(after_s=work.wait_s)
             elif work.kind in ("forward", "backward"):
                 hops.hop(fetched)
+            elif hops.stale(fetched):
+                logger.debug("{} of epoch {} came twice (searches at once): done once", work.kind, work.epoch)
+                hops.fetch_next()
             elif work.kind == "snapshot":
                 self.phases.do(work)  # copied here; its own thread sends it while the next hops compute
+                hops.phase_done(work)
                 hops.fetch_next()
             else:
                 hops.drain()  # phase work follows the epoch's last reports (and a snapshot's answer)
                 self.phases.wait_answered()
                 self.phases.do(work)
+                hops.phase_done(work)
                 hops.fetch_next()
             self._write_status()
             self._log_progress()

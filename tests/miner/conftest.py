@@ -36,8 +36,8 @@ class Net:
     miners: list[MinerDaemon] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
-    def miner(self, worker_factory: type[StageWorker] = StageWorker) -> MinerDaemon:
-        """A miner with the next registered hotkey; not started."""
+    def miner(self, worker_factory: type[StageWorker] = StageWorker, depth: int = 1) -> MinerDaemon:
+        """A miner with the next registered hotkey, `depth` requests and uploads in flight; not started."""
         key = self.keys[len(self.miners)]
         client = OrchestratorClient(self.url, key, self.orchestrator_hotkey, timeout_s=10, give_up_s=20)
         miner = MinerDaemon(
@@ -48,6 +48,7 @@ class Net:
             memory_bytes=1 << 34,
             cache_dir=self.root / f"miner{len(self.miners)}",
             worker_factory=worker_factory,
+            depth=depth,
         )
         self.miners.append(miner)
         return miner

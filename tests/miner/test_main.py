@@ -51,19 +51,30 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> An
     return value
 
 
-def run_to_the_end(net: Net) -> None:
+def run_to_the_end(net: Net, depth: int = 1) -> None:
     for _ in range(3):
-        net.start(net.miner())
+        net.start(net.miner(depth=depth))
     net.join(timeout_s=120)
     status = net.orch.status()
     assert status.phase == "done" and status.samples_lost == 0 and status.samples_requeued == 0
 
 
-def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(make_net: Callable[..., Net]) -> None:
+@pytest.mark.parametrize("depth", [1, 4])
+def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(
+    make_net: Callable[..., Net], depth: int
+) -> None:
+    """At depth 4 each miner keeps four requests for work and four uploads going at once (IOTA_PIPELINE_DEPTH):
+    still every window's k forwards, and only they, run at the weights of the step before it."""
     samples = 8
-    net = make_net(**EXACT, samples_per_epoch=samples, total_tokens=samples * 2 * SEQ_LEN, max_in_flight=8)
+    net = make_net(
+        **EXACT,
+        samples_per_epoch=samples,
+        total_tokens=samples * 2 * SEQ_LEN,
+        max_in_flight=8,
+        max_leases_held=2 * depth + 2,
+    )
     started = time.monotonic()
-    run_to_the_end(net)
+    run_to_the_end(net, depth)
 
     losses = [loss for (loss,) in net.query("SELECT loss FROM losses ORDER BY sample_id")]
     baseline = train_baseline(build_run(net.settings), samples * 2 * SEQ_LEN, progress=False)
@@ -174,12 +185,14 @@ def test_sigterm_finishes_the_hop_computing_and_releases_the_prefetched_one(
     assert tail.state.hops_done == 1
 
 
+@pytest.mark.parametrize("depth", [1, 3])
 def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
-    make_net: Callable[..., Net],
+    make_net: Callable[..., Net], depth: int
 ) -> None:
     """Every step challenged, each answer held up 1 s (longer than a step takes here): the miners take the snapshot
     between hops, go on computing while it is sent, never report past its step before it is answered (the
-    orchestrator would refuse it), and follow the baseline."""
+    orchestrator would refuse it), and follow the baseline. At depth 3 several searches bring the same challenge
+    (and the same phase work at the epoch's end): each is done once."""
     samples = 8
     net = make_net(
         **EXACT,
@@ -187,9 +200,10 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
         total_tokens=samples * 2 * SEQ_LEN,
         max_in_flight=8,
         snapshot_rate=1.0,
+        max_leases_held=2 * depth + 2,
     )
     for _ in range(3):
-        miner = net.miner()
+        miner = net.miner(depth=depth)
         answer = miner.phases.answer
 
         def slow_answer(*args: Any, answer: Callable[..., None] = answer) -> None:
@@ -218,6 +232,7 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
     ) + sum(state.get(f"challenge/{m.client.hotkey}") is not None for m in net.miners)
     events = list(reversed(state.events(1000)))
     taken = {(e["hotkey"], e["step"]): e["at"] for e in events if e["kind"] == "snapshot_taken"}
+    assert len(taken) == sum(e["kind"] == "snapshot_taken" for e in events), "a challenge was answered twice"
     beside = 0
     for event in events:
         if event["kind"] != "snapshot":

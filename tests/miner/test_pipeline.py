@@ -68,7 +68,66 @@ def test_outbox_raises_what_escaped_send_on_the_callers_thread_and_runs_on_sent(
     outbox.close()
 
 
+def test_outbox_workers_send_at_once_but_a_barrier_item_between_the_items_around_it() -> None:
+    """Four workers, item 4 a barrier (a report that completes an inner step): items 0-3 are sent at once (each
+    waits until all four are being sent), item 4 only after all of them, items 5-7 only after it; results still
+    come back in the order put."""
+    together = threading.Barrier(4, timeout=10)
+    log: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def send(i: int) -> str:
+        with lock:
+            log.append(("start", i))
+        if i < 4:
+            together.wait()  # raises BrokenBarrierError unless items 0-3 are sent at once
+        with lock:
+            log.append(("end", i))
+        return f"item {i}"
+
+    outbox: Outbox[int, str] = Outbox(send, depth=8, workers=4, barrier=lambda i: i == 4)
+    for i in range(8):
+        outbox.put(i)
+    outbox.drain()
+    assert outbox.collect() == [f"item {i}" for i in range(8)]
+    at = {event: n for n, event in enumerate(log)}
+    assert at[("start", 4)] > max(at[("end", i)] for i in range(4))
+    assert min(at[("start", i)] for i in range(5, 8)) > at[("end", 4)]
+    outbox.close()
+
+
 # -- Prefetcher --------------------------------------------------------------------------------------------------
+
+
+def test_several_searches_run_at_once_and_take_returns_the_first_settled() -> None:
+    """Depth 3: three requests in flight; the one answered first is taken first, whichever started first."""
+    gates = [threading.Event() for _ in range(3)]
+    asked: list[int] = []
+    lock = threading.Lock()
+
+    def fetch(forward: bool) -> Fetched:
+        with lock:
+            n = len(asked)
+            asked.append(n)
+        gates[n].wait(10)
+        return Fetched(Work(**{**work("forward").model_dump(), "hop_id": n}), b"x")
+
+    prefetch = Prefetcher(fetch, depth=3)
+    for _ in range(4):
+        prefetch.start(lambda: True)  # a fourth start while three search: nothing more
+    deadline = time.monotonic() + 10
+    while len(asked) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # a fourth request, were there one
+    assert sorted(asked) == [0, 1, 2] and prefetch.searching == 3
+    gates[2].set()
+    fetched = prefetch.take(stopping=lambda: False)
+    assert fetched is not None and fetched.work.hop_id == 2 and prefetch.searching == 2
+    gates[0].set()
+    gates[1].set()
+    taken = {prefetch.take(stopping=lambda: False).work.hop_id for _ in range(2)}  # type: ignore[union-attr]
+    assert taken == {0, 1} and prefetch.searching == 0
+    prefetch.close()
 
 
 class Orchestrator:
