@@ -6,8 +6,9 @@ forward sleeps a third of the time bench/stage_gpu.py measured for one micro-bat
 and AdamW step, bf16 autocast on an H100: docs/results/stage_gpu_h100.json), each backward two thirds, the tail's
 forward both; the step is inside those figures. What crosses the wire is real: the run is configured so that the
 codec's activation has the emulated stage's shape (micro-batch 1 at the preset's sequence length, hidden / 64
-channels, bf16), each output is that codec's encoding of zeros, and each input is decoded by the codec (sizes and
-header checked) before the sleep. The weights the merge moves are the run's real (small) stage's.
+channels, bf16 unless the run names a codec), each output is that codec's encoding of a fixed random tensor, and
+each input is decoded by the codec (sizes and header checked) before the sleep. The weights the merge moves are the
+run's real (small) stage's.
 
 Run:  IOTA_... python -m bench.emulate --preset 1b   (the miner's settings come from the environment, as for
       `iota miner run`)
@@ -65,7 +66,9 @@ class EmulatedWorker(StageWorker):
             raise ValueError(f"no emulated time for stage {self.spec.index}")
         total = self.seconds[self.spec.index]
         self.forward_s, self.backward_s = FORWARD_SHARE * total, (1 - FORWARD_SHARE) * total
-        self.payload = self.codec.encode(torch.zeros(self.act_shape), 0)
+        self.payload = self.codec.encode(
+            torch.randn(self.act_shape, generator=torch.Generator().manual_seed(0)), 0
+        )
 
     def forward(self, sample_id: int, data: bytes | None) -> tuple[bytes, float | None]:
         self.forget([sample_id])

@@ -33,7 +33,7 @@ Profiles: `loopback` (no namespaces, no relay: the reference), `lan` 10 ms 200 M
 
 Run:  python -m bench.wan selftest [--profiles lan wan50 ...]
       python -m bench.wan run [--profiles loopback wan50 wan100] [--preset tiny] [--samples 16] [--accumulate 8]
-                              [--epochs 1] [--bottleneck 0] [--emulate 1b] [--depth 1] [--max-in-flight 0]
+                              [--epochs 1] [--bottleneck 0] [--emulate 1b] [--codec int8] [--depth 1] [--max-in-flight 0]
                               [--work-dir DIR] [--json FILE]
 """
 
@@ -197,11 +197,13 @@ class WanNetwork(LocalNetwork):
         # Each miner keeps `depth` requests and transfers in flight; the orchestrator lets it hold their leases.
         self.common["IOTA_PIPELINE_DEPTH"] = str(depth)
         self.orch_env["IOTA_MAX_LEASES_HELD"] = str(max(4, 2 * depth + 2))
-        if depth > 1:
-            # And lets its requests in: a miner's share of the requests in progress is an eighth of the bound; a
-            # GPU-speed miner makes 3-4 orchestrator requests per hop, 50 hops a second at a 1b stage.
-            self.orch_env["IOTA_MAX_REQUESTS_IN_PROGRESS"] = str(8 * 2 * (depth + 1))
-            self.orch_env["IOTA_RATE_PER_HOTKEY"] = "400"
+        # And lets its requests in (the bench measures the protocol, not the orchestrator's limits): a miner's share
+        # of the requests in progress is an eighth of the bound; a GPU-speed miner makes 2-4 orchestrator requests
+        # per hop, 50 hops a second at a 1b stage; on loopback every miner's requests come from 127.0.0.1, so one
+        # address's rate limit would bound them all.
+        self.orch_env["IOTA_MAX_REQUESTS_IN_PROGRESS"] = str(max(32, 8 * 2 * (depth + 1)))
+        self.orch_env["IOTA_RATE_PER_HOTKEY"] = "400"
+        self.orch_env["IOTA_RATE_PER_IP"] = "2000"
         if emulate:
             self.common["PYTHONPATH"] = str(REPO)  # the processes run in the run directory: bench.emulate
         self.relays: list[subprocess.Popen[bytes]] = []
@@ -250,6 +252,7 @@ def run_settings(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         "micro_batch": args.micro_batch,
         "accumulate": args.accumulate,
         "bottleneck": args.bottleneck,
+        "codec": args.codec,
         "warmup_tokens": total // 10,
         "total_tokens": total,
         "data_dir": str(data_dir),
@@ -496,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accumulate", type=int, default=8)
     parser.add_argument("--bottleneck", type=int, default=0)
+    parser.add_argument(
+        "--codec", default="", help="the run's activation codec (iota.model.codecs), e.g. int8"
+    )
     parser.add_argument("--depth", type=int, default=1, help="each miner's IOTA_PIPELINE_DEPTH")
     parser.add_argument(
         "--max-in-flight",
