@@ -86,6 +86,7 @@ class Hops:
         self._lock = threading.Lock()  # the counters below, read and written from several threads
         self._forwards_pending = 0  # forwards asked for or leased and not begun: they take room in the window
         self._begun = 0  # hops the main thread has begun (a stale `holding` list is not acted on)
+        self._polling = False  # a search's request for work is not held (see _fetch)
         self._phase_done: dict[tuple[str, int, int | None, int | None], float] = {}
         # The hop on the main thread, from when it starts computing until it is in the outbox.
         self._computing: Work | None = None
@@ -209,13 +210,20 @@ class Hops:
         # A held request answers when work for this miner appears, or when the miner reports, since a report may
         # change what it asks for. Not while it declines forward work only until a forward of its own is
         # reported: that report may reach the orchestrator first, and the request would be held with a stale ask.
-        hold = self.hold_s if forward or not self._forward_unreported() else 0.0
+        # One search at a time asks so (it is answered at once, and asks again every `wait_s`); the others' requests
+        # are held: a stale ask delays only the one that made it.
+        with self._lock:
+            polls = not forward and self._forward_unreported() and not self._polling
+            self._polling = self._polling or polls
         try:
-            work = self.miner.client.work(forward=forward, hold_s=hold)
+            work = self.miner.client.work(forward=forward, hold_s=0.0 if polls else self.hold_s)
         except BaseException:
             if forward:
                 self._release_room()
             raise
+        finally:
+            if polls:
+                self._polling = False
         if forward and work.kind != "forward":
             self._release_room()
         if work.kind not in ("forward", "backward") or not work.input_url:

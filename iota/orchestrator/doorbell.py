@@ -7,11 +7,13 @@ of being told to wait and asking again. A held request takes a `Ticket` and slee
   given forward work (``on_stage``), since one hop feeds one miner: a hundred idle miners of a stage are not all
   woken to race for it.
 - ``ring_miner(h)``: something for miner h alone: a backward hop bound to it, a freed place for a forward graph.
-- ``answer_now(h)``: miner h itself reported or released an item, so what it asks for may have changed (its
-  accumulation window closed); its held request answers at once and the miner asks again.
+- ``answer_now(h)``: miner h is gone, or (``stale_only``) it reported or released an item, so what it asks for may
+  have changed (its accumulation window closed, a lease of its limit freed): its held requests that would not be
+  given forward work answer at once and the miner asks again. One that would is answered by a stage ring.
 - ``ring_all()``: the run's state changed for everyone (a phase, a pause or resume, a stage's first miner).
 
-A miner holds at most one ticket: a newer request answers an older one at once. Rings come from inside calls
+A miner holds at most ``per_miner`` tickets (a miner with IOTA_PIPELINE_DEPTH d asks d times at once): a newer
+request beyond that answers the miner's oldest at once. Rings come from inside calls
 into the orchestrator, which run one at a time, and a ticket is taken inside the same call that found no work,
 so no ring falls between looking for work and waiting for it. Thread-safe: with a database across the network
 the calls run on a worker thread while held requests wait on the event loop.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -37,18 +40,19 @@ class Ticket:
 
 
 class Doorbell:
-    def __init__(self) -> None:
+    def __init__(self, per_miner: int = 1) -> None:
+        self.per_miner = per_miner
         self._lock = threading.Lock()
-        self._miners: dict[str, Ticket] = {}
-        self._stages: dict[int, dict[Ticket, None]] = defaultdict(dict)  # insertion-ordered: oldest first
+        # Insertion-ordered (oldest first): each miner's tickets, and each stage's that would take forward work.
+        self._miners: dict[str, dict[Ticket, None]] = defaultdict(dict)
+        self._stages: dict[int, dict[Ticket, None]] = defaultdict(dict)
 
     def ticket(self, hotkey: str, stage: int, on_stage: bool) -> Ticket:
         ticket = Ticket(hotkey, stage, on_stage)
         with self._lock:
-            older = self._miners.get(hotkey)
-            if older is not None:
-                self._settle(older, NOW)
-            self._miners[hotkey] = ticket
+            while len(self._miners[hotkey]) >= self.per_miner:
+                self._settle(next(iter(self._miners[hotkey])), NOW)
+            self._miners[hotkey][ticket] = None
             if on_stage:
                 self._stages[stage][ticket] = None
         return ticket
@@ -62,13 +66,14 @@ class Doorbell:
     def ring_miner(self, hotkey: str) -> None:
         self._ring(hotkey, MINER)
 
-    def answer_now(self, hotkey: str) -> None:
-        self._ring(hotkey, NOW)
+    def answer_now(self, hotkey: str, stale_only: bool = False) -> None:
+        self._ring(hotkey, NOW, lambda ticket: not (stale_only and ticket.on_stage))
 
     def ring_all(self) -> None:
         with self._lock:
-            for ticket in list(self._miners.values()):
-                self._settle(ticket, ALL)
+            for mine in list(self._miners.values()):
+                for ticket in list(mine):
+                    self._settle(ticket, ALL)
 
     def drop(self, ticket: Ticket) -> None:
         """The held request stops waiting: forget its ticket (a ring that came meanwhile is lost with it)."""
@@ -78,18 +83,21 @@ class Doorbell:
     @property
     def held(self) -> int:
         with self._lock:
-            return len(self._miners)
+            return sum(len(mine) for mine in self._miners.values())
 
-    def _ring(self, hotkey: str, why: str) -> None:
+    def _ring(self, hotkey: str, why: str, which: Callable[[Ticket], bool] = lambda ticket: True) -> None:
         with self._lock:
-            ticket = self._miners.get(hotkey)
-            if ticket is not None:
-                self._settle(ticket, why)
+            for ticket in list(self._miners.get(hotkey, ())):
+                if which(ticket):
+                    self._settle(ticket, why)
 
     def _settle(self, ticket: Ticket, why: str) -> None:
         """Under the lock: resolve the ticket once and forget it."""
-        if self._miners.get(ticket.hotkey) is ticket:
-            del self._miners[ticket.hotkey]
+        mine = self._miners.get(ticket.hotkey)
+        if mine is not None:
+            mine.pop(ticket, None)
+            if not mine:
+                del self._miners[ticket.hotkey]
         self._stages[ticket.stage].pop(ticket, None)
         if not ticket.rung.done():
             ticket.rung.set_result(why)

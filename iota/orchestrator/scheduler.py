@@ -65,7 +65,8 @@ class Policy:
     # Far above what churn of honest miners causes, low enough that a hop nobody can finish stops soon.
     max_leases: int = 16  # leases of one hop before its sample restarts instead of requeueing it again
     max_restarts: int = 8  # restarts of one sample before it is dropped from its epoch
-    # An honest miner holds at most 4 leases: one prefetched, one computing, two in its outbox (iota.miner.hops).
+    # An honest miner holds at most 2 d + 2 leases at IOTA_PIPELINE_DEPTH d (iota.miner.hops): 4 at depth 1, one
+    # prefetched, one computing, two in its outbox.
     max_leases_held: int = 4
     # A miner's lease term halves per lapse it has not repaid, down to lease_s / 2**lease_halvings.
     lease_halvings: int = 3
@@ -90,7 +91,8 @@ class Scheduler:
         self.policy = policy
         self.output_key = output_key
         # Rung whenever work appears, so that requests held for work are answered (iota.orchestrator.doorbell).
-        self.doorbell = Doorbell()
+        # A miner may hold as many requests as the pipeline depth its lease limit admits (depth 1 at the default 4).
+        self.doorbell = Doorbell(per_miner=max(1, (policy.max_leases_held - 2) // 2))
         self._refused_for_load_at = float("-inf")
         self.lapses = Lapses(policy.lease_s, policy.lease_halvings)
 

@@ -236,7 +236,7 @@ class Orchestrator:
                 self.forfeit(hotkey, hop_id, refusal.detail)
             raise
         # What the miner asks for next may differ now (its window may be closed): a request it has held answers.
-        self.scheduler.doorbell.answer_now(hotkey)
+        self.scheduler.doorbell.answer_now(hotkey, stale_only=True)
         return Ack(detail=f"item {hop_id} recorded")
 
     def forfeit(self, hotkey: str, hop_id: int, why: str) -> None:
@@ -336,7 +336,7 @@ class Orchestrator:
                 why = "released by its miner" if reason == "stopping" else f"released by its miner ({reason})"
                 self.scheduler.release(hop, now, why)
                 detail = f"item {hop_id} released"
-        self.scheduler.doorbell.answer_now(hotkey)
+        self.scheduler.doorbell.answer_now(hotkey, stale_only=True)
         return Ack(detail=detail)
 
     def phase_report(self, hotkey: str, report: PhaseReport) -> Ack:

@@ -56,3 +56,25 @@ def test_ring_all_and_drop() -> None:
     bell.ring_stage(1)
     bell.drop(tickets[1])  # a ticket resolves once: dropping after a ring changes nothing
     assert tickets[1].rung.result(0) == ALL
+
+
+def test_a_deep_miner_holds_several_tickets_and_its_reports_answer_only_the_stale_ones() -> None:
+    """per_miner 3 (a miner at IOTA_PIPELINE_DEPTH 3): three held requests coexist, a fourth answers the oldest; a
+    report answers only those that would not be given forward work (their ask may be stale), a stage ring one that
+    would; a miner gone answers them all."""
+    bell = Doorbell(per_miner=3)
+    forward_a = bell.ticket("a", stage=1, on_stage=True)
+    declining = bell.ticket("a", stage=1, on_stage=False)
+    forward_b = bell.ticket("a", stage=1, on_stage=True)
+    assert bell.held == 3 and not any(t.rung.done() for t in (forward_a, declining, forward_b))
+    bell.answer_now("a", stale_only=True)
+    assert declining.rung.result(0) == NOW and not forward_a.rung.done() and not forward_b.rung.done()
+    bell.ring_stage(1)
+    assert forward_a.rung.result(0) == STAGE and not forward_b.rung.done()
+    newer = [bell.ticket("a", stage=1, on_stage=True) for _ in range(3)]
+    assert forward_b.rung.result(0) == NOW and bell.held == 3  # the oldest made room
+    bell.ring_miner("a")
+    assert [t.rung.result(0) for t in newer] == [MINER] * 3 and bell.held == 0
+    last = [bell.ticket("a", stage=0, on_stage=on) for on in (True, False)]
+    bell.answer_now("a")
+    assert [t.rung.result(0) for t in last] == [NOW, NOW]
