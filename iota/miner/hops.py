@@ -98,6 +98,19 @@ class Hops:
 
     # -- main thread ------------------------------------------------------------------------------------
 
+    def admit(self, depth: int) -> None:
+        """The orchestrator holds at most `depth` of this miner's requests for work at once, and leases as many
+        items as that depth needs: ask no more than that (more would answer one another's held requests)."""
+        if depth < self.prefetch.depth:
+            logger.warning(
+                "IOTA_PIPELINE_DEPTH is {} but the orchestrator admits {} requests at once: using {}",
+                self.prefetch.depth,
+                depth,
+                depth,
+            )
+            self.prefetch.depth = depth
+            self.outbox.depth = depth
+
     def fetch_next(self, after_s: float = 0.0) -> None:
         """Start looking for the next item, after `after_s` (a `wait` to honour)."""
         self.prefetch.start(self._ask_forward, after_s=after_s)

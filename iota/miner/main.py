@@ -131,6 +131,7 @@ class MinerDaemon:
             RegisterRequest(device=self.device.type, memory_bytes=self.memory_bytes, session=self.session)
         )
         self._start_heartbeat(registration.heartbeat_s)
+        self.hops.admit(registration.pipeline_depth)
         same_run_state = registration.state_id == self.state_id
         self.state_id = registration.state_id
         if self.worker is not None and self.stage == registration.stage and same_run_state:

@@ -44,7 +44,7 @@ class Fetched:
 class Prefetcher:
     """Looks for the miner's next items on `depth` threads.
 
-    `start(forward)` begins a search unless `depth` are under way: its thread asks for work (`forward()` says, at
+    `start(forward)` begins a search unless `depth` are under way (the depth may be lowered, never raised): its thread asks for work (`forward()` says, at
     each request, whether forward work may be given), and on a `wait` answer sleeps for the answer's `wait_s`, woken
     early by `kick` (a report went out, so the answer may differ now), and asks again, until the answer is
     `settled`. `take` blocks until a search has settled and returns its answer (the first to settle); when
@@ -70,9 +70,7 @@ class Prefetcher:
     def start(self, forward: Callable[[], bool], after_s: float = 0.0) -> None:
         """Begin looking, after `after_s` (a `wait` the main thread was told to honour; `kick` cuts it short)."""
         if len(self._futures) >= self.depth:
-            if self.depth == 1:
-                raise RuntimeError("the previous answer has not been taken")
-            return
+            return  # as many searches as the depth are under way (or were, before the depth was lowered)
         self._cancel.clear()
         self._futures.append(self._pool.submit(self._search, forward, after_s))
 
@@ -146,7 +144,7 @@ class Outbox(Generic[T, R]):
         workers: int = 1,
         barrier: Callable[[T], bool] = lambda item: False,
     ):
-        self._send, self._depth, self._on_sent, self._barrier = send, max(depth, workers), on_sent, barrier
+        self._send, self.depth, self._on_sent, self._barrier = send, max(depth, workers), on_sent, barrier
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="outbox")
         self._last_barrier: Future[R | None] | None = None
         self._queue: deque[tuple[T, Future[R | None]]] = deque()
@@ -156,7 +154,7 @@ class Outbox(Generic[T, R]):
         self._results: list[R] = []
 
     def put(self, item: T) -> None:
-        self._settle(self._depth)
+        self._settle(self.depth)
         with self._lock:
             if self._barrier(item):
                 after = [future for _, future in self._queue]

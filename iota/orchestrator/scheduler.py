@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from iota.orchestrator.doorbell import Doorbell
 from iota.orchestrator.lapses import Lapses
 from iota.orchestrator.state import Hop, MinerRecord, StateStore
+from iota.protocol.bounds import MAX_PIPELINE_DEPTH
 
 FORWARD, BACKWARD = "forward", "backward"
 LAPSED = "lease expired"  # the reason a lease that ran out is requeued with
@@ -92,7 +93,7 @@ class Scheduler:
         self.output_key = output_key
         # Rung whenever work appears, so that requests held for work are answered (iota.orchestrator.doorbell).
         # A miner may hold as many requests as the pipeline depth its lease limit admits (depth 1 at the default 4).
-        self.doorbell = Doorbell(per_miner=max(1, (policy.max_leases_held - 2) // 2))
+        self.doorbell = Doorbell(per_miner=min(MAX_PIPELINE_DEPTH, max(1, (policy.max_leases_held - 2) // 2)))
         self._refused_for_load_at = float("-inf")
         self.lapses = Lapses(policy.lease_s, policy.lease_halvings)
 

@@ -129,6 +129,7 @@ class Orchestrator:
                 data_urls=self.epochs.data_urls(),
                 heartbeat_s=self.scheduler.policy.miner_timeout_s / 4,
                 state_id=self.state.run.state_id or "",
+                pipeline_depth=self.scheduler.doorbell.per_miner,
             )
         logger.info("miner {} registered on stage {} ({})", hotkey[:10], stage, request.device)
         return registration

@@ -28,6 +28,7 @@ MAX_SKETCH = 1024  # seeded projections of a weight sketch (8)
 MAX_HOPS = 2**20  # hops of one miner in one epoch that an audit names (thousands in a long epoch)
 MAX_SAMPLES = 2**24  # completed samples on a loss curve (a 1b run of 20B tokens has ~1.2M)
 MAX_SHARDS = 2**16  # data shards
+MAX_PIPELINE_DEPTH = 16  # requests for work one miner keeps in flight (MinerSettings.pipeline_depth's bound)
 MAX_OBJECTS = 2**18  # objects one merge order or audit names: every upload, and two slices per partition
 MAX_SNAPSHOTS = 4096  # challenged snapshots of one miner in one epoch that an audit names
 MAX_SHAPE = 8  # dimensions of a tensor's shape

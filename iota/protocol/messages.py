@@ -13,6 +13,7 @@ from iota.protocol.bounds import (
     MAX_MINERS,
     MAX_OBJECTS,
     MAX_PARTITIONS,
+    MAX_PIPELINE_DEPTH,
     MAX_SAMPLES,
     MAX_SHAPE,
     MAX_SHARDS,
@@ -131,6 +132,8 @@ class Registration(Message):
     heartbeat_s: Positive  # send POST /miners/heartbeat this often, whatever else the miner is doing
     # changes when the orchestrator starts from a fresh state store: reload from the checkpoint
     state_id: Name
+    # requests for work (and so leases) the orchestrator admits from one miner at once: a deeper miner asks no more
+    pipeline_depth: Annotated[int, Field(ge=1, le=MAX_PIPELINE_DEPTH)] = 1
 
 
 class EpochPlan(BaseModel):

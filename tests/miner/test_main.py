@@ -107,6 +107,26 @@ def test_overlapped_miners_follow_the_baseline_with_samples_in_flight(
     assert overlapped > 0
 
 
+def test_a_miner_deeper_than_the_orchestrator_admits_asks_no_more_than_it_admits(
+    make_net: Callable[..., Net],
+) -> None:
+    """IOTA_PIPELINE_DEPTH 4 against an orchestrator at the default lease limit (4: depth 1): the miner lowers its
+    depth at registration, says so, and still trains (deeper, its requests would answer one another's)."""
+    net = make_net(**EXACT, samples_per_epoch=4, total_tokens=4 * 2 * SEQ_LEN, max_in_flight=8)
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
+    try:
+        miners = [net.miner(depth=4) for _ in range(3)]
+        for miner in miners:
+            net.start(miner)
+        net.join(timeout_s=120)
+    finally:
+        logger.remove(sink)
+    assert net.orch.status().phase == "done"
+    assert all(m.hops.prefetch.depth == 1 and m.hops.outbox.depth == 1 for m in miners)
+    assert sum("orchestrator admits 1 requests at once" in line for line in lines) == 3
+
+
 def test_prefetch_keeps_the_in_flight_limit(make_net: Callable[..., Net]) -> None:
     """With max_in_flight 1, a head never holds two samples at once, though its window (k = 2) has room for two:
     it asks for forward work only once its last forward is reported, so the orchestrator's count is never stale."""
