@@ -13,7 +13,7 @@ log and the published checkpoint are read. Per adversary, over its runs:
   false positives  failing verdicts on honest miners (confirmed, and all), over every audit of every run
 
 Run it alone (it is a benchmark): python -m bench.cheaters [--adversaries Int8Weights ConsistentBias]
-[--runs 5] [--settle 60] [--json FILE]. A run takes about 2 minutes on the 2-core dev box.
+[--runs 5] [--settle 60] [--depth 1] [--json FILE]. A run takes about 2 minutes on the 2-core dev box.
 """
 
 from __future__ import annotations
@@ -49,9 +49,12 @@ ADVERSARIES = (
 )
 
 
-def one_run(adversary: str, run_dir: Path, settle_s: float) -> dict[str, Any]:
+def one_run(adversary: str, run_dir: Path, settle_s: float, depth: int = 1) -> dict[str, Any]:
     options = LocalOptions(validators=1, run_dir=run_dir, baseline=False, progress=False)
     net = LocalNetwork(options)
+    # Every miner at IOTA_PIPELINE_DEPTH `depth`, and an orchestrator that admits it (reports at once, audited).
+    net.common["IOTA_PIPELINE_DEPTH"] = str(depth)
+    net.orch_env["IOTA_MAX_LEASES_HELD"] = str(max(4, 2 * depth + 2))
     started = time.time()
     try:
         net.start_orchestrator()
@@ -96,6 +99,7 @@ def main() -> None:
     parser.add_argument("--adversaries", nargs="+", default=list(ADVERSARIES), choices=ADVERSARIES)
     parser.add_argument("--runs", type=int, default=5, help="runs per adversary, and honest runs")
     parser.add_argument("--settle", type=float, default=60.0, help="seconds of auditing after the run")
+    parser.add_argument("--depth", type=int, default=1, help="every miner's IOTA_PIPELINE_DEPTH")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
@@ -103,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="iota-cheaters-") as tmp:
         for adversary in [HONEST, *args.adversaries]:
             for run in range(args.runs):
-                row = one_run(adversary, Path(tmp) / f"{adversary}-{run}", args.settle)
+                row = one_run(adversary, Path(tmp) / f"{adversary}-{run}", args.settle, args.depth)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     honest = [r["eval_loss"] for r in rows if r["adversary"] == HONEST and r["eval_loss"] is not None]
