@@ -1,13 +1,13 @@
 """The miner daemon: register, load the stage, then loop over work items until told to stop.
 
-Work kinds: forward / backward (a hop of a sample: iota.miner.hops); snapshot (a challenge: the exact state,
-copied between hops and sent beside the next ones), upload (the epoch's pseudo-gradient), merge (this miner's
-partitions of the butterfly merge) and apply (the next epoch's weights): iota.miner.phases; wait; stop. The
-stage worker is used on the main thread only; while a hop computes, the next item is fetched and the previous
-outputs uploaded and reported beside it (iota.miner.pipeline), `depth` of each at once. Every PROGRESS_S a
-one-line progress is logged (epoch, what it does, hops, tokens/s, loss, what it waits for). Failures of one item are logged and the item
-released; SIGTERM/SIGINT finish the current step, release what is leased (a prefetched item included), send
-what is finished, and exit.
+Work kinds: forward / backward (a hop of a sample: iota.miner.hops); snapshot (a challenge: the exact state, copied
+between hops and sent beside the next ones), upload (the epoch's pseudo-gradient), merge (this miner's partitions of
+the butterfly merge) and apply (the next epoch's weights): iota.miner.phases; wait; stop. The stage worker is used
+on the main thread only; while a hop computes, the next item is fetched and the previous outputs uploaded and
+reported beside it (iota.miner.pipeline), `depth` of each at once. Every PROGRESS_S a one-line progress is logged
+(epoch, what it does, hops, tokens/s, loss, what it waits for). Failures of one item are logged and the item
+released; SIGTERM/SIGINT finish the current step, release what is leased (a prefetched item included), send what is
+finished, and exit.
 """
 
 from __future__ import annotations

@@ -47,11 +47,12 @@ class Prefetcher:
     `start(forward)` begins a search unless `depth` are under way (the depth may be lowered, never raised): its
     thread asks for work (`forward()` says, at each request, whether forward work may be given), and on a `wait`
     answer sleeps for the answer's `wait_s`, woken early by `kick` (a report went out, so the answer may differ
-    now), and asks again, until the answer is `settled`. `take` blocks until a search has settled and returns its answer (the first to settle); when
-    `stopping()` turns true it stops the asking and returns an answer that comes within STOP_GRACE_S (a leased
-    item the caller must release), else None: a request may be held by the orchestrator for a while, and what the
-    searches lease is handed back when the stopping miner leaves. `close` waits for the requests in progress.
-    With depth > 1 a miner over a long link keeps several requests for work and downloads in flight at once.
+    now), and asks again, until the answer is `settled`. `take` blocks until a search has settled and returns its
+    answer (the first to settle); when `stopping()` turns true it stops the asking and returns an answer that comes
+    within STOP_GRACE_S (a leased item the caller must release), else None: a request may be held by the
+    orchestrator for a while, and what the searches lease is handed back when the stopping miner leaves. `close`
+    waits for the requests in progress. With depth > 1 a miner over a long link keeps several requests for work and
+    downloads in flight at once.
     """
 
     def __init__(self, fetch: Callable[[bool], Fetched], depth: int = 1):
