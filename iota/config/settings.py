@@ -188,7 +188,7 @@ class OrchestratorSettings(RunSettings, ChainSettings, WalletSettings):
     )
     operator_hotkey: Ss58 = Field("", description="ss58 of the operator key allowed to control the run")
     min_validator_stake: float = Field(0.0, description="Stake a validator needs")
-    rate_per_hotkey: float = Field(50.0, description="Requests per second allowed per hotkey")
+    rate_per_hotkey: float = Field(200.0, description="Requests per second allowed per hotkey")
     rate_per_ip: float = Field(200.0, description="Requests per second allowed per IP before authentication")
     trusted_proxies: str = Field("", description="Comma-separated proxy IPs whose X-Forwarded-For is trusted")
     max_connections: int = Field(
