@@ -13,10 +13,10 @@ of being told to wait and asking again. A held request takes a `Ticket` and slee
 - ``ring_all()``: the run's state changed for everyone (a phase, a pause or resume, a stage's first miner).
 
 A miner holds at most ``per_miner`` tickets (a miner with IOTA_PIPELINE_DEPTH d asks d times at once): a newer
-request beyond that answers the miner's oldest at once. Rings come from inside calls
-into the orchestrator, which run one at a time, and a ticket is taken inside the same call that found no work,
-so no ring falls between looking for work and waiting for it. Thread-safe: with a database across the network
-the calls run on a worker thread while held requests wait on the event loop.
+request beyond that answers the miner's oldest at once. Rings come from inside calls into the orchestrator, which
+run one at a time, and a ticket is taken inside the same call that found no work, so no ring falls between looking
+for work and waiting for it. Thread-safe: with a database across the network the calls run on a worker thread while
+held requests wait on the event loop.
 """
 
 from __future__ import annotations
