@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 RETRY_AFTER_HEADER = "Retry-After"
+RETRY_AFTER_MS_HEADER = (
+    "X-Iota-Retry-After-Ms"  # the same wait in milliseconds: Retry-After has whole seconds only
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -57,8 +60,13 @@ class RateLimiter:
 
 
 def retry_after_header(wait_s: float) -> dict[str, str]:
-    """The Retry-After header (whole seconds, at least 1) for a refusal that lasts ``wait_s``."""
-    return {RETRY_AFTER_HEADER: str(max(1, math.ceil(wait_s)))}
+    """The Retry-After header (whole seconds, at least 1) for a refusal that lasts ``wait_s``, and the same wait in
+    milliseconds for clients that read it (iota.client): a token bucket refills in milliseconds, and a miner told
+    to wait a whole second for it stalls fifty times longer than it must."""
+    return {
+        RETRY_AFTER_HEADER: str(max(1, math.ceil(wait_s))),
+        RETRY_AFTER_MS_HEADER: str(max(0, math.ceil(1000 * wait_s))),
+    }
 
 
 def parse_networks(trusted_proxies: Iterable[str]) -> tuple[IPNetwork, ...]:

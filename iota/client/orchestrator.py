@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, TypeVar
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay
 
 from iota.auth import HotkeyAuth
+from iota.auth.ratelimit import RETRY_AFTER_HEADER, RETRY_AFTER_MS_HEADER
 from iota.protocol import (
     Ack,
     PhaseReport,
@@ -52,6 +54,19 @@ def _seconds(retry_after: str | None) -> float:
         return max(0.0, float(retry_after or 0))
     except ValueError:
         return 0.0
+
+
+def retry_after_s(headers: httpx.Headers) -> float:
+    """How long a refusal asks to wait: its millisecond hint where it has a sound one, never longer than its
+    Retry-After (whole seconds, rounded up), else the Retry-After."""
+    seconds = _seconds(headers.get(RETRY_AFTER_HEADER))
+    try:
+        hint = float(headers.get(RETRY_AFTER_MS_HEADER, "")) / 1000
+    except ValueError:
+        return seconds
+    if not math.isfinite(hint) or hint < 0:
+        return seconds
+    return min(hint, seconds) if seconds > 0 else hint
 
 
 class OrchestratorClient:
@@ -117,7 +132,7 @@ class OrchestratorClient:
                 last.append(_Unanswered(f"{type(error).__name__}: {error}"))
                 raise last[-1] from error
             if response.status_code in RETRY_STATUS:
-                retry_after = _seconds(response.headers.get("retry-after"))
+                retry_after = retry_after_s(response.headers)
                 last.append(_Unanswered(f"{response.status_code} {response.text[:200]}", retry_after))
                 raise last[-1]
             return response

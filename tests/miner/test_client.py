@@ -1,5 +1,5 @@
 """The orchestrator client's retries: a stopping process interrupts them instead of waiting out an outage, and an
-overloaded orchestrator's Retry-After is honoured."""
+overloaded orchestrator's Retry-After is honoured, to the millisecond where the orchestrator says it."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import socket
 import threading
 import time
 
+import httpx
 import pytest
 from bittensor.keyfiles import Keypair
 from fastapi import FastAPI, Request
 
-from iota.client.orchestrator import OrchestratorClient
+from iota.auth.ratelimit import retry_after_header
+from iota.client.orchestrator import OrchestratorClient, retry_after_s
 from iota.orchestrator.admission import Admission
 from iota.protocol import EpochPlan, Work
 from tests.support import running_server
@@ -63,3 +65,15 @@ def test_an_overloaded_answer_is_retried_after_its_retry_after() -> None:
         client.close()
     assert answer.kind == "stop" and admission.refused == 1
     assert waited >= 0.95
+
+
+def test_a_rate_limit_says_its_wait_to_the_millisecond_and_the_client_takes_only_a_sound_hint() -> None:
+    """A token bucket refills in milliseconds; Retry-After has whole seconds. The refusal carries both, and the
+    client waits the hint, never longer than Retry-After, and ignores a hint that is not a wait."""
+    headers = retry_after_header(0.0123)
+    assert headers == {"Retry-After": "1", "X-Iota-Retry-After-Ms": "13"}
+    assert retry_after_s(httpx.Headers(headers)) == pytest.approx(0.013)
+    assert retry_after_s(httpx.Headers({"Retry-After": "2"})) == 2.0  # no hint: Retry-After
+    for hostile in ("nan", "-5", "inf", "soon", "99999"):
+        assert retry_after_s(httpx.Headers({"Retry-After": "1", "X-Iota-Retry-After-Ms": hostile})) == 1.0
+    assert retry_after_s(httpx.Headers({"X-Iota-Retry-After-Ms": "250"})) == pytest.approx(0.25)
