@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 RETRY_AFTER_HEADER = "Retry-After"
-RETRY_AFTER_MS_HEADER = (
-    "X-Iota-Retry-After-Ms"  # the same wait in milliseconds: Retry-After has whole seconds only
-)
+# The same wait in milliseconds: Retry-After has whole seconds only.
+RETRY_AFTER_MS_HEADER = "X-Iota-Retry-After-Ms"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -88,9 +88,8 @@ class Phases:
         store: BlobStore = UrlStore(work.merge.get, work.merge.put, self.miner.http, 4 * plan.n_params)
         mine = [s.upload_key for s in plan.submitters if s.hotkey == self.miner.client.hotkey]
         if mine and self._uploaded is not None and self._uploaded[0] == work.epoch:
-            store = HeldCopies(
-                store, {mine[0]: self._uploaded[1]}
-            )  # the bytes it sent are what the bucket holds
+            # The bytes it sent are what the bucket holds: its own slices are read from them.
+            store = HeldCopies(store, {mine[0]: self._uploaded[1]})
         result = run_owner(
             store, plan, self.miner.client.hotkey, fetch_workers=MERGE_FETCHES, workers=MERGE_PARTITIONS
         )

@@ -434,7 +434,8 @@ def test_an_owner_reading_its_own_upload_from_memory_merges_the_same_bits_and_do
     by_memory = run_owner(held, stage.plan, "hk0", workers=2)
     assert by_memory.results.keys() == by_store.results.keys() and by_store.results
     assert all(by_memory.results[i].digest == by_store.results[i].digest for i in by_store.results)
-    # Its own slices (and their tail reads) came from memory: of the two uploads read, only hk1's crossed.
+    # Its own slices came from memory (their size probes still went to the bucket): of the two uploads, only hk1's
+    # slices crossed.
     own = sum(stage.plan.partitions[i].size * 4 for i in by_store.results)
     assert stage.store.served["plain"] - stage.store.served["held"] >= own
     with pytest.raises(ValueError, match="not valid"):
