@@ -11,6 +11,7 @@ import httpx
 from iota.client.orchestrator import OrchestratorClient
 from iota.protocol import ReleaseReason, RunInfo, Work
 from iota.train.schedule import LRSchedule
+from iota.train.snapshot import Snapshot
 from iota.train.worker import StageWorker
 
 
@@ -40,6 +41,8 @@ class Daemon(Protocol):
 
     @property
     def phases(self) -> SnapshotAnswers: ...  # a report past a challenged step waits for its answer
+
+    def kept_state(self, epoch: int, step: int) -> Snapshot | None: ...  # the exact state after that step
 
     def release(self, work: Work, reason: ReleaseReason = "stopping") -> None: ...
 

@@ -12,15 +12,18 @@ from dataclasses import dataclass
 
 from loguru import logger
 
+from iota.audit.compare import thresholds
 from iota.client.orchestrator import Refused
 from iota.client.transfers import get, put
 from iota.miner.daemon import Daemon
 from iota.miner.pipeline import Fetched, Outbox, Prefetcher
 from iota.miner.reports import hop_report
 from iota.protocol import ReleaseReason, Report, WeightSketch, Work
+from iota.protocol.bounds import SNAPSHOT_LEAD
 from iota.storage.base import StoreError
 from iota.storage.transfer import DigestMismatch
 from iota.train.schedule import inner_step_lr
+from iota.train.snapshot import Snapshot, StateRing, take_snapshot
 from iota.train.worker import InputRefused, sketch_seed
 
 
@@ -95,6 +98,9 @@ class Hops:
         # the report that completed a step is refused, the next report at that step carries its sketch instead.
         self._sketches: dict[tuple[int, int], WeightSketch] = {}
         self._committed: dict[int, int] = {}
+        # The exact state after each recent step: a snapshot challenge names a step some steps back (sized when
+        # the first step is kept: the replay depth of the worker's precision, plus how far this miner runs ahead).
+        self.states: StateRing | None = None
 
     # -- main thread ------------------------------------------------------------------------------------
 
@@ -191,7 +197,19 @@ class Hops:
                 k: v for k, v in self._sketches.items() if k[0] == work.epoch and k[1] > step - 4
             }
             self._sketches[(work.epoch, step)] = sketch
+            self._keep_state(work.epoch)
         return Finished(work, data, out, loss, worker.inner_step, run.micro_batch_tokens, sketch)
+
+    def _keep_state(self, epoch: int) -> None:
+        worker = self.miner.loaded_worker
+        if self.states is None:
+            delay = thresholds(worker.device.type == "cuda").depth  # what the orchestrator waits for
+            self.states = StateRing(delay + SNAPSHOT_LEAD + self.prefetch.depth)
+        self.states.keep(epoch, take_snapshot(worker))
+
+    def state_after(self, epoch: int, step: int) -> Snapshot | None:
+        """The exact state this miner kept for `step` of `epoch`, if it still holds it."""
+        return None if self.states is None else self.states.get(epoch, step)
 
     def drain(self) -> None:
         """Wait until every finished hop is sent, then act on the refused ones."""

@@ -39,6 +39,7 @@ from iota.model.stages import StageSpec
 from iota.protocol import RegisterRequest, ReleaseReason, RunInfo, Work
 from iota.train.run import batch_fn
 from iota.train.schedule import LRSchedule
+from iota.train.snapshot import Snapshot
 from iota.train.worker import StageWorker, TrainFlags, stage_clip
 
 HOLD_S = 10.0  # how long the orchestrator may hold a request for work (it answers as soon as there is some)
@@ -140,6 +141,7 @@ class MinerDaemon:
             logger.info("registered again on stage {}", self.stage)
             return
         self.stage = registration.stage
+        self.hops.states = None  # another stage: states of the old one answer nothing
         config = ModelConfig.from_dict(self.run.model.model_dump())
         info = self.run.stages[self.stage]
         spec = StageSpec(info.index, len(self.run.stages), info.first_layer, info.last_layer)
@@ -297,6 +299,9 @@ class MinerDaemon:
         logger.info("signal {}: finishing the current step, then releasing leased work", signum)
         self.state.stopping = True
         self.client.interrupt()  # an unreachable orchestrator is not waited for: its leases will expire
+
+    def kept_state(self, epoch: int, step: int) -> Snapshot | None:
+        return self.hops.state_after(epoch, step)
 
     def release(self, work: Work, reason: ReleaseReason = "stopping") -> None:
         """Hand a leased item back, so that another miner may do it; `reason` says why (a bad input accuses

@@ -28,7 +28,7 @@ from iota.protocol import (
     Work,
 )
 from iota.storage.base import StoreError
-from iota.train.snapshot import Snapshot, snapshot_to_f32, take_snapshot
+from iota.train.snapshot import Snapshot, snapshot_to_f32
 
 # An owner's merge over a link with a long round trip: partitions merged at once (and as many merged outputs
 # uploading meanwhile), each one's uploads read 4 at a time; the bits depend on neither. Memory: about 8 partitions'
@@ -45,7 +45,7 @@ class Phases:
     def __init__(self, miner: Daemon):
         self.miner = miner
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
-        # The challenged snapshot being uploaded: (its inner step, the answer's future).
+        # The challenged snapshot being uploaded: (the step this miner was at when it took it, the answer's future).
         self.answering: tuple[int, Future[None]] | None = None
         # This epoch's pseudo-gradient as uploaded, (epoch, bytes), until APPLY: the merge reads its own slices here.
         self._uploaded: tuple[int, bytes] | None = None
@@ -62,8 +62,8 @@ class Phases:
             self.miner.release(work)
 
     def wait_answered(self, before_step: int | None = None) -> None:
-        """Wait until the last challenged snapshot is answered; with `before_step`, only if it was taken at an
-        earlier inner step than that."""
+        """Wait until the last challenged snapshot is answered; with `before_step`, only if this miner was at an
+        earlier inner step than that when it took it."""
         answering = self.answering
         if answering is not None and (before_step is None or before_step > answering[0]):
             answering[1].result()
@@ -111,23 +111,29 @@ class Phases:
         logger.info("epoch {} applied: stage {} weights {}", work.epoch, self.miner.stage, digest[:12])
 
     def snapshot(self, work: Work) -> None:
-        """A challenge (iota.orchestrator.challenges): copy the exact state as it stands since the last step, say
-        so, and leave the upload to the snapshot thread. Uploading it here stalled the whole pipeline (seconds at
+        """A challenge (iota.orchestrator.challenges) of a step some steps back: the exact state kept for it, said
+        taken, and left to the snapshot thread to upload. Uploading it here stalled the whole pipeline (seconds at
         100M parameters a stage, minutes at billions)."""
-        assert work.output_url
-        snapshot = take_snapshot(self.miner.loaded_worker)
-        step = snapshot.inner_step
-        self.miner.client.phase_report(phase_report(work, step, SnapshotTaken(step=step)))
-        self.answering = step, self._snapshots.submit(self.do, work, lambda w: self.answer(w, snapshot))
+        assert work.output_url and work.challenged_step is not None
+        worker = self.miner.loaded_worker
+        snapshot = self.miner.kept_state(work.epoch, work.challenged_step)
+        if snapshot is None:
+            raise ValueError(f"the state after inner step {work.challenged_step} is no longer kept")
+        worker.challenged(snapshot.inner_step)
+        # Reports up to the step this miner is at go on; past it, they wait for the answer (as the orchestrator).
+        taken = SnapshotTaken(step=snapshot.inner_step)
+        self.miner.client.phase_report(phase_report(work, worker.inner_step, taken))
+        self.answering = (
+            worker.inner_step,
+            self._snapshots.submit(self.do, work, lambda w: self.answer(w, snapshot)),
+        )
 
     def answer(self, work: Work, snapshot: Snapshot) -> None:
-        """Snapshot thread: the snapshot `snapshot` took, encoded, uploaded and reported; a report of a later step
-        waits for this (iota.miner.hops)."""
+        """Snapshot thread: the kept snapshot, encoded, uploaded and reported; a report past the step the miner had
+        reached when it took it waits for this (iota.miner.hops)."""
         done = SnapshotDone(step=snapshot.inner_step)
         self._put_and_report(work, encode_f32(snapshot_to_f32(snapshot)), snapshot.inner_step, done)
-        logger.info(
-            "snapshot of inner step {} uploaded (challenged at {})", snapshot.inner_step, work.challenged_step
-        )
+        logger.info("snapshot of inner step {} uploaded", snapshot.inner_step)
 
     def _put_and_report(self, work: Work, data: bytes, inner_step: int, result: PhaseResult) -> None:
         """Phase work that produces one object: upload it to the item's URL, then report it with its digests."""

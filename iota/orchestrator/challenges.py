@@ -1,24 +1,30 @@
-"""Snapshot challenges: at times a miner cannot predict, the orchestrator asks for its exact state.
+"""Snapshot challenges, chosen after the fact: a miner cannot know which of its steps an audit may start at until
+every hop of that audit's window is committed.
 
 Every report that completes an inner step carries a sketch of the weights after that step (a commitment made
 before the miner can know whether it will be challenged). With probability `rate` per step the orchestrator then
-challenges the miner: its next work item is a `snapshot` order, which comes before any other work. The miner
-answers with its weights and inner optimizer state as they stand (a flat fp32 object,
-iota.audit.replay.snapshot_to_f32) and the inner step t they are at, which may be past the challenged step
-(items it had already fetched may have stepped); the snapshot is worth something only against the sketch
-committed for t, which validators check before they replay from it. So an audit can start anywhere in an epoch,
-not only at its checkpoint.
+challenges that step, and keeps the challenge to itself until the miner has committed `delay` more steps (the
+replay depth D of its precision, iota.audit.compare: the window an audit replays from the snapshot): only then is
+it served, as the miner's next work item before any other. By then the window's hops and sketches are all in, so
+being honest only where a window may start is no strategy: a window may start at any step, and the miner learns
+which only once it can no longer change what that window replays. Challenges of the epoch's last steps, which
+never get `delay` more, are served once training ends. Challenges are drawn at every step whatever is waiting
+(queued, oldest served first), so nothing a miner sees (an order, or none when it asks) says which steps are not
+covered.
 
-Uploading a snapshot (three times the stage's fp32 size with AdamW) takes seconds to minutes, so the miner need not
-stall its pipeline for it: it copies its state, says at once which step it took it at (`snapshot_taken`), and then
-uploads it beside its work. From then on it gets other work, but a report that reaches a later step is refused
-until the snapshot is answered: its state cannot move past the step unanswered. Such a refusal serves the order
-again, so a miner whose upload failed answers anew.
+So every miner keeps its exact state (weights and inner optimizer state) for each of its last steps
+(iota.train.snapshot.StateRing: D plus a margin). Challenged, it copies the state of the named step from there,
+says it took it (`snapshot_taken`) and uploads it (a flat fp32 object, iota.audit.replay.snapshot_to_f32) beside
+its work; validators check it against the sketch committed for that step before they replay from it. Uploading
+takes seconds to minutes, so the miner does not stall for it; but a report that goes past the step it had
+reached when it took the snapshot is refused until the snapshot is answered (and the order served again, so a
+failed upload is redone): a miner cannot put an answer off for ever, nor keep later challenges waiting.
 
 A miner that restarts (a crash, PM2) registers a new session and starts again from the epoch's checkpoint at inner
 step 0. Its first accepted report opens the session here: the epoch's step commitments and answered snapshots
-start afresh (those of the session before are of weights nobody holds any more), and where its hops begin among
-the miner's done hops is kept, so an audit replays each session as a stream of its own (`audit_window`).
+start afresh (those of the session before are of weights nobody holds any more), its waiting challenges are
+dropped, and where its hops begin among the miner's done hops is kept, so an audit replays each session as a
+stream of its own (`audit_window`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import bisect
 import secrets
 from typing import Any
 
+from iota.audit.compare import thresholds
 from iota.audit.replay import window
 from iota.orchestrator.ledgers import ChallengeRecord, Claim, SnapshotRecord
 from iota.orchestrator.scheduler import SchedulingError
@@ -44,6 +51,12 @@ from iota.protocol.bounds import MAX_HOPS
 from iota.storage import keys
 from iota.storage.base import ObjectStore
 
+# Challenges waiting per miner at most (more are not issued): at 1 in 10 steps and a delay of 6, about 1.
+MAX_QUEUED = 8
+# How far past its last committed step a miner's state may be when it takes a snapshot (its pipeline's lead):
+# reports up to there are not held up by the answer. A miner's state ring holds the delay and this margin.
+LEAD = 4
+
 
 class Challenges:
     def __init__(
@@ -54,12 +67,14 @@ class Challenges:
         sizes: list[int],
         rate: float,
         url_ttl_s: int,
+        delay: int | None = None,
     ):
-        """`sizes`: the exact bytes of a snapshot of each stage."""
+        """`sizes`: the exact bytes of a snapshot of each stage. `delay`: steps a challenge waits before it is
+        served (None: the replay depth of the miner's precision)."""
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"snapshot challenge rate must be in [0, 1], got {rate}")
         self.run_id, self.state, self.store, self.sizes = run_id, state, store, sizes
-        self.rate, self.url_ttl_s = rate, url_ttl_s
+        self.rate, self.url_ttl_s, self.delay = rate, url_ttl_s, delay
         self.random = secrets.SystemRandom()
 
     def on_report(
@@ -77,12 +92,11 @@ class Challenges:
                 fault=True,
             )
         self.state.steps.commit(epoch, hotkey, inner_step, sketch)
-        if self.state.snapshots.pending(hotkey) is None and self.random.random() < self.rate:
+        if self.random.random() < self.rate:
             key = keys.snapshot(self.run_id, epoch, stage, hotkey, inner_step)
-            self.state.snapshots.set_pending(
-                hotkey, ChallengeRecord(epoch=epoch, step=inner_step, key=key, at=now)
-            )
-            self.state.counters.bump("challenges_issued")
+            challenge = ChallengeRecord(epoch=epoch, step=inner_step, key=key, at=now)
+            issued = self.state.snapshots.add(hotkey, challenge, MAX_QUEUED)
+            self.state.counters.bump("challenges_issued" if issued else "challenges_missed")
 
     def _open_session(self, hotkey: str, epoch: int, now: float) -> None:
         """Note where the miner's session begins among its done hops of the epoch, at its first accepted hop (this
@@ -100,19 +114,27 @@ class Challenges:
     def pending(self, hotkey: str) -> bool:
         return self.state.snapshots.pending(hotkey) is not None
 
-    def work(self, miner: MinerRecord, epoch: int, plan: EpochPlan, run_id: str) -> Work | None:
-        """The miner's pending challenge, which comes before any other work until the miner says it has taken the
-        snapshot (this session); a challenge of an epoch that has closed is dropped (counted as missed)."""
+    def delay_of(self, miner: MinerRecord) -> int:
+        """Steps a challenge of this miner waits before it is served: the depth an audit replays from it."""
+        return self.delay if self.delay is not None else thresholds(miner.device == "cuda").depth
+
+    def work(
+        self, miner: MinerRecord, epoch: int, plan: EpochPlan, run_id: str, training: bool
+    ) -> Work | None:
+        """The miner's oldest challenge once it is due (`delay_of` steps committed after it, or training over),
+        which then comes before any other work until the miner says it has taken the snapshot (this session);
+        challenges of an epoch that has closed are dropped (counted as missed)."""
         challenge = self.state.snapshots.pending(miner.hotkey)
-        if challenge is None:
-            return None
-        if challenge.epoch != epoch:
+        while challenge is not None and challenge.epoch != epoch:
             with self.state.transaction():
                 self.state.snapshots.set_pending(miner.hotkey, None)
                 self.state.counters.bump("challenges_missed")
-            return None
-        if challenge.session == miner.session:
-            return None  # taken: it is being uploaded (see `blocks`)
+            challenge = self.state.snapshots.pending(miner.hotkey)
+        if challenge is None or challenge.session == miner.session:
+            return None  # none, or taken: it is being uploaded (see `blocks`)
+        due = challenge.step + self.delay_of(miner)
+        if training and self.state.steps.last(epoch, miner.hotkey) < due:
+            return None  # its window's hops are not all committed: the miner must not know of it yet
         return Work(
             kind="snapshot",
             run_id=run_id,
@@ -125,21 +147,26 @@ class Challenges:
         )
 
     def take(self, miner: MinerRecord, report: PhaseReport, taken: SnapshotTaken, now: float) -> str:
-        """The miner copied its state at `step` and uploads it next: other work may go to it meanwhile. Call
-        it inside a transaction."""
-        challenge, step = self._pending(miner, report.epoch, taken.step)
+        """The miner copied the challenged step's state, and uploads it next: other work may go to it meanwhile,
+        up to the step it is at (the report's inner step; at most LEAD past its last committed one). Call it
+        inside a transaction."""
+        challenge = self._pending(miner, report.epoch, taken.step)
+        last = self.state.steps.last(challenge.epoch, miner.hotkey)
+        until = max(challenge.step, min(report.inner_step, last + LEAD))
         self.state.snapshots.set_pending(
-            miner.hotkey, challenge.model_copy(update={"taken": step, "session": miner.session})
+            miner.hotkey, challenge.model_copy(update={"taken": until, "session": miner.session})
         )
-        self.state.log(now, "snapshot_taken", miner.hotkey, epoch=challenge.epoch, step=step)
-        return f"snapshot of step {step} taken: answer it before reporting a later step"
+        self.state.log(
+            now, "snapshot_taken", miner.hotkey, epoch=challenge.epoch, step=challenge.step, until=until
+        )
+        return f"snapshot of step {challenge.step} taken: answer it before reporting past step {until}"
 
     def blocks(self, hotkey: str, epoch: int, inner_step: int) -> str | None:
         """Why a report reaching `inner_step` must be refused: the miner took a snapshot at an earlier step and has
         not answered it. The order is then served again (its own transaction), so a failed upload is redone."""
 
         def blocking(challenge: ChallengeRecord | None) -> int | None:
-            """The step the miner took the snapshot at, if the report must wait for its answer."""
+            """The step the miner had reached when it took the snapshot, if the report must wait for its answer."""
             taken = None if challenge is None or challenge.epoch != epoch else challenge.taken
             return taken if taken is not None and inner_step > taken else None
 
@@ -159,26 +186,25 @@ class Challenges:
         )
 
     def answer(self, miner: MinerRecord, report: PhaseReport, done: SnapshotDone, now: float) -> str:
-        """A miner's snapshot, uploaded at its current step (checked for size and digest). Call it inside a
-        transaction."""
-        challenge, step = self._pending(miner, report.epoch, done.step)
+        """A miner's snapshot of the challenged step (checked for size and digest). Call it inside a transaction."""
+        challenge = self._pending(miner, report.epoch, done.step)
         info = self.store.head(challenge.key)
         size = self.sizes[miner.stage]
         if info is None or info.size != size:
             raise SchedulingError(400, f"snapshot missing or not {size} bytes", fault=True)
         if not report.output_sha256 or (info.sha256 and info.sha256 != report.output_sha256):
             raise SchedulingError(400, "snapshot does not match the reported sha256", fault=True)
-        epoch = challenge.epoch
+        epoch, step = challenge.epoch, challenge.step
         self.state.snapshots.set_pending(miner.hotkey, None)
         answered = SnapshotRecord(key=challenge.key, sha256=report.output_sha256)
         self.state.snapshots.record(epoch, miner.hotkey, step, answered)
         self.state.counters.bump("challenges_answered")
-        self.state.log(now, "snapshot", miner.hotkey, epoch=epoch, step=step, challenged=challenge.step)
+        self.state.log(now, "snapshot", miner.hotkey, epoch=epoch, step=step)
         return "snapshot recorded"
 
     def snapshots(self, hotkey: str, epoch: int) -> dict[int, dict[str, Any]]:
-        """step -> {key, sha256, sketch} of every answered challenge of this miner in this epoch whose sketch has
-        been committed (a snapshot taken past the last reported step waits for that step's report)."""
+        """step -> {key, sha256, sketch} of every answered challenge of this miner in this epoch whose sketch is
+        still committed (a restart drops the sketches of the session before)."""
         found = {}
         for step in self.state.snapshots.steps(epoch, hotkey):
             sketch = self.state.steps.sketch(epoch, hotkey, step)
@@ -196,11 +222,16 @@ class Challenges:
     def for_audit(
         self, hotkey: str, epoch: int, depth: int, start: int | None = None
     ) -> tuple[int, list[AuditSnapshot]]:
-        """A window start (given, or drawn at random among the checkpoint, 0, and the answered snapshots), and
-        the snapshots a replay of `depth` steps from there needs: its start's and the later ones it reaches."""
+        """A window start (given, or drawn at random among the checkpoint, 0, and the answered snapshots: among
+        those whose window replays the hops of the most steps no window drawn before replayed), and the snapshots a
+        replay of `depth` steps from there needs: its start's and the later ones it reaches."""
         found = self.snapshots(hotkey, epoch)
         if start is None:
-            start = self.random.choice([0, *found])
+            covered = {s + i for s in self.state.snapshots.drawn(epoch, hotkey) for i in range(depth)}
+            new = {s: len({s + i for i in range(depth)} - covered) for s in [0, *found]}
+            start = self.random.choice([s for s, n in new.items() if n == max(new.values())])
+            with self.state.transaction():
+                self.state.snapshots.add_drawn(epoch, hotkey, start)
         chosen = [
             AuditSnapshot(
                 step=step,
@@ -213,16 +244,16 @@ class Challenges:
         ]
         return start, chosen
 
-    def _pending(self, miner: MinerRecord, epoch: int, step: int) -> tuple[ChallengeRecord, int]:
-        """The challenge a snapshot report answers, and the step the snapshot is at (the challenged one or later)."""
+    def _pending(self, miner: MinerRecord, epoch: int, step: int) -> ChallengeRecord:
+        """The challenge a snapshot report answers: it must be of the challenged step."""
         challenge = self.state.snapshots.pending(miner.hotkey)
         if challenge is None or challenge.epoch != epoch:
             raise SchedulingError(409, "no snapshot challenge is pending for you")
-        if step < challenge.step:
+        if step != challenge.step:
             raise SchedulingError(
-                400, f"a snapshot answers for step {challenge.step} or later, not {step!r}", fault=True
+                400, f"a snapshot answers for step {challenge.step}, not {step!r}", fault=True
             )
-        return challenge, step
+        return challenge
 
 
 def audit_window(

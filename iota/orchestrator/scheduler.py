@@ -426,9 +426,7 @@ class Scheduler:
                 self._requeue(hop, now, why)
         # A snapshot challenge goes with the session it was issued to: the next one starts from the checkpoint and
         # cannot answer for a step of this one (asked, it was refused and struck until throttled).
-        challenge = self.state.snapshots.pending(hotkey)
-        if challenge is not None:
-            self.state.snapshots.set_pending(hotkey, None)
+        for challenge in self.state.snapshots.clear(hotkey):
             self.state.counters.bump("challenges_missed")  # unanswered, as one whose epoch closed
             self.state.log(
                 now, "challenge_dropped", hotkey, epoch=challenge.epoch, step=challenge.step, why=why

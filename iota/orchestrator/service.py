@@ -164,19 +164,19 @@ class Orchestrator:
         """The answer, with the scheduler's assignment where it made one (in training, no challenge pending)."""
         now = self.clock()
         self.sweep(now)
-        phase = self.scheduler.phase
-        if phase != TRAIN:
-            with self.state.transaction():
-                return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now), None
+        training = self.scheduler.phase == TRAIN
         with self.state.transaction():
             miner = self.scheduler.live_miner(hotkey, now)
-            if self.epochs.behind(miner):  # it missed an APPLY: no hop from older weights than the epoch's
+            if training and self.epochs.behind(miner):  # it missed an APPLY: no hop from older weights
                 return self.epochs.apply_work(miner, None), None
-        if self.challenges.pending(hotkey) and (challenged := self.state.miner(hotkey)) is not None:
-            plan = self.epochs.plan(challenged.stage)
-            order = self.challenges.work(challenged, self.scheduler.epoch, plan, self.run.run_id)
+        if self.challenges.pending(hotkey):
+            plan = self.epochs.plan(miner.stage)
+            order = self.challenges.work(miner, self.scheduler.epoch, plan, self.run.run_id, training)
             if order is not None:
-                return order, None  # before any other work: the miner's state must not move past the step
+                return order, None  # before any other work, while the miner still holds the step's state
+        if not training:
+            with self.state.transaction():
+                return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now), None
         if forward and self.abuse is not None and self.abuse.throttled(hotkey, now):
             # A miner that keeps breaking the protocol takes no new samples: only the backwards of graphs it
             # holds, so that no sample waits on it. Its forwards go to the stage's other miners.

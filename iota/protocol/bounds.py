@@ -31,6 +31,9 @@ MAX_SHARDS = 2**16  # data shards
 MAX_PIPELINE_DEPTH = 16  # requests for work one miner keeps in flight (MinerSettings.pipeline_depth's bound)
 MAX_OBJECTS = 2**18  # objects one merge order or audit names: every upload, and two slices per partition
 MAX_SNAPSHOTS = 4096  # challenged snapshots of one miner in one epoch that an audit names
+# How far past its last committed step a miner's state may be when it takes a challenged snapshot: reports up to
+# there are not held up by the answer (iota.orchestrator.challenges); a miner's state ring keeps this margin.
+SNAPSHOT_LEAD = 4
 MAX_SHAPE = 8  # dimensions of a tensor's shape
 MAX_FLAGS = 256  # the operator's run flags
 MAX_ERROR_KINDS = 64  # kinds of claim a verdict names an error for (forward, backward, merge...: a handful)

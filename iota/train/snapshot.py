@@ -53,6 +53,28 @@ def take_snapshot(worker: StageWorker) -> Snapshot:
     )
 
 
+class StateRing:
+    """The exact state after each of a miner's last `size` inner steps, so that it can answer a challenge of any of
+    them: challenges are served only once the steps an audit replays from them are committed
+    (iota.orchestrator.challenges). Memory: `size` snapshots (weights and AdamW moments: 3x the stage in fp32)."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"a state ring keeps at least 1 step, got {size}")
+        self.size = size
+        self._states: dict[tuple[int, int], Snapshot] = {}  # (epoch, inner step), oldest first
+
+    def keep(self, epoch: int, snapshot: Snapshot) -> None:
+        key = (epoch, snapshot.inner_step)
+        self._states.pop(key, None)  # a restarted session steps again: the newer state is kept, as the newest
+        self._states[key] = snapshot
+        while len(self._states) > self.size:
+            del self._states[next(iter(self._states))]
+
+    def get(self, epoch: int, step: int) -> Snapshot | None:
+        return self._states.get((epoch, step))
+
+
 def restore_snapshot(worker: StageWorker, snapshot: Snapshot, epoch_start: torch.Tensor) -> None:
     """Put a worker in the snapshot's state, in the epoch that started from `epoch_start`."""
     worker.load_flat(snapshot.weights)

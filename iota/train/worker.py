@@ -197,6 +197,10 @@ class StageWorker:
         self.inner_step += 1
         return norm
 
+    def challenged(self, step: int) -> None:
+        """A snapshot challenge of `step` was served (an honest worker does nothing with it; the adversaries
+        that would use it to tell when they are watched override it)."""
+
     # -- weights ----------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -80,6 +80,7 @@ def test_a_restart_opens_a_session_and_its_old_window_lapses(
     data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
 ) -> None:
     with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        net.orch.challenges.delay = 0  # served at once: the test drives few hops
         state, tail = net.orch.state, net.keys["tail"].ss58_address
         net.orch.auditor.max_open = 100  # draws are left unanswered
         net.join("head", "mid", "tail")

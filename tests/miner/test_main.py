@@ -214,8 +214,8 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
     make_net: Callable[..., Net], depth: int
 ) -> None:
     """Every step challenged, each answer held up 1 s (longer than a step takes here): the miners take the snapshot
-    between hops, go on computing while it is sent, never report past its step before it is answered (the
-    orchestrator would refuse it), and follow the baseline. At depth 3 several searches bring the same challenge
+    of a past step from the states they keep, between hops, go on computing while it is sent, never report past
+    the step they were at before it is answered (the orchestrator would refuse it), and follow the baseline. At depth 3 several searches bring the same challenge
     (and the same phase work at the epoch's end): each is done once."""
     samples = 8
     net = make_net(
@@ -225,6 +225,9 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
         max_in_flight=8,
         snapshot_rate=1.0,
         max_leases_held=2 * depth + 2,
+    )
+    net.orch.challenges.delay = (
+        1  # served a step later (not the replay depth's 6): most while training goes on
     )
     for _ in range(3):
         miner = net.miner(depth=depth)
@@ -255,14 +258,14 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
         state.get("challenges_missed", 0)
     ) + sum(state.get(f"challenge/{m.client.hotkey}") is not None for m in net.miners)
     events = list(reversed(state.events(1000)))
-    taken = {(e["hotkey"], e["step"]): e["at"] for e in events if e["kind"] == "snapshot_taken"}
+    taken = {(e["hotkey"], e["step"]): (e["at"], e["until"]) for e in events if e["kind"] == "snapshot_taken"}
     assert len(taken) == sum(e["kind"] == "snapshot_taken" for e in events), "a challenge was answered twice"
     beside = 0
     for event in events:
         if event["kind"] != "snapshot":
             continue
         hotkey, step = event["hotkey"], event["step"]
-        started = taken[(hotkey, step)]  # every answer was announced when the snapshot was taken
+        started, until = taken[(hotkey, step)]  # every answer was announced when the snapshot was taken
         leased = net.query(
             "SELECT COUNT(*) FROM hops WHERE miner = ? AND lease_expires - ? BETWEEN ? AND ?",
             (hotkey, net.settings.lease_s, started, event["at"]),
@@ -270,9 +273,9 @@ def test_challenged_snapshots_are_sent_beside_the_work_and_change_nothing(
         beside += leased
         reached = net.query(
             "SELECT COUNT(*) FROM hops WHERE miner = ? AND inner_step > ? AND done_at < ?",
-            (hotkey, step, event["at"]),
+            (hotkey, until, event["at"]),
         )[0][0]
-        assert reached == 0, "a report past the snapshot's step came before its answer"
+        assert reached == 0, "a report past the step the miner took the snapshot at came before its answer"
     assert beside > 0, "no hop was leased while a snapshot was being sent"
 
 

@@ -116,20 +116,20 @@ def test_steps_and_snapshot_challenges(db: Database) -> None:
     assert state.get("step/0/hk") == 3 and state.get("sketch/0/hk/3") == sketch.model_dump()
     assert state.steps.last(0, "hk") == 3 and state.steps.sketch(0, "hk", 3) == sketch
 
-    state.put("challenge/hk", {"epoch": 0, "step": 3, "key": "snap", "at": 1.0})  # as first issued
-    challenge = state.snapshots.pending("hk")
+    assert state.snapshots.add("hk", ChallengeRecord(epoch=0, step=3, key="snap", at=1.0), limit=2)
+    assert state.snapshots.add("hk", ChallengeRecord(epoch=0, step=5, key="snap5", at=2.0), limit=2)
+    assert not state.snapshots.add("hk", ChallengeRecord(epoch=0, step=6, key="snap6", at=3.0), limit=2)
+    challenge = state.snapshots.pending("hk")  # the oldest
     assert challenge == ChallengeRecord(epoch=0, step=3, key="snap", at=1.0)
     state.snapshots.set_pending("hk", challenge.model_copy(update={"taken": 4, "session": "s"}))
-    assert state.get("challenge/hk") == {
-        "epoch": 0,
-        "step": 3,
-        "key": "snap",
-        "at": 1.0,
-        "taken": 4,
-        "session": "s",
-    }
-    state.snapshots.set_pending("hk", None)
-    assert state.snapshots.pending("hk") is None
+    assert state.get("challenge/hk") == [
+        {"epoch": 0, "step": 3, "key": "snap", "at": 1.0, "taken": 4, "session": "s"},
+        {"epoch": 0, "step": 5, "key": "snap5", "at": 2.0, "taken": None, "session": None},
+    ]
+    state.snapshots.set_pending("hk", None)  # answered: the next moves up
+    assert [c.step for c in state.snapshots.queued("hk")] == [5]
+    assert [c.step for c in state.snapshots.clear("hk")] == [5]
+    assert state.snapshots.pending("hk") is None and state.get("challenge/hk") is None
 
     state.snapshots.record(0, "hk", 4, SnapshotRecord(key="snap", sha256="h"))
     state.snapshots.record(0, "hk", 2, SnapshotRecord(key="snap2", sha256="h2"))

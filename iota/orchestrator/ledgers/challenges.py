@@ -44,18 +44,41 @@ class Steps:
 
 
 class Snapshots:
-    """The snapshot challenge pending for each miner (one at most), and the snapshots it answered per epoch."""
+    """The snapshot challenges waiting for each miner, oldest first (the oldest is served and answered first), and
+    the snapshots it answered per epoch."""
 
     def __init__(self, kv: KeyValues):
         self.kv = kv
 
+    def queued(self, hotkey: str) -> list[ChallengeRecord]:
+        return [ChallengeRecord.model_validate(data) for data in self.kv.get(keys.challenge(hotkey)) or []]
+
     def pending(self, hotkey: str) -> ChallengeRecord | None:
-        data = self.kv.get(keys.challenge(hotkey))
-        return None if data is None else ChallengeRecord.model_validate(data)
+        """The oldest challenge: the next to be served."""
+        queued = self.queued(hotkey)
+        return queued[0] if queued else None
 
     def set_pending(self, hotkey: str, challenge: ChallengeRecord | None) -> None:
-        """Issue or update the miner's challenge; None: it was answered or dropped."""
-        self.kv.put(keys.challenge(hotkey), None if challenge is None else challenge.model_dump())
+        """Update the oldest challenge; None: it was answered or dropped, and the next one moves up."""
+        rest = self.queued(hotkey)[1:]
+        self._put(hotkey, rest if challenge is None else [challenge, *rest])
+
+    def add(self, hotkey: str, challenge: ChallengeRecord, limit: int) -> bool:
+        """Queue a challenge behind the others; False: `limit` are waiting already, and this one is not issued."""
+        queued = self.queued(hotkey)
+        if len(queued) >= limit:
+            return False
+        self._put(hotkey, [*queued, challenge])
+        return True
+
+    def clear(self, hotkey: str) -> list[ChallengeRecord]:
+        """Drop every challenge of the miner (its session ended); returns them."""
+        queued = self.queued(hotkey)
+        self._put(hotkey, [])
+        return queued
+
+    def _put(self, hotkey: str, queued: list[ChallengeRecord]) -> None:
+        self.kv.put(keys.challenge(hotkey), [challenge.model_dump() for challenge in queued] or None)
 
     def record(self, epoch: int, hotkey: str, step: int, snapshot: SnapshotRecord) -> None:
         self.kv.put(keys.snapshot(epoch, hotkey, step), snapshot.model_dump())
@@ -68,6 +91,13 @@ class Snapshots:
     def steps(self, epoch: int, hotkey: str) -> list[int]:
         """The steps of the miner's answered snapshots in the epoch, ascending."""
         return [int(step) for step in self.kv.get(keys.snapshots(epoch, hotkey), [])]
+
+    def drawn(self, epoch: int, hotkey: str) -> list[int]:
+        """The window starts audits of the miner's epoch were drawn at, in order."""
+        return [int(step) for step in self.kv.get(keys.windows(epoch, hotkey)) or []]
+
+    def add_drawn(self, epoch: int, hotkey: str, step: int) -> None:
+        self.kv.put(keys.windows(epoch, hotkey), [*self.drawn(epoch, hotkey), step])
 
     def get(self, epoch: int, hotkey: str, step: int) -> SnapshotRecord | None:
         data = self.kv.get(keys.snapshot(epoch, hotkey, step))

@@ -140,6 +140,10 @@ def snapshots(epoch: int, hotkey: str) -> str:
     return f"snapshots/{epoch}/{hotkey}"
 
 
+def windows(epoch: int, hotkey: str) -> str:
+    return f"windows/{epoch}/{hotkey}"
+
+
 # -- audits ----------------------------------------------------------------------------------------------
 
 
@@ -174,6 +178,7 @@ PER_EPOCH = (
     "sessions",
     "snapshot",
     "snapshots",
+    "windows",
 )
 
 

@@ -37,13 +37,15 @@ class UploadRecord(Record):
 
 
 class ChallengeRecord(Record):
-    """A miner's pending snapshot challenge (iota.orchestrator.challenges)."""
+    """A miner's snapshot challenge, issued and waiting (iota.orchestrator.challenges)."""
 
     epoch: int
-    step: int  # the inner step challenged; the snapshot may be of a later one
+    step: int  # the inner step challenged: the snapshot is of the state right after it
     key: str  # where the snapshot is uploaded
     at: float
-    taken: int | None = None  # the step the miner copied its state at (it uploads it meanwhile)
+    taken: int | None = (
+        None  # once the miner copied it (it uploads it meanwhile): reports past this step wait
+    )
     session: str | None = None  # the miner session that took it
 
 
