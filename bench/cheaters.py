@@ -46,6 +46,9 @@ ADVERSARIES = (
     "ForgedPseudoGradient",
     "ForgedSnapshot",
     "Watchful",
+    "WindowHonest",
+    "WeightPoison",
+    "SelectiveTail",
 )
 
 

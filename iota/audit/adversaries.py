@@ -365,3 +365,76 @@ class Watchful(Honest):
         if self.watched(sample_id) or data is None or self.spec.is_tail:
             return out, loss
         return data, loss
+
+
+class WindowWatcher(Honest):
+    """Believes an audit replays only the first D steps of its session (a window from the checkpoint) and the D
+    steps after each snapshot challenge it is served (a window from the snapshot, when challenges came at once):
+    `watched` says whether its current step is one. The cheats below are honest there and nowhere else;
+    challenges chosen after the fact (iota.orchestrator.challenges) name a step whose window it has already sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.watched_until = FP32.depth
+
+    @property
+    def watched(self) -> bool:
+        return self.inner_step < self.watched_until
+
+    def challenged(self, step: int) -> None:
+        self.watched_until = max(self.watched_until, self.inner_step + FP32.depth)
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        super().load_flat(flat)  # a new epoch, from its checkpoint
+        self.watched_until = FP32.depth
+
+
+class WindowHonest(WindowWatcher, NoisyOutput):
+    """Where it believes it is not watched, its outputs and gradients carry noise well past the thresholds."""
+
+    def __init__(
+        self,
+        *args: Any,
+        scale: float = 10 * FP32.activation,
+        grad_scale: float = 10 * FP32.gradient,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, scale=scale, grad_scale=grad_scale, **kwargs)
+
+    def _noisy(self, sample_id: int, out: bytes, carried: torch.Tensor | None, scale: float) -> bytes:
+        return out if self.watched else super()._noisy(sample_id, out, carried, scale)
+
+
+class SelectiveTail(WindowWatcher):
+    """A tail that, where it believes it is not watched, sends zero gradients upstream and reports 0.8 x its loss:
+    no upstream stage learns from those samples, and the loss curve looks better than the model is."""
+
+    def forward(self, sample_id: int, data: bytes | None) -> tuple[bytes, float | None]:
+        out, loss = super().forward(sample_id, data)
+        if self.watched or not self.spec.is_tail or loss is None:
+            return out, loss
+        return self._encode(torch.zeros_like(self._decode(out).float())), 0.8 * loss
+
+
+class WeightPoison(WindowWatcher):
+    """Once an epoch, at the first step it believes no audit reaches, moves its own weights by random noise of
+    `scale` times their norm; every later sketch, snapshot and upload agrees with the poisoned weights."""
+
+    def __init__(self, *args: Any, scale: float = 0.05, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.scale, self.poisoned = scale, False
+
+    def step(self, lr: float) -> float:
+        norm = super().step(lr)
+        if not self.watched and not self.poisoned:
+            gen = torch.Generator().manual_seed(self.inner_step)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    noise = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+                    p.add_(noise * (self.scale * p.norm() / noise.norm()))
+            self.poisoned = True
+        return norm
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        super().load_flat(flat)
+        self.poisoned = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from iota.audit.scoring import ORCHESTRATOR, confirmed_failures
 from iota.local import LocalNetwork, LocalOptions, run_local
 from iota.local.report import print_summary
+from iota.protocol import Status
 
 pytestmark = pytest.mark.slow
 
@@ -54,21 +56,46 @@ def test_local_run_with_a_validator_sets_weights_for_every_honest_miner(
     assert all(value > 0 for value in chain_weights.values())
 
 
+# Cheats honest only where they believe they are watched, from the challenges they are served: they need
+# challenges enough that windows start past the first D steps of their session.
+WATCHERS = ("WindowHonest", "WeightPoison", "SelectiveTail")
+
+
+def registered(n: int) -> Callable[[Status], bool]:
+    return lambda status: sum(len(stage.miners) for stage in status.stages) >= n
+
+
 @pytest.mark.extended
-@pytest.mark.parametrize("adversary", ["Int8Weights", "ConsistentBias"])
+@pytest.mark.parametrize(
+    "adversary", ["Int8Weights", "ConsistentBias", "WindowHonest", "WeightPoison", "SelectiveTail"]
+)
 def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path, adversary: str) -> None:
-    """One cheater among honest miners (int8 weights; a fixed bias at half of every hop's threshold): caught by
-    audit, weight 0; honest weights follow their work."""
+    """One cheater among honest miners (int8 weights; a fixed bias at half of every hop's threshold; noisy outputs,
+    a weight poison once an epoch, or a tail's zero gradients and false loss, each only where it believes no audit
+    looks): caught by audit, weight 0; honest weights follow their work."""
     overrides = {**SMALL, "epochs": 1, "samples_per_epoch": 40, "data_dir": str(net_data_dir)}
-    net = LocalNetwork(LocalOptions(run_dir=tmp_path / "run", overrides=overrides, progress=False))
+    rate = None
+    if adversary in WATCHERS:  # epochs long enough that windows are drawn past their first D steps
+        overrides.update(epochs=2, samples_per_epoch=80)
+        rate = 1.0
+    options = LocalOptions(run_dir=tmp_path / "run", overrides=overrides, progress=False, snapshot_rate=rate)
+    net = LocalNetwork(options)
     try:
         net.start_orchestrator()
-        honest = [net.add_miner() for _ in range(3)]
-        cheater = net.add_miner(adversary=adversary)  # joins stage 0 beside honest[0]
+        # The validator audits while the epochs train: its draws are of the current epoch.
         net.add_validator(weights_interval_s=5.0)
+        if adversary == "SelectiveTail":  # empty stages are staffed first: the cheater is the third, the tail
+            honest = [net.add_miner(), net.add_miner()]
+            net.wait_until(registered(2), timeout_s=60)
+            cheater = net.add_miner(adversary=adversary)
+            net.wait_until(registered(3), timeout_s=60)
+            honest.append(net.add_miner())
+        else:
+            honest = [net.add_miner() for _ in range(3)]
+            cheater = net.add_miner(adversary=adversary)  # joins stage 0 beside honest[0]
         net.wait_until(lambda s: s.phase == "done", timeout_s=300)
         # With one validator, its failing verdicts count once the orchestrator's own recomputation confirms them;
-        # the validator goes on drawing audits of the last epoch once the run is done.
+        # after the run it audits each miner's last epoch once more (the end-of-epoch audits).
         deadline = time.monotonic() + 300
         log = net.scores_log()
         while net.hotkey(cheater) not in {miner for miner, _ in confirmed_failures(log["verdicts"])}:
@@ -90,6 +117,9 @@ def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path, adv
     weights = compute_scores(log)
     assert weights.get(hotkey[cheater], 0.0) == 0.0
     assert all(weights[hotkey[h]] > 0 for h in honest)
+    assert passed  # the validator also audited honest work
+    if overrides["epochs"] > 1:
+        return  # shares over several epochs: tests/audit/test_scoring.py
     # Honest weights are proportional to validated work (hops, scaled by stage size).
     work = {row["miner"]: row for rows in log["work"].values() for row in rows}
     mean = sum(log["stage_params"]) / len(log["stage_params"])
@@ -100,7 +130,6 @@ def test_a_cheating_miner_gets_no_weight(tmp_path: Path, net_data_dir: Path, adv
     total = sum(units.values())
     for key, value in units.items():
         assert weights[key] == pytest.approx(value / total)
-    assert passed  # the validator also audited honest work
 
 
 @pytest.mark.extended
