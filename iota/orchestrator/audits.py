@@ -429,7 +429,10 @@ class Auditor:
         archive = self.state.audits.score_archive() or ScoreArchive(work={}, verdicts=[])
         work: dict[str, list[dict[str, Any]]] = {}
         for epoch, miner, stage, hops in self.state.work.credited():
-            work.setdefault(str(epoch), []).append({"miner": miner, "stage": stage, "hops": hops})
+            earned = max(
+                0, hops - self.state.snapshots.forfeited(epoch, miner)
+            )  # iota.orchestrator.challenges
+            work.setdefault(str(epoch), []).append({"miner": miner, "stage": stage, "hops": earned})
         uids = {m.hotkey: m.uid for m in self.state.miners()}
         return {
             "run_id": self.run.run_id,

@@ -24,7 +24,9 @@ A miner that restarts (a crash, PM2) registers a new session and starts again fr
 step 0. Its first accepted report opens the session here: the epoch's step commitments and answered snapshots
 start afresh (those of the session before are of weights nobody holds any more), its waiting challenges are
 dropped, and where its hops begin among the miner's done hops is kept, so an audit replays each session as a
-stream of its own (`audit_window`).
+stream of its own (`audit_window`). A session that ended with a challenge unanswered forfeits the credit of its
+hops in the epoch (`forfeited`, read by the score log): restarting is otherwise a way out of an audit of the
+challenged steps. It is not a failure and costs nothing more, so an honest crash loses only that session's work.
 """
 
 from __future__ import annotations
@@ -110,6 +112,13 @@ class Challenges:
         if known:
             self.state.snapshots.forget(epoch, hotkey)
             self.state.log(now, "session_restarted", hotkey, epoch=epoch, session=len(known), first_hop=first)
+            previous, previous_first = known[-1]
+            if self.state.snapshots.unanswered_by(epoch, hotkey) == previous:
+                # Restarting drops a challenge a miner could not answer honestly, and with it any audit of those
+                # steps: the session's hops then earn nothing (no failure, no penalty: honest crashes do this too).
+                hops = first - previous_first
+                self.state.snapshots.forfeit(epoch, hotkey, hops)
+                self.state.log(now, "credit_forfeited", hotkey, epoch=epoch, hops=hops)
 
     def pending(self, hotkey: str) -> bool:
         return self.state.snapshots.pending(hotkey) is not None

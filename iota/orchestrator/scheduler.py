@@ -426,8 +426,11 @@ class Scheduler:
                 self._requeue(hop, now, why)
         # A snapshot challenge goes with the session it was issued to: the next one starts from the checkpoint and
         # cannot answer for a step of this one (asked, it was refused and struck until throttled).
+        gone = self.state.miner(hotkey)
         for challenge in self.state.snapshots.clear(hotkey):
             self.state.counters.bump("challenges_missed")  # unanswered, as one whose epoch closed
+            if gone is not None:  # if the miner comes back as a new session, this one's hops earn nothing
+                self.state.snapshots.left_unanswered(challenge.epoch, hotkey, gone.session)
             self.state.log(
                 now, "challenge_dropped", hotkey, epoch=challenge.epoch, step=challenge.step, why=why
             )

@@ -107,8 +107,29 @@ def test_a_restart_opens_a_session_and_its_old_window_lapses(
         assert net.orch.challenges.snapshots(tail, 0) == {}
         (restarted,) = net.events("session_restarted")
         assert restarted["hotkey"] == tail and restarted["first_hop"] == 1
+        assert net.events("credit_forfeited") == []  # its challenge was answered: the old session keeps its credit
 
         task = draw(net, "validator2", tail)  # the claim's window cannot be rebuilt: it lapsed, unconfirmed
         assert state.audits.claims() == {}
         assert task.start_step == 0 and [hop.session for hop in task.hops] == [0, 1]
         assert [hop.inner_step for hop in task.hops] == [1, 1]
+
+
+def test_a_session_that_leaves_a_challenge_unanswered_earns_nothing(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    """A restart drops the challenges a session was served or would have been (its state is gone), and with them
+    any audit of those steps: that session's hops then earn nothing. It is no failure and no strike (an honest
+    crash does the same); a session whose challenges were answered keeps its credit (the test above)."""
+    with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        tail = net.keys["tail"].ss58_address
+        net.join("head", "mid", "tail")
+        tail_hop(net, OLD)  # step 1 is challenged, and waits for D more steps: not served yet
+        assert net.orch.challenges.pending(tail)
+        net.join("tail")  # killed and restarted: a new session
+        tail_hop(net, NEW)
+        (forfeited,) = net.events("credit_forfeited")
+        assert forfeited["hotkey"] == tail and forfeited["hops"] == 1
+        work = {row["miner"]: row["hops"] for row in net.orch.auditor.score_log()["work"]["0"]}
+        assert work[tail] == 1  # two hops done, the first session's forfeited
+        assert net.orch.abuse.strikes(tail, net.clock()) == 0 and net.orch.state.verdicts() == []

@@ -92,6 +92,22 @@ class Snapshots:
         """The steps of the miner's answered snapshots in the epoch, ascending."""
         return [int(step) for step in self.kv.get(keys.snapshots(epoch, hotkey), [])]
 
+    def left_unanswered(self, epoch: int, hotkey: str, session: str) -> None:
+        """The miner's session ended with a challenge of this epoch unanswered."""
+        self.kv.put(keys.unanswered(epoch, hotkey), session)
+
+    def unanswered_by(self, epoch: int, hotkey: str) -> str | None:
+        """The last session of the miner that ended with a challenge of this epoch unanswered."""
+        session = self.kv.get(keys.unanswered(epoch, hotkey))
+        return None if session is None else str(session)
+
+    def forfeit(self, epoch: int, hotkey: str, hops: int) -> None:
+        self.kv.put(keys.forfeit(epoch, hotkey), self.forfeited(epoch, hotkey) + hops)
+
+    def forfeited(self, epoch: int, hotkey: str) -> int:
+        """Hops of the miner's epoch that earn nothing: their session left a challenge unanswered."""
+        return int(self.kv.get(keys.forfeit(epoch, hotkey)) or 0)
+
     def drawn(self, epoch: int, hotkey: str) -> list[int]:
         """The window starts audits of the miner's epoch were drawn at, in order."""
         return [int(step) for step in self.kv.get(keys.windows(epoch, hotkey)) or []]

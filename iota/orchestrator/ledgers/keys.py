@@ -144,6 +144,14 @@ def windows(epoch: int, hotkey: str) -> str:
     return f"windows/{epoch}/{hotkey}"
 
 
+def unanswered(epoch: int, hotkey: str) -> str:
+    return f"unanswered/{epoch}/{hotkey}"
+
+
+def forfeit(epoch: int, hotkey: str) -> str:
+    return f"forfeit/{epoch}/{hotkey}"
+
+
 # -- audits ----------------------------------------------------------------------------------------------
 
 
@@ -179,6 +187,8 @@ PER_EPOCH = (
     "snapshot",
     "snapshots",
     "windows",
+    "unanswered",
+    "forfeit",
 )
 
 
