@@ -116,9 +116,11 @@ class Challenges:
             if self.state.snapshots.unanswered_by(epoch, hotkey) == previous:
                 # Restarting drops a challenge a miner could not answer honestly, and with it any audit of those
                 # steps: the session's hops then earn nothing (no failure, no penalty: honest crashes do this too).
-                hops = first - previous_first
-                self.state.snapshots.forfeit(epoch, hotkey, hops)
-                self.state.log(now, "credit_forfeited", hotkey, epoch=epoch, hops=hops)
+                self._forfeit(hotkey, epoch, first - previous_first, now)
+
+    def _forfeit(self, hotkey: str, epoch: int, hops: int, now: float) -> None:
+        self.state.snapshots.forfeit(epoch, hotkey, hops)
+        self.state.log(now, "credit_forfeited", hotkey, epoch=epoch, hops=hops)
 
     def pending(self, hotkey: str) -> bool:
         return self.state.snapshots.pending(hotkey) is not None
@@ -128,16 +130,23 @@ class Challenges:
         return self.delay if self.delay is not None else thresholds(miner.device == "cuda").depth
 
     def work(
-        self, miner: MinerRecord, epoch: int, plan: EpochPlan, run_id: str, training: bool
+        self, miner: MinerRecord, epoch: int, plan: EpochPlan, run_id: str, training: bool, now: float
     ) -> Work | None:
         """The miner's oldest challenge once it is due (`delay_of` steps committed after it, or training over),
         which then comes before any other work until the miner says it has taken the snapshot (this session);
-        challenges of an epoch that has closed are dropped (counted as missed)."""
+        challenges of an epoch that closed unanswered are dropped (counted as missed), and the session's hops of
+        that epoch earn nothing, as when it ends with one unanswered."""
         challenge = self.state.snapshots.pending(miner.hotkey)
         while challenge is not None and challenge.epoch != epoch:
             with self.state.transaction():
                 self.state.snapshots.set_pending(miner.hotkey, None)
                 self.state.counters.bump("challenges_missed")
+                if self.state.snapshots.unanswered_by(challenge.epoch, miner.hotkey) != miner.session:
+                    self.state.snapshots.left_unanswered(challenge.epoch, miner.hotkey, miner.session)
+                    sessions = self.state.steps.sessions(challenge.epoch, miner.hotkey)
+                    first = sessions[-1][1] if sessions else 0
+                    done = len(self.state.done_hops(miner.hotkey, challenge.epoch, MAX_HOPS))
+                    self._forfeit(miner.hotkey, challenge.epoch, done - first, now)
             challenge = self.state.snapshots.pending(miner.hotkey)
         if challenge is None or challenge.session == miner.session:
             return None  # none, or taken: it is being uploaded (see `blocks`)

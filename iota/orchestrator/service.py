@@ -171,7 +171,8 @@ class Orchestrator:
                 return self.epochs.apply_work(miner, None), None
         if self.challenges.pending(hotkey):
             plan = self.epochs.plan(miner.stage)
-            order = self.challenges.work(miner, self.scheduler.epoch, plan, self.run.run_id, training)
+            epoch = self.scheduler.epoch
+            order = self.challenges.work(miner, epoch, plan, self.run.run_id, training, now)
             if order is not None:
                 return order, None  # before any other work, while the miner still holds the step's state
         if not training:

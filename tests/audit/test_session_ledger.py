@@ -107,7 +107,9 @@ def test_a_restart_opens_a_session_and_its_old_window_lapses(
         assert net.orch.challenges.snapshots(tail, 0) == {}
         (restarted,) = net.events("session_restarted")
         assert restarted["hotkey"] == tail and restarted["first_hop"] == 1
-        assert net.events("credit_forfeited") == []  # its challenge was answered: the old session keeps its credit
+        assert (
+            net.events("credit_forfeited") == []
+        )  # its challenge was answered: the old session keeps its credit
 
         task = draw(net, "validator2", tail)  # the claim's window cannot be rebuilt: it lapsed, unconfirmed
         assert state.audits.claims() == {}
@@ -133,3 +135,22 @@ def test_a_session_that_leaves_a_challenge_unanswered_earns_nothing(
         work = {row["miner"]: row["hops"] for row in net.orch.auditor.score_log()["work"]["0"]}
         assert work[tail] == 1  # two hops done, the first session's forfeited
         assert net.orch.abuse.strikes(tail, net.clock()) == 0 and net.orch.state.verdicts() == []
+
+
+def test_a_challenge_left_unanswered_when_its_epoch_closes_forfeits_the_session(
+    data_dir: Path, keypairs: dict[str, Keypair], tmp_path: Path
+) -> None:
+    """Challenges of an epoch's last steps are served once training ends; a miner that never answers them (and
+    so is never audited there) earns nothing for that session's hops when the epoch closes, once."""
+    with serve_net(data_dir, keypairs, tmp_path, snapshot_rate=1.0) as net:
+        tail = net.keys["tail"].ss58_address
+        net.join("head", "mid", "tail")
+        tail_hop(net, OLD)
+        miner = net.orch.state.miner(tail)
+        assert miner is not None and net.orch.challenges.pending(tail)
+        plan = net.orch.epochs.plan(2)
+        for _ in range(2):  # the next epoch: the challenge of epoch 0 is dropped, and counted once
+            assert net.orch.challenges.work(miner, 1, plan, net.orch.run.run_id, True, net.clock()) is None
+        (forfeited,) = net.events("credit_forfeited")
+        assert forfeited["epoch"] == 0 and forfeited["hops"] == 1
+        assert net.orch.state.snapshots.forfeited(0, tail) == 1
