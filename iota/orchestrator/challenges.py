@@ -49,15 +49,12 @@ from iota.protocol import (
     WeightSketch,
     Work,
 )
-from iota.protocol.bounds import MAX_HOPS
+from iota.protocol.bounds import MAX_HOPS, SNAPSHOT_LEAD
 from iota.storage import keys
 from iota.storage.base import ObjectStore
 
 # Challenges waiting per miner at most (more are not issued): at 1 in 10 steps and a delay of 6, about 1.
 MAX_QUEUED = 8
-# How far past its last committed step a miner's state may be when it takes a snapshot (its pipeline's lead):
-# reports up to there are not held up by the answer. A miner's state ring holds the delay and this margin.
-LEAD = 4
 
 
 class Challenges:
@@ -166,11 +163,11 @@ class Challenges:
 
     def take(self, miner: MinerRecord, report: PhaseReport, taken: SnapshotTaken, now: float) -> str:
         """The miner copied the challenged step's state, and uploads it next: other work may go to it meanwhile,
-        up to the step it is at (the report's inner step; at most LEAD past its last committed one). Call it
+        up to the step it is at (the report's inner step; at most SNAPSHOT_LEAD past its last committed one). Call it
         inside a transaction."""
         challenge = self._pending(miner, report.epoch, taken.step)
         last = self.state.steps.last(challenge.epoch, miner.hotkey)
-        until = max(challenge.step, min(report.inner_step, last + LEAD))
+        until = max(challenge.step, min(report.inner_step, last + SNAPSHOT_LEAD))
         self.state.snapshots.set_pending(
             miner.hotkey, challenge.model_copy(update={"taken": until, "session": miner.session})
         )
