@@ -237,14 +237,11 @@ class Challenges:
     def for_audit(
         self, hotkey: str, epoch: int, depth: int, start: int | None = None
     ) -> tuple[int, list[AuditSnapshot]]:
-        """A window start (given, or drawn at random among the checkpoint, 0, and the answered snapshots: among
-        those whose window replays the hops of the most steps no window drawn before replayed), and the snapshots a
-        replay of `depth` steps from there needs: its start's and the later ones it reaches."""
+        """A window start (given, or drawn among the checkpoint, 0, and the answered snapshots: `_draw_start`), and
+        the snapshots a replay of `depth` steps from there needs: its start's and the later ones it reaches."""
         found = self.snapshots(hotkey, epoch)
         if start is None:
-            covered = {s + i for s in self.state.snapshots.drawn(epoch, hotkey) for i in range(depth)}
-            new = {s: len({s + i for i in range(depth)} - covered) for s in [0, *found]}
-            start = self.random.choice([s for s, n in new.items() if n == max(new.values())])
+            start = self._draw_start(hotkey, epoch, depth, [0, *found])
             with self.state.transaction():
                 self.state.snapshots.add_drawn(epoch, hotkey, start)
         chosen = [
@@ -258,6 +255,20 @@ class Challenges:
             if start <= step <= start + depth
         ]
         return start, chosen
+
+    def _draw_start(self, hotkey: str, epoch: int, depth: int, starts: list[int]) -> int:
+        """A window start whose window replays a step drawn at random among those no earlier window of this epoch
+        replayed (and that some start reaches): the epoch is covered in as few audits as the snapshots allow, in
+        an order the miner cannot foresee, with no step the rule skips (a greedy choice of the most new steps kept
+        leaving the step just after the checkpoint's window for last). Every step covered: any start."""
+        covered = {s + i for s in self.state.snapshots.drawn(epoch, hotkey) for i in range(depth)}
+        uncovered = [u for u in range(self.state.steps.last(epoch, hotkey) + 1) if u not in covered]
+        self.random.shuffle(uncovered)
+        for step in uncovered:
+            reaching = [s for s in starts if s <= step < s + depth]
+            if reaching:
+                return self.random.choice(reaching)
+        return self.random.choice(starts)
 
     def _pending(self, miner: MinerRecord, epoch: int, step: int) -> ChallengeRecord:
         """The challenge a snapshot report answers: it must be of the challenged step."""
