@@ -111,26 +111,21 @@ class Rechecker:
         ]
         sessions = [session for session, _ in hops]
         final, merge = self._epoch_end(hotkey, epoch, stage, setup)
-        if not first or self.challenges is None:
+        if self.challenges is None:
             return Evidence(setup, checkpoint, records, final=final, merge=merge, sessions=sessions)
+        # As the task named them: the start's snapshot and the later ones the window reaches, which a window from
+        # the checkpoint compares too (left out here, a validator's right failure there was refuted).
+        answered = self.challenges.snapshots(hotkey, epoch)
         snapshots = {
             step: decode_challenged(setup, self._get(snap["key"], snap["sha256"]))
-            for step, snap in self.challenges.snapshots(hotkey, epoch).items()
+            for step, snap in answered.items()
             if first <= step <= first + depth
         }
-        sketch = self.challenges.snapshots(hotkey, epoch)[first]["sketch"]
         later = {step: snap.weights for step, snap in snapshots.items() if step > first}
-        return Evidence(
-            setup,
-            checkpoint,
-            records,
-            snapshots[first],
-            WeightSketch.model_validate(sketch),
-            later,
-            final,
-            merge,
-            sessions,
-        )
+        start, sketch = None, None
+        if first:
+            start, sketch = snapshots[first], WeightSketch.model_validate(answered[first]["sketch"])
+        return Evidence(setup, checkpoint, records, start, sketch, later, final, merge, sessions)
 
     def _epoch_end(
         self, hotkey: str, epoch: int, stage: int, setup: ReplaySetup

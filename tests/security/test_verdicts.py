@@ -4,6 +4,7 @@ log, mirrored to the bucket, survives a fresh orchestrator."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -17,13 +18,15 @@ from bittensor.keyfiles import Keypair
 from iota.audit.judge import replay_setup
 from iota.audit.scoring import ORCHESTRATOR, STRIKES, compute_scores, standing
 from iota.chain.local import LocalChain
-from iota.model.flat import decode_f32
+from iota.model.flat import decode_f32, encode_f32
 from iota.orchestrator.assembly import assemble
 from iota.orchestrator.audits import Auditor
+from iota.orchestrator.ledgers import Claim, SnapshotRecord
 from iota.orchestrator.recheck import Rechecker
-from iota.protocol import AuditTask, AuditVerdict
+from iota.protocol import AuditTask, AuditVerdict, WeightSketch
 from iota.storage import keys
 from iota.storage.transfer import upload
+from iota.train.snapshot import snapshot_to_f32, take_snapshot
 from tests.orchestrator import run_settings
 from tests.security import Net, report_for, serve_net
 
@@ -260,3 +263,25 @@ def test_the_score_log_survives_a_fresh_orchestrator_through_the_bucket(
     assert restored["work"] == log["work"]
     assert [v["detail"] for v in restored["verdicts"]] == [v["detail"] for v in log["verdicts"]]
     assert compute_scores(restored) == compute_scores(log)
+
+
+def test_a_recomputation_from_the_checkpoint_compares_the_snapshots_the_window_reaches(net: Net) -> None:
+    """A window from the checkpoint names the snapshots it reaches and the validator compares the replay's weights
+    with them; the orchestrator's recomputation must compare the same, or it refutes a right failure (a miner that
+    moved its weights off course within the window) and strikes the validator that found it."""
+    net.join("head", "mid", "tail")
+    orch, head = net.orch, net.keys["head"].ss58_address
+    checkpoint = decode_f32(orch.store.get(keys.checkpoint_stage(orch.run.run_id, 0, 0)))
+    setup = replay_setup(orch.run, 0, orch.epochs.plan(0), False, net.run.batch, torch.device("cpu"))
+    snapshot = take_snapshot(setup.worker(checkpoint))
+    blob = encode_f32(snapshot_to_f32(snapshot))
+    orch.store.put("snapshot-of-step-1", blob)
+    with orch.state.transaction():
+        orch.state.steps.commit(0, head, 1, WeightSketch(norms=[1.0], projection=[0.0] * 8))
+        answered = SnapshotRecord(key="snapshot-of-step-1", sha256=hashlib.sha256(blob).hexdigest())
+        orch.state.snapshots.record(0, head, 1, answered)
+    claim = Claim(miner=head, epoch=0, stage=0, accuser="v", at=0.0, plan=orch.epochs.plan(0), bf16=False)
+    rechecker = Rechecker(orch.auditor, orch.run, orch.state, orch.store, net.run.batch, orch.challenges)
+    evidence = rechecker._load(claim)
+    assert evidence.start is None and list(evidence.later) == [1]
+    assert torch.equal(evidence.later[1], snapshot.weights)
