@@ -116,6 +116,9 @@ def test_steps_and_snapshot_challenges(db: Database) -> None:
     assert state.get("step/0/hk") == 3 and state.get("sketch/0/hk/3") == sketch.model_dump()
     assert state.steps.last(0, "hk") == 3 and state.steps.sketch(0, "hk", 3) == sketch
 
+    state.put("challenge/hk", {"epoch": 0, "step": 2, "key": "old", "at": 0.5})  # as kept before they queued
+    assert state.snapshots.pending("hk") == ChallengeRecord(epoch=0, step=2, key="old", at=0.5)
+    state.snapshots.set_pending("hk", None)
     assert state.snapshots.add("hk", ChallengeRecord(epoch=0, step=3, key="snap", at=1.0), limit=2)
     assert state.snapshots.add("hk", ChallengeRecord(epoch=0, step=5, key="snap5", at=2.0), limit=2)
     assert not state.snapshots.add("hk", ChallengeRecord(epoch=0, step=6, key="snap6", at=3.0), limit=2)

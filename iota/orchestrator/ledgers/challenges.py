@@ -51,7 +51,9 @@ class Snapshots:
         self.kv = kv
 
     def queued(self, hotkey: str) -> list[ChallengeRecord]:
-        return [ChallengeRecord.model_validate(data) for data in self.kv.get(keys.challenge(hotkey)) or []]
+        data = self.kv.get(keys.challenge(hotkey)) or []
+        queued = [data] if isinstance(data, dict) else data  # one record: as kept before challenges queued
+        return [ChallengeRecord.model_validate(challenge) for challenge in queued]
 
     def pending(self, hotkey: str) -> ChallengeRecord | None:
         """The oldest challenge: the next to be served."""

@@ -43,9 +43,8 @@ class ChallengeRecord(Record):
     step: int  # the inner step challenged: the snapshot is of the state right after it
     key: str  # where the snapshot is uploaded
     at: float
-    taken: int | None = (
-        None  # once the miner copied it (it uploads it meanwhile): reports past this step wait
-    )
+    # Once the miner copied it (it uploads it meanwhile): its reports past this step wait for the answer.
+    taken: int | None = None
     session: str | None = None  # the miner session that took it
 
 
