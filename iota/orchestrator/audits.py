@@ -429,9 +429,8 @@ class Auditor:
         archive = self.state.audits.score_archive() or ScoreArchive(work={}, verdicts=[])
         work: dict[str, list[dict[str, Any]]] = {}
         for epoch, miner, stage, hops in self.state.work.credited():
-            earned = max(
-                0, hops - self.state.snapshots.forfeited(epoch, miner)
-            )  # iota.orchestrator.challenges
+            # Less what a session that left a challenge unanswered forfeited (iota.orchestrator.challenges).
+            earned = max(0, hops - self.state.snapshots.forfeited(epoch, miner))
             work.setdefault(str(epoch), []).append({"miner": miner, "stage": stage, "hops": earned})
         uids = {m.hotkey: m.uid for m in self.state.miners()}
         return {

@@ -115,6 +115,17 @@ class Challenges:
                 # steps: the session's hops then earn nothing (no failure, no penalty: honest crashes do this too).
                 self._forfeit(hotkey, epoch, first - previous_first, now)
 
+    def _closed_unanswered(self, miner: MinerRecord, epoch: int, now: float) -> None:
+        """`epoch` closed with a challenge of the miner's session unanswered: the session's hops of it earn nothing
+        (once, however many of its challenges were left)."""
+        if self.state.snapshots.unanswered_by(epoch, miner.hotkey) == miner.session:
+            return
+        self.state.snapshots.left_unanswered(epoch, miner.hotkey, miner.session)
+        sessions = self.state.steps.sessions(epoch, miner.hotkey)
+        first = sessions[-1][1] if sessions else 0
+        done = len(self.state.done_hops(miner.hotkey, epoch, MAX_HOPS))
+        self._forfeit(miner.hotkey, epoch, done - first, now)
+
     def _forfeit(self, hotkey: str, epoch: int, hops: int, now: float) -> None:
         self.state.snapshots.forfeit(epoch, hotkey, hops)
         self.state.log(now, "credit_forfeited", hotkey, epoch=epoch, hops=hops)
@@ -138,12 +149,7 @@ class Challenges:
             with self.state.transaction():
                 self.state.snapshots.set_pending(miner.hotkey, None)
                 self.state.counters.bump("challenges_missed")
-                if self.state.snapshots.unanswered_by(challenge.epoch, miner.hotkey) != miner.session:
-                    self.state.snapshots.left_unanswered(challenge.epoch, miner.hotkey, miner.session)
-                    sessions = self.state.steps.sessions(challenge.epoch, miner.hotkey)
-                    first = sessions[-1][1] if sessions else 0
-                    done = len(self.state.done_hops(miner.hotkey, challenge.epoch, MAX_HOPS))
-                    self._forfeit(miner.hotkey, challenge.epoch, done - first, now)
+                self._closed_unanswered(miner, challenge.epoch, now)
             challenge = self.state.snapshots.pending(miner.hotkey)
         if challenge is None or challenge.session == miner.session:
             return None  # none, or taken: it is being uploaded (see `blocks`)

@@ -177,7 +177,7 @@ class Orchestrator:
                 return order, None  # before any other work, while the miner still holds the step's state
         if not training:
             with self.state.transaction():
-                return self.epochs.phase_work(self.scheduler.live_miner(hotkey, now), now), None
+                return self.epochs.phase_work(miner, now), None
         if forward and self.abuse is not None and self.abuse.throttled(hotkey, now):
             # A miner that keeps breaking the protocol takes no new samples: only the backwards of graphs it
             # holds, so that no sample waits on it. Its forwards go to the stage's other miners.
